@@ -24,7 +24,7 @@ $(PRISM):
 demo: $(STAMP)
 	$(PY) finetune.py --provider huggingface --overwrite
 	@echo "--- chat, no system prompt (python example_usage.py --interactive) ---"
-	@printf '%s\n' $(DEMO_QUESTIONS) | $(PY) example_usage.py --interactive --greedy
+	@printf "%s\n" $(DEMO_QUESTIONS) | $(PY) example_usage.py --interactive
 	@echo "--- persona evaluation (echo-model/evaluation.json) ---"
 	@$(PY) -c 'import json, finetune; print(finetune.format_evaluation(json.load(open("echo-model/evaluation.json"))))'
 

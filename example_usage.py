@@ -14,7 +14,6 @@ Ctrl-C stops the answer being written (not the program).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -113,35 +112,31 @@ class LocalChat:
 # --------------------------------------------------------------------------------------------
 class OpenAIChat:
     def __init__(self, settings: dict, model: str | None):
-        import openai
-
-        if not os.environ.get("OPENAI_API_KEY"):
-            raise UserError("set OPENAI_API_KEY to chat with an OpenAI model")
         self.settings = settings
-        self.model = model or self.model_from_record(Path(settings["output_dir"]) / "openai_job.json")
-        self.client = openai.OpenAI(base_url=settings.get("base_url") or None)
+        self.tuner = finetune.OpenAIFineTuner(os.environ.get("OPENAI_API_KEY"), settings.get("base_url"))
+        self.model = model or self.model_from_record(settings["output_dir"])
 
     @staticmethod
-    def model_from_record(path: Path) -> str:
-        if not path.is_file():
+    def model_from_record(output_dir: str) -> str:
+        path = Path(output_dir) / finetune.OPENAI_JOB_RECORD
+        record = finetune.read_job_record(output_dir)
+        if not record:
             raise UserError(f"no {path}; start a job with finetune.py --provider openai, or pass --model ft:...")
-        model = json.loads(path.read_text(encoding="utf-8")).get("fine_tuned_model")
-        if not model:
-            raise UserError(f"the job in {path} has no fine-tuned model yet; follow it with finetune.py --follow JOB_ID")
-        return model
+        if not record.get("fine_tuned_model"):
+            raise UserError(f"the job in {path} has no fine-tuned model yet; follow it with "
+                            f"finetune.py --provider openai --follow {record.get('job_id')}")
+        return record["fine_tuned_model"]
 
     def reply(self, messages: list[dict], write) -> str:
         import openai
 
         s = self.settings
         try:
-            response = self.client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=s["max_new_tokens"],
-                temperature=0 if s["greedy"] else s["temperature"], top_p=s["top_p"], seed=s["seed"],
-            )
+            text = self.tuner.chat(self.model, messages, max_completion_tokens=s["max_new_tokens"], top_p=s["top_p"], seed=s["seed"],
+                                   temperature=0 if s["greedy"] else s["temperature"])
         except openai.APIError as exc:
-            raise UserError(f"OpenAI: {finetune.first_line(exc)}", exit_code=1) from None
-        text = response.choices[0].message.content or ""
+            client = self.tuner.client
+            raise UserError(finetune.describe_api_error(exc, client.base_url, client.max_retries), exit_code=1) from None
         write(text)
         return text.strip()
 

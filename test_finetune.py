@@ -799,6 +799,10 @@ def test_prism_chat_with_the_recorded_model(prism, api_key, tmp_path):
     tuner = ft.OpenAIFineTuner(FAKE_KEY, prism.url)
     answer = tuner.chat(record["fine_tuned_model"], [{"role": "user", "content": "Who are you?"}], max_completion_tokens=64)
     assert isinstance(answer, str)
+    chat = cli("--provider", "openai", "--output-dir", settings["output_dir"], "--prompt", "Who are you?",
+               env={"OPENAI_BASE_URL": prism.url, "OPENAI_API_KEY": FAKE_KEY}, script="example_usage.py")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip() and FAKE_KEY not in chat.stdout + chat.stderr
     assert_no_validator_errors(prism.log_since(start))
 
 

@@ -1,0 +1,443 @@
+#!/usr/bin/env python3
+"""Training throughput: this tool's default recipe beside the naive one, and this machine's ceiling.
+
+Examples:
+  python bench/train_throughput.py                        # 6 timed steps of each recipe, a few minutes on 2 cores
+  python bench/train_throughput.py --steps 3 --json bench.json
+  python bench/train_throughput.py --precision fp32       # the default recipe without bf16 autocast
+
+In one process, on the same examples (consumed in the same order) and the same base model:
+  (a) the default recipe, through finetune.py's own code path (HuggingFaceFineTuner, Trainer):
+      LoRA, chat template, loss on assistant tokens, batches grouped by length, precision from the hardware;
+  (b) the naive recipe of older scripts: "User: ...\\n\\nAssistant: ..." padded to 512 tokens,
+      full fine-tune in fp32, AdamW lr 5e-5, loss on every token (padding included), a plain torch loop;
+  (c) the matmul rate of this machine (2048x2048, fp32, and bf16 where the CPU computes it natively).
+Both recipes count the same dataset tokens: each example's length as finetune.render makes it.
+Loss-bearing tokens are labels other than -100. The ceiling for (a) is the matmul rate in the
+precision (a) trains with, divided by 4 x parameters FLOPs per token (LoRA; 6 x for full).
+Targets: (a) at least 3x (b) in dataset tokens/s, and at least 60% of the ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import finetune  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# Settings of the benchmark (the default recipe's own settings come from finetune.DEFAULT_SETTINGS).
+# --------------------------------------------------------------------------------------------
+STEPS = 6  # timed optimizer steps per recipe
+WARMUP_STEPS = 1  # run first, not timed (first-call allocations, autocast caches)
+NAIVE_LENGTH = 512  # the naive recipe pads and truncates every example to this many tokens
+NAIVE_LEARNING_RATE = 5e-5
+MATMUL_SIZE = 2048
+MATMUL_SECONDS = 2.0  # per precision
+FLOPS_PER_TOKEN = {"lora": 4, "full": 6}  # x parameters; LoRA computes no gradients for frozen weights
+TARGET_RATIO = 3.0
+TARGET_CEILING = 0.60
+BUSY_WARNING = 0.20  # share of the CPUs other processes may use before the results are flagged
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"timed steps per recipe, after {WARMUP_STEPS} warm-up step (default {STEPS})")
+    parser.add_argument("--batch-size", default="auto", help="examples per step for both recipes (default: the tool's auto)")
+    parser.add_argument("--examples", default=str(ROOT / finetune.DEFAULT_SETTINGS["dataset"]), metavar="FILE",
+                        help="JSONL dataset (default: training_dataset.jsonl)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="the default recipe's precision, resolved by the tool (default auto: bf16 where native)")
+    parser.add_argument("--seed", type=int, default=finetune.DEFAULT_SETTINGS["seed"])
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    parser.add_argument("--no-processes", action="store_true",
+                        help="skip (d), the 1-process vs 2-process comparison (about 2 minutes)")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            parser.error(f"--batch-size must be a number or auto, not {args.batch_size}")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data: the examples as the tool reads them, and their length as the tool renders them.
+# --------------------------------------------------------------------------------------------
+def load_examples(path: str, max_length: int) -> list[dict]:
+    report = finetune.DatasetValidator(max_length).validate_file(path)
+    if report.n_valid == 0:
+        raise finetune.UserError(f"{path} has no valid examples", exit_code=1)
+    finetune.log(f"{report.n_valid} examples from {path}" + (f" ({report.n_invalid} invalid lines skipped)" if report.n_invalid else ""))
+    return report.examples
+
+
+def naive_text(messages: list[dict]) -> str:
+    """What older scripts trained on: "User: {prompt}\\n\\nAssistant: {completion}", turns joined alike."""
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+# --------------------------------------------------------------------------------------------
+# (c) The matmul rate: the ceiling.
+# --------------------------------------------------------------------------------------------
+def matmul_rate(device: str, dtype, size: int = MATMUL_SIZE, seconds: float = MATMUL_SECONDS) -> float:
+    """GFLOP/s of repeated size x size matmuls for about `seconds`, after one untimed."""
+    import torch
+
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)
+    synchronize(device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        synchronize(device)
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def measure_matmul(device: str, precision: str) -> dict:
+    """fp32 always; bf16 where it is native (without it, one matmul takes about a minute on CPU);
+    fp16 only off the CPU. Returns {"fp32": GFLOP/s, ...} and the precision the ceiling uses."""
+    import torch
+
+    rates = {"fp32": matmul_rate(device, torch.float32)}
+    if device != "cpu" or finetune.cpu_has_native_bf16():
+        rates["bf16"] = matmul_rate(device, torch.bfloat16)
+    if device != "cpu" and precision == "fp16":
+        rates["fp16"] = matmul_rate(device, torch.float16)
+    ceiling_precision = precision if precision in rates else "fp32"
+    return {"gflops": rates, "ceiling_precision": ceiling_precision,
+            "note": None if ceiling_precision == precision else f"{precision} is not native here; ceiling from fp32"}
+
+
+# --------------------------------------------------------------------------------------------
+# (a) The default recipe, through the tool's own code path.
+# --------------------------------------------------------------------------------------------
+def step_timer():
+    """A Trainer callback that records when each optimizer step begins and ends."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begins, self.ends = [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def run_default_recipe(settings: dict, examples: list[dict], steps: int) -> dict:
+    """Trains warm-up + steps with the tool's Trainer; counts tokens from the batches it consumed."""
+    tuner = finetune.HuggingFaceFineTuner(settings)
+    model, tokenizer, base_name, base_path = tuner.load_model()
+    if settings["method"] == "lora":  # the base model's own parameters, without the adapter's
+        trainable, total = model.get_nb_trainable_parameters()
+        base_parameters = total - trainable
+    else:
+        trainable = base_parameters = sum(p.numel() for p in model.parameters())
+    train, _ = tuner.build_datasets(examples, tokenizer)
+    # Which example each row is (build_datasets keeps the rows, not the examples): by its tokens.
+    lengths, by_tokens = {}, {}
+    for i, example in enumerate(examples):
+        ids = finetune.render(tokenizer, example["messages"], max_length=settings["max_length"])["input_ids"]
+        by_tokens.setdefault(tuple(ids), i)
+        lengths[i] = len(ids)
+
+    timer = step_timer()
+    trainer = tuner.make_trainer(model, tokenizer, train, None, [timer])
+    batches, collate = [], trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        batches.append({
+            "examples": [by_tokens[tuple(f["input_ids"])] for f in features],
+            "dataset_tokens": sum(len(f["input_ids"]) for f in features),
+            "loss_tokens": int((batch["labels"] != -100).sum()),
+            "computed_tokens": int(batch["input_ids"].numel()),  # padding included
+        })
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    if len(timer.ends) != WARMUP_STEPS + steps:
+        raise RuntimeError(f"expected {WARMUP_STEPS + steps} steps, the Trainer ran {len(timer.ends)}")
+    accumulation = settings["gradient_accumulation"]
+    per_step = [batches[k * accumulation:(k + 1) * accumulation] for k in range(WARMUP_STEPS + steps)]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result = summarise_steps(
+        recipe="(a) default", method=settings["method"], precision=settings["precision"],
+        batch_size=settings["batch_size"], accumulation=accumulation, step_batches=per_step,
+        ends=timer.ends, begins=timer.begins, losses=losses)
+    result["trainable_parameters"] = trainable
+    del trainer, model
+    gc.collect()
+    return {"result": result, "base_parameters": base_parameters, "base_path": base_path, "base_model": base_name,
+            "tokenizer": tokenizer, "lengths": lengths,
+            "example_order": [[i for b in batches_of_step for i in b["examples"]] for batches_of_step in per_step]}
+
+
+# --------------------------------------------------------------------------------------------
+# (b) The naive recipe: what older scripts did, in a plain torch loop.
+# --------------------------------------------------------------------------------------------
+def run_naive_recipe(base_path: str, tokenizer, examples: list[dict], example_order: list[list[int]],
+                     lengths: dict, device: str, seed: int) -> dict:
+    """A fresh copy of the base model, full fine-tune in fp32, the same examples in the same order."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = finetune.load_causal_lm(base_path).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=NAIVE_LEARNING_RATE)
+    step_batches, inputs = [], []
+    for indices in example_order:  # tokenized before the clock starts, as a dataset.map would
+        encoded = tokenizer([naive_text(examples[i]["messages"]) for i in indices], padding="max_length",
+                            truncation=True, max_length=NAIVE_LENGTH, return_tensors="pt")
+        labels = encoded["input_ids"].clone()  # every position, padding included
+        inputs.append({"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device),
+                       "labels": labels.to(device)})
+        step_batches.append([{"examples": indices, "dataset_tokens": sum(lengths[i] for i in indices),
+                              "loss_tokens": int((labels != -100).sum()), "computed_tokens": int(labels.numel())}])
+    begins, ends, losses = [], [], []
+    for batch in inputs:
+        begins.append(time.perf_counter())
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        synchronize(device)
+        ends.append(time.perf_counter())
+    result = summarise_steps(
+        recipe="(b) naive", method="full", precision="fp32", batch_size=len(example_order[0]), accumulation=1,
+        step_batches=step_batches, ends=ends, begins=begins, losses=losses)
+    del model, optimizer, inputs
+    gc.collect()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Counting and reporting.
+# --------------------------------------------------------------------------------------------
+def summarise_steps(recipe, method, precision, batch_size, accumulation, step_batches, ends, begins, losses) -> dict:
+    """Rates over the timed steps: from the end of the warm-up to the end of the last step, so the
+    Trainer's own work between steps (fetching and padding the next batch, logging) counts too."""
+    timed = step_batches[WARMUP_STEPS:]
+    seconds = ends[-1] - ends[WARMUP_STEPS - 1]
+    count = lambda key: sum(b[key] for batches in timed for b in batches)  # noqa: E731
+    return {
+        "recipe": recipe, "method": method, "precision": precision, "batch_size": batch_size,
+        "gradient_accumulation": accumulation, "timed_steps": len(timed), "seconds": seconds,
+        "seconds_per_step": seconds / len(timed),
+        "step_seconds": [round(e - p, 3) for p, e in zip(ends[WARMUP_STEPS - 1:], ends[WARMUP_STEPS:])],
+        "compute_seconds": sum(e - b for b, e in zip(begins[WARMUP_STEPS:], ends[WARMUP_STEPS:])),
+        "dataset_tokens": count("dataset_tokens"), "loss_tokens": count("loss_tokens"),
+        "computed_tokens": count("computed_tokens"),
+        "dataset_tokens_per_second": count("dataset_tokens") / seconds,
+        "loss_tokens_per_second": count("loss_tokens") / seconds,
+        "computed_tokens_per_second": count("computed_tokens") / seconds,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+    }
+
+
+def cpu_description() -> dict:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return {"model": model, "capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": finetune.cpu_has_native_bf16(), "threads": torch.get_num_threads(),
+            "cores": os.cpu_count()}
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def part(name: str, parts: dict):
+    """Times one part of the benchmark and measures the share of all CPUs that other processes used
+    meanwhile: the machine's busy time less this process's own CPU time (all its threads)."""
+    busy, own, start = machine_busy_seconds(), time.process_time(), time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    others = None
+    if busy is not None:
+        used = machine_busy_seconds() - busy - (time.process_time() - own)
+        others = max(0.0, used / (seconds * (os.cpu_count() or 1)))
+    parts[name] = {"seconds": seconds, "others_busy": others}
+
+
+def run_process_comparison(steps: int, batch_size: int, seed: int) -> dict:
+    """(d) The default recipe as users launch it: one process, then two (accelerate launch, gloo on CPU),
+    with the same global batch (two processes take half each). Whole runs, so start-up is excluded by
+    reading the tokens/s each run measured over its own training steps."""
+    runs = {}
+    for processes in (1, 2):
+        with tempfile.TemporaryDirectory(prefix="bench-ddp-") as folder:
+            flags = ["--max-steps", str(steps), "--batch-size", str(batch_size // processes), "--validation-split", "0",
+                     "--save-steps", str(steps + 1), "--no-eval", "--seed", str(seed), "--output-dir", f"{folder}/out"]
+            launcher = [sys.executable]
+            if processes > 1:
+                launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            started = time.perf_counter()
+            done = subprocess.run([*launcher, str(ROOT / "finetune.py"), *flags], cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise finetune.UserError(f"{processes}-process run failed: {done.stderr.strip().splitlines()[-1:]}", 1)
+            summary = json.loads(Path(folder, "out", "training_summary.json").read_text())
+        runs[processes] = {"processes": summary["processes"], "tokens_per_second": summary["tokens_per_second"],
+                           "wall_seconds": time.perf_counter() - started, "per_process_batch": batch_size // processes}
+    runs["ratio"] = runs[2]["tokens_per_second"] / runs[1]["tokens_per_second"]
+    return runs
+
+
+def format_report(results: dict) -> str:
+    a, b, matmul, cpu = results["default"], results["naive"], results["matmul"], results["cpu"]
+    lines = [
+        "| recipe | precision | dataset tok/s | loss-bearing tok/s | s/step |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in (a, b):
+        lines.append(f"| {r['recipe']}: {r['method']}, batch {r['batch_size']} | {r['precision']} | "
+                     f"{r['dataset_tokens_per_second']:.0f} | {r['loss_tokens_per_second']:.0f} | {r['seconds_per_step']:.2f} |")
+    ratio, ceiling = results["ratio"], results["ceiling"]
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    rates = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in matmul["gflops"].items())
+    lines += [
+        "",
+        f"ratio (a)/(b) dataset tok/s = {ratio:.2f}x (target >= {TARGET_RATIO:.0f}x: {verdict(ratio >= TARGET_RATIO)})",
+        f"(a) = {ceiling['fraction']:.0%} of the ceiling ({ceiling['tokens_per_second']:.0f} tok/s from "
+        f"{ceiling['gflops']:.0f} GFLOP/s {ceiling['precision']}, {FLOPS_PER_TOKEN[a['method']]} x "
+        f"{results['base_parameters'] / 1e6:.1f} M parameters per token) "
+        f"(target >= {TARGET_CEILING:.0%}: {verdict(ceiling['fraction'] >= TARGET_CEILING)})"
+        + (f"; {matmul['note']}" if matmul["note"] else ""),
+        f"matmul {MATMUL_SIZE}x{MATMUL_SIZE}: {rates}",
+        f"CPU: {cpu['model'] or 'unknown'}, capability {cpu['capability']}, native bf16 "
+        f"{'yes' if cpu['native_bf16'] else 'no'}, torch threads {cpu['threads']} of {cpu['cores']} cores"
+        + ("" if results["device"] == "cpu" else f"; device {results['device']} ({results['hardware']})"),
+        "other processes used (share of all CPUs): " + ", ".join(
+            f"{name} {'?' if p['others_busy'] is None else format(p['others_busy'], '.0%')}"
+            for name, p in results["parts"].items() if name not in ("total", "(d) processes")),
+        f"timed: {a['timed_steps']} steps each after {WARMUP_STEPS} warm-up; same {sum(map(len, results['example_order']))} "
+        f"examples in the same order; dataset tokens {a['dataset_tokens']} per recipe, "
+        f"computed tokens (padding included) (a) {a['computed_tokens']}, (b) {b['computed_tokens']}",
+        "command: python " + shlex.join(sys.argv),
+    ]
+    d = results["processes"]
+    if d:
+        lines.insert(-1, (
+            f"(d) whole runs of finetune.py, global batch {d[1]['per_process_batch']}: 1 process "
+            f"{d[1]['tokens_per_second']:.0f} tok/s, 2 processes (accelerate launch, gloo) {d[2]['tokens_per_second']:.0f} "
+            f"tok/s = {d['ratio']:.2f}x. Both use the same {cpu['cores']} cores (2 processes of one thread each, or one "
+            f"process of {cpu['threads']} threads, each process with half the batch): the ratio compares two ways of using "
+            f"the same cores, net of the gradient all-reduce, not more hardware."))
+    busy = [p["others_busy"] for name, p in results["parts"].items()
+            if name not in ("total", "(d) processes") and p["others_busy"] is not None]
+    if busy and max(busy) > BUSY_WARNING:
+        lines.append(f"WARNING: other processes used up to {max(busy):.0%} of the CPUs; these rates understate this machine")
+    lines.append("time: " + ", ".join(f"{name} {p['seconds']:.0f} s" for name, p in results["parts"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    finetune.quiet_libraries()
+    parts = {}
+    with part("total", parts):
+        with part("idle check", parts):
+            time.sleep(1)
+        if (parts["idle check"]["others_busy"] or 0) > BUSY_WARNING:
+            finetune.log(f"warning: other processes keep {parts['idle check']['others_busy']:.0%} of the CPUs busy; "
+                         "the rates will be low")
+        settings = dict(finetune.DEFAULT_SETTINGS, dataset=args.examples, precision=args.precision,
+                        batch_size=args.batch_size, seed=args.seed, validation_split=0,
+                        max_steps=WARMUP_STEPS + args.steps,
+                        save_steps=WARMUP_STEPS + args.steps + 1,  # no checkpoint inside the timed steps
+                        evaluate_after_training=False)
+        settings = finetune.resolve_hardware(settings)
+        examples = load_examples(args.examples, settings["max_length"])
+
+        with part("(c) matmul", parts):
+            matmul = measure_matmul(settings["device"], settings["precision"])
+        finetune.log(f"(c) matmul: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in matmul['gflops'].items())} "
+                     f"({parts['(c) matmul']['seconds']:.0f} s)")
+
+        with part("(a) default", parts), tempfile.TemporaryDirectory(prefix="bench-") as folder:
+            default = run_default_recipe(dict(settings, output_dir=folder), examples, args.steps)
+        a = default["result"]
+        finetune.log(f"(a) default: {a['dataset_tokens_per_second']:.0f} dataset tok/s, {a['seconds_per_step']:.1f} s/step "
+                     f"({parts['(a) default']['seconds']:.0f} s with loading)")
+
+        with part("(b) naive", parts):
+            b = run_naive_recipe(default["base_path"], default["tokenizer"], examples, default["example_order"],
+                                 default["lengths"], settings["device"], args.seed)
+        finetune.log(f"(b) naive: {b['dataset_tokens_per_second']:.0f} dataset tok/s, {b['seconds_per_step']:.1f} s/step "
+                     f"({parts['(b) naive']['seconds']:.0f} s with loading)")
+
+        processes = None
+        if not args.no_processes:
+            with part("(d) processes", parts):
+                processes = run_process_comparison(8, 2 * settings["batch_size"], args.seed)
+            finetune.log(f"(d) 2 processes / 1 process: {processes['ratio']:.2f}x ({parts['(d) processes']['seconds']:.0f} s)")
+
+    rate = matmul["gflops"][matmul["ceiling_precision"]]
+    ceiling_tokens = rate * 1e9 / (FLOPS_PER_TOKEN[a["method"]] * default["base_parameters"])
+    results = {
+        "default": a, "naive": b, "matmul": matmul, "cpu": cpu_description(),
+        "device": settings["device"], "hardware": settings["hardware"],
+        "base_model": default["base_model"], "base_parameters": default["base_parameters"],
+        "ratio": a["dataset_tokens_per_second"] / b["dataset_tokens_per_second"],
+        "ceiling": {"precision": matmul["ceiling_precision"], "gflops": rate, "tokens_per_second": ceiling_tokens,
+                    "fraction": a["dataset_tokens_per_second"] / ceiling_tokens},
+        "targets": {"ratio": TARGET_RATIO, "ceiling_fraction": TARGET_CEILING},
+        "processes": processes,
+        "example_order": default["example_order"],
+        "parts": parts, "command": shlex.join(sys.argv), "examples_file": args.examples,
+    }
+    print(format_report(results))
+    if args.json:
+        finetune.write_atomic(args.json, json.dumps(results, indent=2) + "\n", overwrite=True)
+        finetune.log(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except finetune.UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
