@@ -176,41 +176,30 @@ def interactive(chat, system: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.verbose:
-        finetune.quiet_libraries()
-    try:
-        if not args.interactive and args.prompt is None:
-            raise UserError("give --prompt TEXT (or - for stdin), or --interactive")
-        keys = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy", "seed", "device", "precision", "output_dir")
-        settings, _ = finetune.load_settings(args.config, {k: getattr(args, k) for k in keys})
-        if args.provider == "openai":
-            chat = OpenAIChat(settings, args.model)
-        else:
-            name = args.model or settings["output_dir"]
-            if not Path(name).exists() and name == settings["output_dir"]:
-                raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
-            chat = LocalChat(settings, name, args.max_context)
-        if args.interactive:
-            interactive(chat, args.system)
-            return 0
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        if not prompt.strip():
-            raise UserError("the prompt is empty")
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt.strip()}]
-        answer = chat.reply(messages, lambda piece: None)
-        print(answer)
+    return finetune.run_command(lambda: chat_command(args), args.verbose)
+
+
+def chat_command(args) -> int:
+    if not args.interactive and args.prompt is None:
+        raise UserError("give --prompt TEXT (or - for stdin), or --interactive")
+    keys = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy", "seed", "device", "precision", "output_dir")
+    settings, _ = finetune.load_settings(args.config, {k: getattr(args, k) for k in keys})
+    if args.provider == "openai":
+        chat = OpenAIChat(settings, args.model)
+    else:
+        name = args.model or settings["output_dir"]
+        if not Path(name).exists() and name == settings["output_dir"]:
+            raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
+        chat = LocalChat(settings, name, args.max_context)
+    if args.interactive:
+        interactive(chat, args.system)
         return 0
-    except UserError as exc:
-        log(f"error: {exc}")
-        return exc.exit_code
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except Exception as exc:
-        if args.verbose:
-            raise
-        log(f"error: {type(exc).__name__}: {finetune.first_line(exc)} (run with --verbose for the traceback)")
-        return 1
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UserError("the prompt is empty")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt.strip()}]
+    print(chat.reply(messages, lambda piece: None))
+    return 0
 
 
 if __name__ == "__main__":

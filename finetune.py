@@ -1355,8 +1355,11 @@ class HuggingFaceFineTuner:
         self.overwrite, self.resume = overwrite, resume
 
     # -- the output folder: never overwrite a finished model, never start over an interrupted one --
-    def check_output_dir(self) -> str | None:
-        """Returns the checkpoint to resume from, if any. Raises UserError for a folder in the way."""
+    def check_output_dir(self, clear: bool = True) -> str | None:
+        """Returns the checkpoint to resume from, if any. Raises UserError for a folder in the way.
+
+        With --overwrite the old folder is removed, but only when `clear` (once the dataset passed).
+        """
         from transformers.trainer_utils import get_last_checkpoint
 
         out = self.output_dir
@@ -1372,7 +1375,7 @@ class HuggingFaceFineTuner:
                 what = "a finished model" if (out / FINISHED_MARKER).is_file() else "an unfinished run"
                 hint = "" if what == "a finished model" else f", or resume it: {resume_command()}"
                 raise UserError(f"{out} already holds {what}; pass --overwrite to replace it{hint}")
-            if self.is_main_process():
+            if clear and self.is_main_process():
                 shutil.rmtree(out)
         return None
 
@@ -1536,7 +1539,7 @@ class HuggingFaceFineTuner:
         history = trainer.state.log_history
         train_losses = [e["loss"] for e in history if "loss" in e]
         eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
-        settings = {k: v for k, v in self.settings.items()}
+        settings = dict(self.settings, model=base_name)  # every "auto" resolved
         return {
             "base_model": base_name,
             "base_model_path": base_path,
@@ -1792,7 +1795,7 @@ def evaluate_command(settings: dict) -> int:
 
 def train_huggingface(settings: dict, args) -> int:
     tuner = HuggingFaceFineTuner(resolve_hardware(settings), overwrite=args.overwrite, resume=args.resume)
-    tuner.check_output_dir() if args.resume else None  # a wrong --resume fails before any loading
+    tuner.check_output_dir(clear=False)  # a folder in the way, or a wrong --resume, fails before any loading
     tokenizer = base_tokenizer_if_available(tuner.settings)
     report = validate_dataset(tuner.settings, args.strict, tokenizer)
     return tuner.run(report)
@@ -1809,12 +1812,29 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.verbose:
+def run_command(command, verbose: bool) -> int:
+    """Runs a command; a failure is one line on stderr with an exit code, a traceback only with --verbose."""
+    if not verbose:
         quiet_libraries()
     try:
+        return command()
+    except UserError as exc:
+        log(f"error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception as exc:
+        if verbose:
+            raise
+        log(f"error: {type(exc).__name__}: {first_line(exc)} (run with --verbose for the traceback)")
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def command() -> int:
         overrides = {key: getattr(args, key, None) for key in SETTING_FLAGS}
         settings, sources = load_settings(args.config, overrides)
         if args.show_config:
@@ -1827,17 +1847,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.provider == "openai":
             return run_openai(settings, args)
         return train_huggingface(settings, args)
-    except UserError as exc:
-        log(f"error: {exc}")
-        return exc.exit_code
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except Exception as exc:
-        if args.verbose:
-            raise
-        log(f"error: {type(exc).__name__}: {first_line(exc)} (run with --verbose for the traceback)")
-        return 1
+
+    return run_command(command, args.verbose)
 
 
 if __name__ == "__main__":

