@@ -567,6 +567,12 @@ def embedded_gguf() -> Path:
     return path
 
 
+def converted_folder(gguf: Path) -> Path:
+    """Where the safetensors version of a GGUF file lives: a new file (size, time) gets a new folder."""
+    stat = gguf.stat()
+    return cache_root() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
 def convert_gguf(gguf: Path) -> Path:
     """A GGUF file becomes a normal safetensors folder in the cache, once (about 30 s).
 
@@ -575,8 +581,7 @@ def convert_gguf(gguf: Path) -> Path:
     """
     import fcntl
 
-    stat = gguf.stat()
-    target = cache_root() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = converted_folder(gguf)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -1489,9 +1494,12 @@ class HuggingFaceFineTuner:
         summary = self.summary(trainer, output, report, base_name, base_path, train, val, wall, progress)
         plot_losses(trainer.state.log_history, self.output_dir / "loss.png")
         if s["evaluate_after_training"]:
-            result = evaluate_persona(trainer.model.eval(), tokenizer, s)
+            model = trainer.model.eval()
+            base = None if hasattr(model, "disable_adapter") else load_causal_lm(base_path).eval().to(model.device)
+            result = evaluate_persona(model, tokenizer, s, base)
             write_atomic(self.output_dir / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
-            summary["evaluation"] = {k: result[name][k] for name in ("fine_tuned",) for k in ("adoption_rate", "persona_loss", "general_perplexity")}
+            summary["evaluation"] = {name: {k: result[name][k] for k in ("adoption_rate", "persona_loss", "general_perplexity")}
+                                     for name in ("base", "fine_tuned") if name in result}
         if s["merge"]:
             self.save_merged(trainer.model, tokenizer)
         write_atomic(self.output_dir / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
@@ -1745,7 +1753,7 @@ def base_tokenizer_if_available(settings: dict):
     try:
         if name == SMOLLM2_ALIAS:
             gguf = embedded_gguf()
-            cached = cache_root() / f"{gguf.stem}-{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
+            cached = converted_folder(gguf)
             if (cached / "tokenizer_config.json").is_file():
                 return load_tokenizer(str(cached))
             from transformers import AutoTokenizer
@@ -1780,7 +1788,7 @@ def prepare_only(settings: dict, args) -> int:
 
 def evaluate_command(settings: dict) -> int:
     name = settings["output_dir"] if settings["model"] == "auto" else settings["model"]
-    resolved = resolve_hardware(settings)
+    resolved = resolve_hardware(settings, training=False)
     model, tokenizer, base_name = load_for_inference(name)
     model.to(resolved["device"])
     base = None

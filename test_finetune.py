@@ -461,6 +461,15 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_final_step(tmp_pa
     assert merged.config.model_type == "llama"
 
 
+def test_full_fine_tune_saves_a_plain_model(tmp_path, base_path):
+    out = tmp_path / "full"
+    result = cli("--method", "full", "--learning-rate", "5e-5", "--output-dir", out, "--no-eval", *TINY[:-2])
+    assert result.returncode == 0, result.stderr
+    assert "learning rate 5e-05" in result.stderr and not (out / "adapter_config.json").exists()
+    model, _, base = finetune.load_for_inference(str(out))
+    assert base == finetune.SMOLLM2_ALIAS and not hasattr(model, "disable_adapter")
+
+
 def test_missing_model_package_names_the_install_command(monkeypatch):
     import importlib.metadata
 
