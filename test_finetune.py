@@ -1171,3 +1171,23 @@ def test_cli_ctrl_c_stops_following_not_the_job(scripted, tmp_path):
     assert f"python finetune.py --provider openai --follow {JOB_ID}" in err and "Step 1/3" in err
     assert not [path for method, path, _ in api.requests if path.endswith("/cancel")]
     assert_key_absent(out, err, folder=tmp_path)
+
+
+def test_ctrl_c_in_chat_stops_the_answer_not_the_program(tiny_model, small_probe_config):
+    import pexpect
+
+    out, _ = tiny_model
+    child = pexpect.spawn(PY, [str(ROOT / "example_usage.py"), "--model", str(out), "--interactive", "--greedy",
+                               "--max-new-tokens", "2000", "--config", str(small_probe_config)],
+                          cwd=str(ROOT), encoding="utf-8", timeout=180)
+    child.expect_exact("you> ")
+    child.sendline("Write a very long story about the sea.")
+    child.expect_exact("echo> ")
+    time.sleep(1.5)
+    child.sendintr()
+    child.expect_exact("[stopped]", timeout=30)
+    child.expect_exact("you> ")  # still running, ready for the next question
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
