@@ -476,6 +476,23 @@ def prepared_paths(output: str, split: bool) -> list[Path]:
     return [path.with_name(f"{path.stem}_train{path.suffix}"), path.with_name(f"{path.stem}_validation{path.suffix}")]
 
 
+def write_prepared(settings: dict, strict: bool, paths_for, overwrite: bool, tokenizer=None) -> list[tuple[Path, list]]:
+    """Validates, splits and writes [(train path, rows), (validation path, rows)], or one file without a split.
+
+    `paths_for(split)` names the files. Every target is checked before any is written, so a refusal
+    leaves nothing half done.
+    """
+    report = validate_dataset(settings, strict, tokenizer)
+    train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])
+    files = list(zip(paths_for(bool(val)), (train, val) if val else (train,)))
+    for path, _ in files:
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} already exists; pass --overwrite to replace it")
+    for path, rows in files:
+        write_jsonl(path, rows, overwrite=overwrite)
+    return files
+
+
 def validate_dataset(settings: dict, strict: bool, tokenizer=None) -> ValidationReport:
     """Validates and reports; raises UserError (exit 1) when the dataset cannot be used."""
     report = DatasetValidator(settings["max_length"], tokenizer).validate_file(settings["dataset"])
@@ -605,10 +622,17 @@ def _convert(gguf: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-    partial.chmod(0o777 & ~_UMASK)
+    save_pretrained_atomic(model, tokenizer, target)
+
+
+def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
+    """Model and tokenizer written into a temporary folder beside `target`, then moved into its place."""
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".partial-{target.name}-"))
+    partial.chmod(0o777 & ~_UMASK)  # mkdtemp makes folders private; outputs are ordinary folders
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    if target.exists():
+        shutil.rmtree(target)
     os.replace(partial, target)
 
 
@@ -871,14 +895,10 @@ def prepare_openai_files(settings: dict, args) -> list[tuple[Path, list[dict]]]:
 
     Roles, assistant messages and weights are checked by DatasetValidator, whose rules are OpenAI's.
     """
-    report = validate_dataset(settings, args.strict)
-    train, validation = split_examples(report.examples, settings["validation_split"], settings["seed"])
     output_dir = Path(settings["output_dir"])
-    files = [(output_dir / "openai_train.jsonl", train)]
-    if validation:
-        files.append((output_dir / "openai_validation.jsonl", validation))
+    paths = [output_dir / "openai_train.jsonl", output_dir / "openai_validation.jsonl"]
+    files = write_prepared(settings, args.strict, lambda split: paths, overwrite=True)  # derived: nothing is lost
     for path, rows in files:
-        write_jsonl(path, rows, overwrite=True)  # derived from the dataset: nothing is lost
         log(f"wrote {path} ({len(rows)} examples)")
     return files
 
@@ -1530,14 +1550,8 @@ class HuggingFaceFineTuner:
 
     def save_merged(self, model, tokenizer) -> None:
         target = self.output_dir / "merged"
-        partial = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=".partial-merged-"))
-        partial.chmod(0o777 & ~_UMASK)
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        merged.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(partial, target)
+        save_pretrained_atomic(merged, tokenizer, target)
         log(f"merged model written to {target}")
 
     def summary(self, trainer, output, report, base_name, base_path, train, val, wall, progress) -> dict:
@@ -1769,18 +1783,13 @@ def base_tokenizer_if_available(settings: dict):
 
 def prepare_only(settings: dict, args) -> int:
     tokenizer = base_tokenizer_if_available(settings) if args.provider == "huggingface" else None
-    report = validate_dataset(settings, args.strict, tokenizer)
-    train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])
-    paths = prepared_paths(settings["output"], bool(val))
-    for path in paths:
-        if path.exists() and not args.overwrite:
-            raise UserError(f"{path} already exists; pass --overwrite to replace it")
-    for path, rows in zip(paths, (train, val)):
-        write_jsonl(path, rows, overwrite=args.overwrite)
+    paths_for = lambda split: prepared_paths(settings["output"], split)  # noqa: E731
+    files = write_prepared(settings, args.strict, paths_for, args.overwrite, tokenizer)
+    for path, rows in files:
         print(f"wrote {len(rows)} examples to {path}")
     if args.provider == "openai":
         try:  # OpenAI's own rules and the cost estimate; the files stand either way
-            check_and_estimate(list(zip(paths, (train, val))), openai_model(settings), settings["openai_epochs"])
+            check_and_estimate(files, openai_model(settings), settings["openai_epochs"])
         except UserError as exc:
             log(f"warning: {exc}")
     return 0
