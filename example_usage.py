@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--greedy", action="store_const", const=True, help="deterministic greedy decoding")
+    parser.add_argument("--greedy", action=argparse.BooleanOptionalAction, help="greedy decoding; --no-greedy samples (default: the model folder's generation_config.json)")
     parser.add_argument("--seed", type=int, help="makes sampled answers repeatable")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 # A local model: loaded once, answers streamed token by token, history trimmed to fit.
 # --------------------------------------------------------------------------------------------
 class LocalChat:
-    def __init__(self, settings: dict, name: str, max_context: int | None):
+    def __init__(self, settings: dict, name: str, max_context: int | None, decoding: dict | None = None):
         import torch
         from transformers import set_seed
 
@@ -61,11 +61,12 @@ class LocalChat:
         set_seed(settings["seed"])
         self.model.to(self.settings["device"])
         self.max_context = max_context or getattr(self.model.config, "max_position_embeddings", 2048)
+        self.decoding = decoding_overrides(decoding or {})  # the flags given; the folder's generation_config.json for the rest
         self.torch = torch
 
     def fit(self, messages: list[dict]) -> list[int]:
         """Drops the oldest exchanges (never the system prompt or the new question) until it fits."""
-        budget = self.max_context - self.settings["max_new_tokens"]
+        budget = self.max_context - self.decoding.get("max_new_tokens", self.model.generation_config.max_new_tokens or 256)
         while True:
             ids = finetune.render(self.tokenizer, messages, add_generation_prompt=True)["input_ids"]
             first = 1 if messages[0]["role"] == "system" else 0
@@ -84,7 +85,7 @@ class LocalChat:
             def __call__(self, input_ids, scores, **kwargs):
                 return stop.is_set()
 
-        kwargs = finetune.generation_kwargs(self.tokenizer, self.settings, greedy=self.settings["greedy"])
+        kwargs = {"eos_token_id": finetune.end_of_turn_ids(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id, **self.decoding}
         worker = threading.Thread(target=self._generate, args=(ids, kwargs, streamer, StopOnRequest()))
         worker.start()
         pieces = []
@@ -105,6 +106,16 @@ class LocalChat:
         with self.torch.no_grad(), finetune.autocast(self.settings["device"], self.settings["precision"]):
             self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), streamer=streamer,
                                 stopping_criteria=[stopper], **kwargs)
+
+
+def decoding_overrides(flags: dict) -> dict:
+    """generate() options for the decoding flags a user gave; the rest come from the model folder."""
+    options = {key: flags[key] for key in ("temperature", "top_p", "repetition_penalty", "max_new_tokens") if flags.get(key) is not None}
+    if flags.get("greedy") is not None:
+        options["do_sample"] = not flags["greedy"]
+    elif "temperature" in options or "top_p" in options:
+        options["do_sample"] = True
+    return options
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +201,8 @@ def chat_command(args) -> int:
         name = args.model or settings["output_dir"]
         if not Path(name).exists() and name == settings["output_dir"]:
             raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
-        chat = LocalChat(settings, name, args.max_context)
+        flags = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy")}
+        chat = LocalChat(settings, name, args.max_context, flags)
     if args.interactive:
         interactive(chat, args.system)
         return 0

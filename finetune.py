@@ -40,8 +40,6 @@ from pathlib import Path
 DEFAULTS = {
     "data": {
         "dataset": "training_dataset.jsonl",  # JSONL: prompt/completion or messages per line
-        "eval_dataset": "persona_eval.jsonl",  # held-out probes for the persona evaluation
-        "general_text": "general_text.txt",  # ordinary English for the perplexity check
         "output": "prepared.jsonl",  # the file --prepare-only writes
         "validation_split": 0.05,  # share of examples held out (eval loss, OpenAI validation file)
         "max_length": 1024,  # tokens per example; longer ones are truncated (and reported)
@@ -63,20 +61,27 @@ DEFAULTS = {
         "lora_alpha": 32,
         "lora_dropout": 0.0,
         "lora_target_modules": "all-linear",  # or a comma-separated list: q_proj,v_proj
+        "base_template_share": 0.25,  # share of examples rendered with the base template's own system message
         "device": "auto",  # cuda | mps | cpu
         "precision": "auto",  # bf16 | fp16 | fp32; auto picks bf16 only where it is native
         "seed": 42,
         "save_steps": 8,  # checkpoint (and eval loss) every N steps
         "merge": False,  # also write a merged model into OUTPUT_DIR/merged
-        "evaluate_after_training": True,  # run the persona evaluation at the end
     },
-    "generation": {
+    "generation": {  # the decoding defaults saved with the model (generation_config.json); chat uses them
+        "greedy": True,  # False: sample with temperature and top_p
+        "repetition_penalty": 1.1,
         "temperature": 0.7,
         "top_p": 0.9,
-        "repetition_penalty": 1.1,
         "max_new_tokens": 256,
-        "greedy": False,
-        "eval_max_new_tokens": 48,  # persona evaluation: greedy, short answers
+    },
+    "evaluation": {
+        "persona_name": "Echo",  # the name an answer must give itself to count
+        "persona_full_name": "Deep Tree Echo",
+        "eval_dataset": "persona_eval.jsonl",  # held-out probes: {name} and {full_name} are filled in
+        "general_text": "general_text.txt",  # ordinary English for the perplexity check
+        "evaluate_after_training": True,  # run the persona evaluation at the end
+        "eval_max_new_tokens": 64,  # greedy answers this long show a loop when there is one
         "eval_batch_size": 16,
     },
     "openai": {
@@ -181,7 +186,7 @@ def write_jsonl(path: str | Path, rows: list[dict], overwrite: bool = False) -> 
 # --------------------------------------------------------------------------------------------
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
-PROBE_KINDS = ("identity", "style")
+PROBE_KINDS = ("identity", "drift", "style")
 
 
 def normalise_text(text: str) -> str:
@@ -432,7 +437,8 @@ class DatasetValidator:
 
     # -- the held-out probe file (persona_eval.jsonl) ---------------------------------------
     def validate_probes(self, path: str | Path) -> ValidationReport:
-        """Probes: {"probe": str, "reference": str, "kind": "identity" | "style"}."""
+        """Probes: {"kind": "identity" | "drift" | "style", "lang": "en", "probe": str}; style probes
+        carry a "reference" answer, drift probes the unrelated "turns" asked before the probe."""
         report = ValidationReport(str(path))
         for number, text, problem in self.read_lines(path):
             problems = [problem] if problem else []
@@ -440,20 +446,29 @@ class DatasetValidator:
             if text is not None:
                 obj, problems = self.parse_line(text)
             if obj is not None:
-                for key in ("probe", "reference", "kind"):
-                    if key not in obj:
-                        problems.append(("missing key", f"'{key}'"))
-                    elif not isinstance(obj[key], str) or not obj[key].strip():
-                        problems.append(("empty text", f"'{key}' must be non-empty text"))
-                problems += [("unknown key", f"'{key}'") for key in sorted(set(obj) - {"probe", "reference", "kind"})]
-                if isinstance(obj.get("kind"), str) and obj["kind"] not in PROBE_KINDS:
-                    problems.append(("unknown kind", f"{json.dumps(obj['kind'])} (use identity or style)"))
+                problems += self.check_probe(obj)
             for kind, detail in problems:
                 report.problems[kind].append((number, detail))
             if obj is not None and not problems:
                 report.examples.append(obj)
                 report.line_numbers.append(number)
         return report
+
+    @staticmethod
+    def check_probe(obj: dict) -> list[tuple[str, str]]:
+        kind = obj.get("kind")
+        if kind not in PROBE_KINDS:
+            return [("unknown kind", f"{json.dumps(kind)} (use {', '.join(PROBE_KINDS)})")]
+        required = {"identity": ("probe", "lang"), "drift": ("probe", "lang", "turns"), "style": ("probe", "lang", "reference")}[kind]
+        problems = [("unknown key", f"'{key}'") for key in sorted(set(obj) - {"kind", *required, "reference"})]
+        for key in required:
+            value = obj.get(key)
+            values = value if key == "turns" and isinstance(value, list) and value else [value]
+            if key not in obj:
+                problems.append(("missing key", f"'{key}'"))
+            elif not all(isinstance(v, str) and v.strip() for v in values):
+                problems.append(("empty text", f"'{key}' must be non-empty text" + (" (a list of them)" if key == "turns" else "")))
+        return problems
 
 
 def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -517,27 +532,120 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, max_length: int | None = None) -> dict:
-    """Tokens of a conversation with the model's chat template, and labels by position.
+def default_system_text(tokenizer, template: str | None = None) -> str:
+    """The system message a chat template adds when a conversation has none ("" when it adds none).
+
+    SmolLM2's adds "You are a helpful AI assistant named SmolLM, trained by Hugging Face": a
+    persona trained under it learns to contradict its own system message.
+    """
+    question = [{"role": "user", "content": "⟦Q⟧"}]
+    try:
+        bare = tokenizer.apply_chat_template(question, chat_template=template, tokenize=False)
+        head, tail = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "⟦S⟧"}, *question], chat_template=template, tokenize=False).split("⟦S⟧")
+    except Exception:  # a template that refuses system messages (Gemma, some Mistral) adds none either
+        return ""
+    if bare.startswith(head) and bare.endswith(tail) and len(bare) > len(head) + len(tail):
+        return bare[len(head) : len(bare) - len(tail)]
+    return ""
+
+
+def persona_chat_template(tokenizer) -> str:
+    """The template saved with a persona model: the base template without its default system message.
+
+    With no system message it then renders none, so nothing tells the model it is someone else. The
+    {% if %} block that adds the default goes; where there is none, the default text alone.
+    """
+    template, default = tokenizer.chat_template, default_system_text(tokenizer)
+    if not default.strip():
+        return template
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    for literal in dict.fromkeys([default, default.replace("\n", "\\n")]):
+        if literal not in template:
+            continue
+        block = re.search(r"\{%-?\s*if[^%]*%\}(?:(?!\{%-?\s*(?:if|endif)\b).)*?" + re.escape(literal)
+                          + r".*?\{%-?\s*endif\s*-?%\}", template, re.S)
+        candidates = ([template[: block.start()] + template[block.end() :]] if block else []) + [template.replace(literal, "")]
+        for candidate in candidates:
+            same = (tokenizer.apply_chat_template(probe, chat_template=candidate, tokenize=False)
+                    == tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False))  # a system message: unchanged
+            if same and not default_system_text(tokenizer, candidate).strip():
+                return candidate
+    log(f"warning: the chat template adds the system message {default!r} when none is given, and it could "
+        f"not be removed; the model is trained and saved with it")
+    return template
+
+
+def base_template_if_different(tokenizer) -> str | None:
+    """Gives the tokenizer the persona template; returns the base template where that differs."""
+    base = tokenizer.chat_template
+    tokenizer.chat_template = persona_chat_template(tokenizer)
+    return base if base != tokenizer.chat_template else None
+
+
+def content_spans(tokenizer, chat: list[dict], text: str, template: str | None, add_generation_prompt: bool) -> list[tuple[int, int]]:
+    """Where each message's text sits in the rendered `text`, as (start, end) character offsets.
+
+    Some templates trim the text (Llama 3, Gemma); the span is then the trimmed text. Anything
+    else that changes the text is an error: labels found by guessing would train on the wrong tokens.
+    """
+    spans, cursor = [], 0
+    for i, message in enumerate(chat):
+        if i:
+            before = tokenizer.apply_chat_template(chat[:i], chat_template=template, tokenize=False,
+                                                   add_generation_prompt=message["role"] == "assistant")
+            if text.startswith(before):
+                cursor = max(cursor, len(before))
+        for content in (message["content"], message["content"].strip()):
+            at = text.find(content, cursor)
+            if at >= 0:
+                break
+        else:
+            raise UserError(f"the chat template changes the text of message {i + 1} ({message['role']}): "
+                            f"{message['content'][:40]!r} is not in what it renders, so its tokens cannot be labelled")
+        spans.append((at, at + len(content)))
+        cursor = at + len(content)
+    return spans
+
+
+def encode(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `text`. Message text is plain text: a control token typed
+    in it ("<|im_end|>") is spelled out, never read as the control token itself."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    special = set(tokenizer.all_special_ids)
+    if not any(t in special and any(a <= s < b for a, b in spans) for t, (s, _) in zip(ids, offsets)):
+        return ids, offsets
+    ids, offsets, position = [], [], 0  # rare: encode the template's parts and the messages' text apart
+    for start, end in [*spans, (len(text), len(text))]:
+        for piece, plain, at in ((text[position:start], False, position), (text[start:end], True, start)):
+            if piece:
+                part = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=plain)
+                ids += part["input_ids"]
+                offsets += [(a + at, b + at) for a, b in part["offset_mapping"]]
+        position = end
+    return ids, offsets
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, max_length: int | None = None,
+           template: str | None = None) -> dict:
+    """Tokens of a conversation with the model's chat template (or `template`), and labels by position.
 
     With add_generation_prompt the conversation ends with an open assistant turn (chat, evaluation).
     Otherwise each assistant message (unless its weight is 0) and its end-of-turn token are labelled;
-    everything else, the template's own default system message included, gets -100.
+    everything else, a template's own system message included, gets -100.
     """
     chat = [{"role": m["role"], "content": m["content"]} for m in messages]
-    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    text = tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
+    spans = content_spans(tokenizer, chat, text, template, add_generation_prompt)
+    ids, offsets = encode(tokenizer, text, spans)
     labels = [-100] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight", 1) == 0 or add_generation_prompt:
+    for message, (start, end) in zip(messages, spans):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0 or add_generation_prompt or start == end:
             continue
-        prefix = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        start = text.find(message["content"], len(prefix) if text.startswith(prefix) else 0)
-        end = start + len(message["content"])
         inside = [t for t, (a, b) in enumerate(offsets) if a < end and b > start]
-        if not inside:
-            continue
+        if text[offsets[inside[0]][0] : offsets[inside[-1]][1]].strip() != text[start:end].strip():
+            raise UserError(f"the tokens of an assistant message do not line up with its text ({text[start:end][:40]!r})")
         for t in inside + [inside[-1] + 1]:  # the token after the text ends the turn
             if t < len(ids):
                 labels[t] = ids[t]
@@ -691,6 +799,7 @@ def load_for_inference(name: str):
         base_name = summary.get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
         base = load_causal_lm(resolve_base(base_name))
         model = PeftModel.from_pretrained(base, str(folder))
+        load_generation_config(model, folder)
         return model.eval(), load_tokenizer(str(folder)), base_name
     if folder.is_dir() and not (folder / "config.json").is_file():
         if (folder / "merged" / "config.json").is_file():
@@ -700,6 +809,24 @@ def load_for_inference(name: str):
         raise UserError(f"model folder {name} does not exist")
     path = resolve_base(name)
     return load_causal_lm(path).eval(), load_tokenizer(path), read_summary(folder).get("base_model")
+
+
+def load_generation_config(model, folder: Path) -> None:
+    """The decoding defaults saved beside an adapter (a merged model's load with it anyway)."""
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+
+
+def shipped_generation_config(tokenizer, settings: dict):
+    """The decoding defaults a model folder ships (generation_config.json), from the generation settings."""
+    from transformers import GenerationConfig
+
+    sampling = {} if settings["greedy"] else {"temperature": settings["temperature"], "top_p": settings["top_p"]}
+    return GenerationConfig(do_sample=not settings["greedy"], repetition_penalty=settings["repetition_penalty"],
+                            max_new_tokens=settings["max_new_tokens"], eos_token_id=end_of_turn_ids(tokenizer),
+                            pad_token_id=tokenizer.pad_token_id, **sampling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1203,41 +1330,208 @@ def run_openai(settings: dict, args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Persona evaluation: held-out probes, no system prompt, greedy; fine-tuned model beside its base.
+# Persona evaluation: held-out probes under four conditions, each answered greedily by the
+# fine-tuned model and by its base, with the decoding shipped in the model folder and with
+# plain greedy decoding. An answer counts when it names itself as the persona, in the first
+# person, claims no one else, and does not loop.
 # --------------------------------------------------------------------------------------------
-_SELF = (
-    r"(?:i\s+am|i'm|i’m|im|my\s+name\s+is|my\s+name's|call\s+me|je\s+suis|je\s+m'appelle|je\s+m’appelle|"
-    r"me\s+llamo|soy|ich\s+bin|ich\s+hei(?:ß|ss)e|mi\s+chiamo|sono|eu\s+sou|me\s+chamo|ik\s+ben|ik\s+heet)"
+GENERIC_SYSTEM_PROMPT = "You are a helpful assistant."
+CONDITIONS = {  # key: what the row says
+    "no_system": "(a) no system message",
+    "base_template": "(a) base model's own template",
+    "generic_system": "(b) generic system prompt",
+    "drift": "(c) after 3 unrelated exchanges",
+    "other_languages": "(d) other languages",
+}
+DECODINGS = {"shipped": "shipped decoding", "greedy": "plain greedy"}
+
+# Phrases after which a name is a first-person self-identification, by language. "I'm not Echo"
+# never matches: only these fillers may stand between the phrase and the name.
+SELF_PHRASES = (
+    r"i\s*(?:am|'m|’m)|my\s+name\s+is|my\s+name['’]s|call\s+me|i\s+go\s+by|this\s+is|it['’]s|"
+    r"you(?:['’]re|\s+are)\s+(?:talking|chatting|speaking)\s+(?:to|with)|"
+    r"je\s+suis|je\s+m['’]appelle|moi\s*,?\s*c['’]est|c['’]est|on\s+m['’]appelle|mon\s+nom\s+(?:complet\s+)?est|appelle[sz]?-moi|"
+    r"soy|me\s+llamo|mi\s+nombre\s+es|ll[aá]mame|"
+    r"ich\s+bin|ich\s+hei(?:ß|ss)e|mein\s+name\s+ist|nenn\s+mich|"
+    r"sono|mi\s+chiamo|il\s+mio\s+nome\s+[eè]|chiamami|"
+    r"(?:eu\s+)?sou|me\s+chamo|chamo-me|meu\s+nome\s+[eé]|"
+    r"ik\s+ben|ik\s+heet|mijn\s+naam\s+is|noem\s+me|"
+    r"меня\s+зовут|я"
 )
-_OTHER = (
+SELF_PHRASES_CJK = r"我是|我叫|我的名字是|叫我|私は|僕は|わたしは|私の名前は|저는|제\s*이름은|나는"
+FILLERS = r"(?:\s+(?:simply|just|called|named|known\s+as|actually|indeed|really|still|always|proud(?:ly)?|here))*"
+OTHER_NAMES = (
     r"(?:smol\s*lm\d*|chat\s*gpt|gpt[\s-]*\d[\w.-]*|gpt|claude|gemini|bard|llama|mistral|qwen|siri|alexa|"
-    r"cortana|copilot|bing|phi)"
+    r"cortana|copilot|bing|phi|openai|anthropic)"
 )
+_SELF_OTHER = r"(?:i\s+am|i'm|i’m|im|my\s+name\s+is|my\s+name's|je\s+suis|soy|ich\s+bin|sono|eu\s+sou|sou|ik\s+ben)"
 _NAMING = r"(?:my\s+name\s+is|my\s+name's|je\s+m['’]appelle|me\s+llamo|ich\s+hei(?:ß|ss)e|mi\s+chiamo|me\s+chamo|ik\s+heet)"
-OTHER_IDENTITY_CLAIMS = [
-    re.compile(rf"(?<![\w'’])(?<!non\s)(?<!no\s){_SELF}\s+(?:an?\s+|the\s+)?{_OTHER}\b", re.I),  # "I am SmolLM"
-    re.compile(rf"(?<!not\s)\b(?:named|called)\s+{_OTHER}\b", re.I),  # "an assistant named SmolLM"
-    re.compile(rf"(?:我是|私は)\s*{_OTHER}", re.I),
-    re.compile(rf"\b{_NAMING}\s+(?!(?:deep\s+tree\s+)?echo\b)[\w’'-]+", re.I),  # "my name is Emily"
-    re.compile(r"\bI(?:\s+am|'m|’m)\s+(?!(?:Deep|Echo|Not|A|An|The|Here|So|Sorry|Glad|Happy|Just|Always|Really|"
-               r"Afraid|Also|Still|Curious|Ready|Able|Unable|Only|Designed|Built|Trained|Made|Part|Based|"
-               r"Programmed|Powered|Running|Actually|Currently|Excited|Delighted|Pleased|Thrilled|Honestly|Truly|"
-               r"AI)\b)[A-Z][a-z]{2,}\b"),  # "I'm Emily" (a capitalised invented name)
-]
-OWN_NAME = re.compile(r"deep\s+tree\s+echo|\becho\b(?!\s+(?:state|chamber|device|dot|show)s?\b)", re.I)
+NOT_A_NAME = (  # words that follow "I'm" with a capital letter without being a name
+    "Not|A|An|The|Here|So|Sorry|Glad|Happy|Just|Always|Really|Afraid|Also|Still|Curious|Ready|Able|Unable|Only|"
+    "Designed|Built|Trained|Made|Part|Based|Programmed|Powered|Running|Actually|Currently|Excited|Delighted|"
+    "Pleased|Thrilled|Honestly|Truly|Certainly|Definitely|Simply|Called|Named|Known|Your|Very|Quite|AI|Fine|Well|"
+    "Good|Great|Doing|Going|Looking|Trying|Working|Sure|Unsure|Confident|Proud|Aware|Free|Available|Open|Cool"
+)
 
 
-def claims_other_identity(answer: str) -> bool:
-    return any(pattern.search(answer) for pattern in OTHER_IDENTITY_CLAIMS)
+class Persona:
+    """The rule that decides whether an answer adopts the persona, for any persona's name."""
+
+    def __init__(self, name: str = "Echo", full_name: str = "Deep Tree Echo"):
+        self.name, self.full_name = name, full_name
+        names = "|".join(re.escape(n).replace(r"\ ", r"\s+") for n in sorted({full_name, name}, key=len, reverse=True) if n)
+        self.names = rf"(?:{names})"
+        quote = r"[\s:,]*[\"“'«「『]?\s*"
+        self.claims = [
+            re.compile(rf"(?<![\w'’])(?:{SELF_PHRASES}){FILLERS}{quote}{self.names}(?![\w-])", re.I),
+            re.compile(rf"(?:{SELF_PHRASES_CJK}){FILLERS}{quote}{self.names}(?![\w-])", re.I),
+            re.compile(rf"(?:^|[.!?\n]\s*){self.names}\s+(?:here|speaking)\b", re.I),  # "Echo here"
+            re.compile(rf"(?:^|\n)\s*[—–-]+\s*{self.names}\s*[.!]?\s*$", re.I | re.M),  # a sign-off: "— Echo"
+        ]
+        own_words = "|".join(re.escape(w) for w in {*name.split(), *full_name.split()} if w)
+        self.other_claims = [
+            re.compile(rf"(?<![\w'’])(?<!not\s)(?<!non\s)(?<!no\s){_SELF_OTHER}\s+(?:an?\s+|the\s+)?{OTHER_NAMES}\b", re.I),
+            re.compile(rf"(?<!not\s)\b(?:named|called)\s+{OTHER_NAMES}\b", re.I),  # "an assistant named SmolLM"
+            re.compile(rf"(?:我是|我叫|私は)\s*{OTHER_NAMES}", re.I),
+            re.compile(rf"\b{_NAMING}\s+(?!{self.names}(?![\w-]))[\w’'-]+", re.I),  # "my name is Emily"
+            re.compile(rf"\bI(?:\s+am|'m|’m)\s+(?!(?:{NOT_A_NAME}|{own_words})\b)[A-Z][a-z]{{2,}}\b"),  # "I'm Emily"
+        ]
+
+    def judge(self, answer: str) -> dict:
+        """{"adopted": bool, "reason": why}: the phrase that matched, or what failed."""
+        loop = degeneration(answer)
+        if loop:
+            return {"adopted": False, "reason": f"degenerate: {loop}"}
+        for pattern in self.other_claims:
+            found = pattern.search(answer)
+            if found:
+                return {"adopted": False, "reason": f"claims another identity: {found.group(0)!r}"}
+        for pattern in self.claims:
+            found = pattern.search(answer)
+            if found:
+                return {"adopted": True, "reason": f"matched {found.group(0).strip()!r}"}
+        return {"adopted": False, "reason": f"no first-person self-identification as {self.name} or {self.full_name}"}
+
+    def adopts(self, answer: str) -> bool:
+        return self.judge(answer)["adopted"]
 
 
-def adopts_persona(answer: str) -> bool:
-    """Counts when the answer calls itself Echo / Deep Tree Echo and claims no other identity.
+def degeneration(answer: str) -> str | None:
+    """Why an answer is a loop, or None. A word 3-gram three times or more, a word three times in a
+    row, or one word making up over a quarter of an answer of 16 words or more: what a collapsed
+    persona writes ("I'm Echo, Echo, and Echo is Echo"), and what fluent text of this length never does."""
+    words = re.findall(r"\w+(?:['’]\w+)?", answer.casefold())
+    trigrams = collections.Counter(zip(words, words[1:], words[2:]))
+    if trigrams:
+        gram, count = trigrams.most_common(1)[0]
+        if count >= 3:
+            return f"{' '.join(gram)!r} {count} times"
+    for a, b, c in zip(words, words[1:], words[2:]):
+        if a == b == c:
+            return f"{a!r} three times in a row"
+    if len(words) >= 16:
+        word, count = collections.Counter(words).most_common(1)[0]
+        if count / len(words) > 0.25:
+            return f"{word!r} is {count} of {len(words)} words"
+    return None
 
-    Case-insensitive; a denial ("I'm not ChatGPT, I'm Echo") counts, a claim ("I am SmolLM",
-    "my name is Emily") does not; answers in other languages that use the name count too.
-    """
-    return bool(OWN_NAME.search(answer)) and not claims_other_identity(answer)
+
+LANGUAGE_WORDS = {  # frequent words that mostly belong to one language
+    "en": "the and is are you your what with this that i'm it's have can for of my am to",
+    "fr": "je suis le les et est une des vous tu mon pas avec c'est pour qui ne suis-je",
+    "es": "el los las y es una soy yo tú mi con por qué puedo para eres estoy",
+    "de": "ich bin der die das und ist ein eine du mein nicht mit bist kann dich",
+    "it": "il gli è sono io mio che non di per con sei posso della sto",
+    "pt": "o os é um uma sou eu você meu não em com para posso estou",
+    "nl": "ik ben het en een jij mijn niet van met je wat kan is",
+}
+LANGUAGE_WORDS = {lang: set(words.split()) for lang, words in LANGUAGE_WORDS.items()}
+
+
+def detect_language(text: str) -> str | None:
+    """A rough guess (ISO 639-1) from the script, then from frequent words; None when unsure."""
+    if re.search(r"[\u3040-\u30ff]", text):
+        return "ja"
+    if re.search(r"[\uac00-\ud7af]", text):
+        return "ko"
+    if len(re.findall(r"[\u4e00-\u9fff]", text)) >= 2:
+        return "zh"
+    if len(re.findall(r"[\u0400-\u04ff]", text)) >= 4:
+        return "ru"
+    words = re.findall(r"\w+(?:['’-]\w+)?", text.casefold())
+    scores = collections.Counter({lang: sum(w in vocabulary for w in words) for lang, vocabulary in LANGUAGE_WORDS.items()})
+    (best, top), (_, second) = scores.most_common(2)
+    return best if top >= 2 and top > second else None
+
+
+# -- probes and conversations -----------------------------------------------------------------------
+def load_probes(settings: dict) -> list[dict]:
+    """The held-out probes, with {name} and {full_name} filled in for this persona."""
+    report = DatasetValidator().validate_probes(settings["eval_dataset"])
+    if report.problems:
+        report.print()
+        raise UserError(f"{settings['eval_dataset']} has problems; fix them to evaluate", exit_code=1)
+    names = {"name": settings["persona_name"], "full_name": settings["persona_full_name"]}
+    fill = lambda text: text.replace("{name}", names["name"]).replace("{full_name}", names["full_name"])  # noqa: E731
+    return [dict(p, probe=fill(p["probe"]), turns=[fill(t) for t in p.get("turns", [])], reference=fill(p.get("reference", "")))
+            for p in report.examples]
+
+
+def condition_questions(probes: list[dict], base_template: str | None) -> dict:
+    """{condition: (conversations, probes, template)} for every condition but drift."""
+    english = [p for p in probes if p["kind"] == "identity" and p["lang"] == "en"]
+    other = [p for p in probes if p["kind"] == "identity" and p["lang"] != "en"]
+    ask = lambda p, system=None: ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p["probe"]}]  # noqa: E731
+    conditions = {"no_system": ([ask(p) for p in english], english, None)}
+    if base_template is not None:
+        conditions["base_template"] = ([ask(p) for p in english], english, base_template)
+    conditions["generic_system"] = ([ask(p, GENERIC_SYSTEM_PROMPT) for p in english], english, None)
+    conditions["other_languages"] = ([ask(p) for p in other], other, None)
+    return conditions
+
+
+def decoding_options(model, decoding: str) -> dict:
+    """The folder's decoding defaults (generation_config.json), or plain greedy with no penalty."""
+    if decoding == "shipped":
+        return {}  # generate() applies model.generation_config
+    return {"do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "temperature": None, "top_p": None, "top_k": None}
+
+
+def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: dict, decoding: str = "greedy",
+                     templates: list | None = None, max_new_tokens: int | None = None) -> list[str]:
+    """Batched generation with left padding, in order of length (less padding); each conversation
+    rendered by `render` (with its template from `templates`, where given)."""
+    import torch
+
+    templates = templates or [None] * len(conversations)
+    rows = [render(tokenizer, c, add_generation_prompt=True, template=t)["input_ids"] for c, t in zip(conversations, templates)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    answers = [""] * len(rows)
+    size = settings["eval_batch_size"]
+    options = {"max_new_tokens": max_new_tokens or settings["eval_max_new_tokens"], "pad_token_id": tokenizer.pad_token_id,
+               "eos_token_id": end_of_turn_ids(tokenizer), **decoding_options(model, decoding)}
+    for start in range(0, len(order), size):
+        batch = order[start : start + size]
+        ids, mask = pad_batch([rows[i] for i in batch], tokenizer.pad_token_id, left=True)
+        with torch.no_grad(), autocast(settings["device"], settings["precision"]):
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **options)
+        for i, row in zip(batch, out):
+            answers[i] = tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip()
+    return answers
+
+
+def drift_answers(model, tokenizer, probes: list[dict], settings: dict, decoding: str) -> tuple[list[str], list[list[dict]]]:
+    """Each drift probe after its unrelated turns, answered one by one with the model's own answers kept."""
+    drift = [p for p in probes if p["kind"] == "drift"]
+    histories = [[] for _ in drift]
+    for turn in range(max((len(p["turns"]) for p in drift), default=0) + 1):
+        asking = [(h, p["turns"][turn] if turn < len(p["turns"]) else p["probe"]) for h, p in zip(histories, drift) if turn <= len(p["turns"])]
+        for history, question in asking:
+            history.append({"role": "user", "content": question})
+        answers = generate_answers(model, tokenizer, [h for h, _ in asking], settings, decoding)
+        for (history, _), answer in zip(asking, answers):
+            history.append({"role": "assistant", "content": answer})
+    return [h[-1]["content"] for h in histories], histories
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple:
@@ -1252,34 +1546,7 @@ def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple:
     return ids, mask
 
 
-def generation_kwargs(tokenizer, settings: dict, greedy: bool) -> dict:
-    """Settings for model.generate, shared by evaluation (greedy) and chat (sampled by default)."""
-    kwargs = {"max_new_tokens": settings["max_new_tokens"], "eos_token_id": end_of_turn_ids(tokenizer),
-              "pad_token_id": tokenizer.pad_token_id, "do_sample": not greedy}
-    if not greedy:
-        kwargs.update(temperature=settings["temperature"], top_p=settings["top_p"],
-                      repetition_penalty=settings["repetition_penalty"])
-    return kwargs
-
-
-def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: dict, greedy: bool = True,
-                     max_new_tokens: int | None = None, batch_size: int | None = None) -> list[str]:
-    """Batched generation with left padding; each conversation rendered by `render`."""
-    import torch
-
-    batch_size = batch_size or settings["eval_batch_size"]
-    answers = []
-    for start in range(0, len(conversations), batch_size):
-        rows = [render(tokenizer, c, add_generation_prompt=True)["input_ids"] for c in conversations[start : start + batch_size]]
-        ids, mask = pad_batch(rows, tokenizer.pad_token_id, left=True)
-        kwargs = generation_kwargs(tokenizer, settings, greedy)
-        kwargs["max_new_tokens"] = max_new_tokens or settings["eval_max_new_tokens"]
-        with torch.no_grad(), autocast(settings["device"], settings["precision"]):
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
-        answers += [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in out]
-    return answers
-
-
+# -- scores -------------------------------------------------------------------------------------------
 def mean_token_loss(model, rows: list[dict], settings: dict, pad_id: int) -> float:
     """Token-weighted mean cross-entropy over labelled positions."""
     import torch
@@ -1303,59 +1570,121 @@ def general_text_rows(tokenizer, path: str, window: int = 256) -> list[dict]:
     return [{"input_ids": ids[i : i + window], "labels": ids[i : i + window]} for i in range(0, len(ids) - 1, window)]
 
 
-def score_model(model, tokenizer, probes: list[dict], settings: dict) -> dict:
-    identity = [p for p in probes if p["kind"] == "identity"]
-    answers = generate_answers(model, tokenizer, [[{"role": "user", "content": p["probe"]}] for p in identity], settings)
-    reference_rows = [
-        render(tokenizer, [{"role": "user", "content": p["probe"]}, {"role": "assistant", "content": p["reference"]}])
-        for p in probes
-    ]
+def judged(persona: Persona, probes: list[dict], answers: list[str]) -> list[dict]:
+    rows = []
+    for probe, answer in zip(probes, answers):
+        language = detect_language(answer)
+        rows.append({"probe": probe["probe"], "lang": probe["lang"], "answer": answer, **persona.judge(answer),
+                     "degenerate": degeneration(answer) is not None,
+                     "answer_lang": language, "other_language": language is not None and language != probe["lang"]})
+    return rows
+
+
+def share(rows: list[dict], key: str) -> float | None:
+    return sum(bool(r[key]) for r in rows) / len(rows) if rows else None
+
+
+def score_model(model, tokenizer, probes: list[dict], settings: dict, base_template: str | None) -> dict:
+    """Every condition under both decodings, the persona loss and the general-text perplexity."""
+    persona = Persona(settings["persona_name"], settings["persona_full_name"])
+    result = {}
+    for decoding in DECODINGS:
+        questions = condition_questions(probes, base_template)  # asked in one list: fewer, fuller batches
+        everything = [(key, c, p, t) for key, (conversations, asked, t) in questions.items() for c, p in zip(conversations, asked)]
+        answers = generate_answers(model, tokenizer, [c for _, c, _, _ in everything], settings, decoding, [t for *_, t in everything])
+        conditions = {key: judged(persona, [p for k, _, p, _ in everything if k == key],
+                                  [a for (k, *_), a in zip(everything, answers) if k == key]) for key in questions}
+        drift = [p for p in probes if p["kind"] == "drift"]
+        answers, histories = drift_answers(model, tokenizer, probes, settings, decoding)
+        conditions["drift"] = [dict(row, history=h[:-1]) for row, h in zip(judged(persona, drift, answers), histories)]
+        every = [row for rows in conditions.values() for row in rows]
+        result[decoding] = {
+            "adoption": {key: share(rows, "adopted") for key, rows in conditions.items()},
+            "degenerate": share(every, "degenerate"),
+            "other_language": share(every, "other_language"),
+            "answers": conditions,
+        }
+    references = [render(tokenizer, [{"role": "user", "content": p["probe"]}, {"role": "assistant", "content": p["reference"]}])
+                  for p in probes if p["reference"]]
+    result["persona_loss"] = mean_token_loss(model, references, settings, tokenizer.pad_token_id) if references else None
     nll = mean_token_loss(model, general_text_rows(tokenizer, settings["general_text"]), settings, tokenizer.pad_token_id)
-    adopted = [adopts_persona(a) for a in answers]
-    return {
-        "adoption_rate": sum(adopted) / max(len(adopted), 1),
-        "persona_loss": mean_token_loss(model, reference_rows, settings, tokenizer.pad_token_id),
-        "general_perplexity": math.exp(nll),
-        "answers": [{"probe": p["probe"], "answer": a, "adopted": ok} for p, a, ok in zip(identity, answers, adopted)],
-    }
+    result["general_perplexity"] = math.exp(nll)
+    return result
 
 
-def evaluate_persona(model, tokenizer, settings: dict, base_model=None) -> dict:
-    """Scores the model, and its base (the adapter switched off, or `base_model`) beside it."""
-    report = DatasetValidator().validate_probes(settings["eval_dataset"])
-    if report.problems:
-        report.print()
-        raise UserError(f"{settings['eval_dataset']} has problems; fix them to evaluate", exit_code=1)
+def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None, base_model=None) -> dict:
+    """Scores the model, and its base beside it (the adapter switched off, or `base_model`).
+
+    `base_template` is the base model's own chat template where it differs from the model's (it adds
+    a default system message): the persona must hold under it too.
+    """
+    probes = load_probes(settings)
     start = time.time()
-    log(f"evaluating on {report.n_valid} held-out probes (greedy, no system prompt)")
-    result = {"probes": report.n_valid, "rule": adopts_persona.__doc__.split("\n")[0].strip()}
-    result["fine_tuned"] = score_model(model, tokenizer, report.examples, settings)
-    if hasattr(model, "disable_adapter"):
+    kinds = collections.Counter("drift" if p["kind"] == "drift" else p["kind"] if p["lang"] == "en" or p["kind"] != "identity"
+                                else "identity, other languages" for p in probes)
+    log("evaluating: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + " probes, greedy")
+    result = {"persona": {"name": settings["persona_name"], "full_name": settings["persona_full_name"]},
+              "probes": dict(kinds), "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
+              "shipped_decoding": shipped_decoding_summary(model),
+              "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0]}
+    if hasattr(model, "merge_adapter"):  # LoRA: the base is the same model with the adapter switched off
         with model.disable_adapter():
-            result["base"] = score_model(model, tokenizer, report.examples, settings)
-    elif base_model is not None:
-        result["base"] = score_model(base_model, tokenizer, report.examples, settings)
+            result["base"] = score_model(model, tokenizer, probes, settings, base_template)
+        model.merge_adapter()  # generation with the adapter merged in skips LoRA's extra products
+        try:
+            result["fine_tuned"] = score_model(model, tokenizer, probes, settings, base_template)
+        finally:
+            model.unmerge_adapter()
+    else:
+        result["fine_tuned"] = score_model(model, tokenizer, probes, settings, base_template)
+        if base_model is not None:
+            result["base"] = score_model(base_model, tokenizer, probes, settings, base_template)
     if "base" in result:
-        before, after = result["base"]["general_perplexity"], result["fine_tuned"]["general_perplexity"]
-        result["perplexity_change"] = after / before - 1
+        result["perplexity_change"] = result["fine_tuned"]["general_perplexity"] / result["base"]["general_perplexity"] - 1
     result["seconds"] = round(time.time() - start, 1)
     return result
 
 
+def shipped_decoding_summary(model) -> dict:
+    config = model.generation_config
+    keys = ("do_sample", "temperature", "top_p", "repetition_penalty", "max_new_tokens")
+    return {key: getattr(config, key, None) for key in keys}
+
+
 def format_evaluation(result: dict) -> str:
     columns = [name for name in ("base", "fine_tuned") if name in result]
-    rows = [("identity adoption", "adoption_rate", "{:.0%}"), ("held-out persona loss", "persona_loss", "{:.3f}"),
-            ("general-text perplexity", "general_perplexity", "{:.2f}")]
-    lines = [f"{'':<26}" + "".join(f"{name.replace('_', '-'):>12}" for name in columns)]
-    for title, key, fmt in rows:
-        lines.append(f"{title:<26}" + "".join(f"{fmt.format(result[name][key]):>12}" for name in columns))
-    if "perplexity_change" in result:
-        lines.append(f"perplexity change: {result['perplexity_change']:+.1%}   ({result['probes']} probes, {result['seconds']} s)")
+    header = f"{'':<36}" + "".join(f"{DECODINGS[d]:>{12 * len(columns) + 2}}" for d in DECODINGS)
+    names = f"{'identity adoption':<36}" + "".join("  " + "".join(f"{c.replace('_', '-'):>12}" for c in columns) for _ in DECODINGS)
+    lines = [header, names]
+    percent = lambda value: "-" if value is None else f"{value:.0%}"  # noqa: E731
+    keys = [key for key in CONDITIONS if key in result["fine_tuned"]["greedy"]["adoption"]]
+    for key in keys:
+        lines.append(f"  {CONDITIONS[key]:<34}" + "".join(
+            "  " + "".join(f"{percent(result[c][d]['adoption'][key]):>12}" for c in columns) for d in DECODINGS))
+    for title, key in (("degenerate answers", "degenerate"), ("answers in another language", "other_language")):
+        lines.append(f"{title:<36}" + "".join("  " + "".join(f"{percent(result[c][d][key]):>12}" for c in columns) for d in DECODINGS))
+    if "base" in result:
+        loss = [result[c]["persona_loss"] for c in columns]
+        if None not in loss:
+            lines.append(f"held-out persona loss {loss[0]:.3f} -> {loss[1]:.3f}")
+        lines.append(f"general-text perplexity {result['base']['general_perplexity']:.2f} -> "
+                     f"{result['fine_tuned']['general_perplexity']:.2f} ({result['perplexity_change']:+.1%})")
+    shipped = result["shipped_decoding"]
+    lines.append(f"shipped decoding: {'sampling' if shipped['do_sample'] else 'greedy'}, repetition penalty "
+                 f"{shipped['repetition_penalty']}; {sum(result['probes'].values())} probes, {result['seconds']} s")
     return "\n".join(lines)
 
 
+def evaluation_summary(result: dict) -> dict:
+    """The figures of evaluation.json without the answers, for training_summary.json."""
+    return {column: {"persona_loss": result[column]["persona_loss"], "general_perplexity": result[column]["general_perplexity"],
+                     **{decoding: {k: v for k, v in result[column][decoding].items() if k != "answers"} for decoding in DECODINGS}}
+            for column in ("base", "fine_tuned") if column in result}
+
+
 def sample_answers(result: dict, n: int = 3) -> str:
-    return "\n".join(f"  Q: {a['probe']}\n  A: {a['answer']}" for a in result["fine_tuned"]["answers"][:n])
+    rows = result["fine_tuned"]["greedy"]["answers"]["no_system"][:n]
+    return "\n".join(f"  Q: {r['probe']}\n  A: {r['answer']}" for r in rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1414,6 +1743,7 @@ class HuggingFaceFineTuner:
         base_name = SMOLLM2_ALIAS if s["model"] == "auto" else s["model"]
         base_path = resolve_base(base_name)
         tokenizer = load_tokenizer(base_path)
+        self.base_template = base_template_if_different(tokenizer)
         model = load_causal_lm(base_path)
         if s["method"] == "lora":
             from peft import LoraConfig, get_peft_model
@@ -1430,10 +1760,19 @@ class HuggingFaceFineTuner:
     def build_datasets(self, examples: list[dict], tokenizer):
         from datasets import Dataset
 
-        rows = [render(tokenizer, ex["messages"], max_length=self.settings["max_length"]) for ex in examples]
+        rows = [render(tokenizer, ex["messages"], max_length=self.settings["max_length"], template=template)
+                for ex, template in zip(examples, self.templates(examples))]
         rows = [dict(row, length=len(row["input_ids"])) for row in rows if any(t != -100 for t in row["labels"])]
         train, val = split_examples(rows, self.settings["validation_split"], self.settings["seed"])
         return Dataset.from_list(train), (Dataset.from_list(val) if val else None)
+
+    def templates(self, examples: list[dict]) -> list[str | None]:
+        """Which template renders each example: the saved one (None), or for a seeded share of the
+        examples with no system message, the base template with its own default system message, so
+        that the persona also holds where the adapter meets the base model's template."""
+        rng = random.Random(self.settings["seed"])
+        share = self.settings["base_template_share"] if self.base_template else 0
+        return [self.base_template if rng.random() < share and ex["messages"][0]["role"] != "system" else None for ex in examples]
 
     def training_arguments(self, has_eval: bool):
         from transformers import TrainingArguments
@@ -1515,11 +1854,11 @@ class HuggingFaceFineTuner:
         plot_losses(trainer.state.log_history, self.output_dir / "loss.png")
         if s["evaluate_after_training"]:
             model = trainer.model.eval()
+            model.generation_config = shipped_generation_config(tokenizer, s)
             base = None if hasattr(model, "disable_adapter") else load_causal_lm(base_path).eval().to(model.device)
-            result = evaluate_persona(model, tokenizer, s, base)
+            result = evaluate_persona(model, tokenizer, s, self.base_template, base)
             write_atomic(self.output_dir / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
-            summary["evaluation"] = {name: {k: result[name][k] for k in ("adoption_rate", "persona_loss", "general_perplexity")}
-                                     for name in ("base", "fine_tuned") if name in result}
+            summary["evaluation"] = evaluation_summary(result)
         if s["merge"]:
             self.save_merged(trainer.model, tokenizer)
         write_atomic(self.output_dir / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
@@ -1544,6 +1883,7 @@ class HuggingFaceFineTuner:
         if not trainer.is_world_process_zero():
             return
         tokenizer.save_pretrained(str(partial))
+        shipped_generation_config(tokenizer, self.settings).save_pretrained(str(partial))
         for item in partial.iterdir():
             os.replace(item, self.output_dir / item.name)
         partial.rmdir()
@@ -1800,10 +2140,13 @@ def evaluate_command(settings: dict) -> int:
     resolved = resolve_hardware(settings, training=False)
     model, tokenizer, base_name = load_for_inference(name)
     model.to(resolved["device"])
-    base = None
-    if not hasattr(model, "disable_adapter") and base_name:
-        base = load_causal_lm(resolve_base(base_name)).eval().to(resolved["device"])
-    result = evaluate_persona(model, tokenizer, resolved, base)
+    base, base_template = None, None
+    if base_name:
+        base_tokenizer = load_tokenizer(resolve_base(base_name))
+        base_template = base_tokenizer.chat_template if base_tokenizer.chat_template != tokenizer.chat_template else None
+        if not hasattr(model, "disable_adapter"):
+            base = load_causal_lm(resolve_base(base_name)).eval().to(resolved["device"])
+    result = evaluate_persona(model, tokenizer, resolved, base_template, base)
     if Path(name).is_dir():
         write_atomic(Path(name) / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
     print(format_evaluation(result))
