@@ -184,8 +184,10 @@ MESSAGE_KEYS = {"role", "content", "name", "weight"}
 PROBE_KINDS = ("identity", "style")
 MAX_LINE_BYTES = 1_000_000  # one example's JSON line; a longer one is reported ("line too long"), not parsed
 MAX_NESTING = 100  # arrays and objects inside one another; a real example needs 3 or 4
+SPECIAL_TOKEN_PATTERN = r"<\|[^|<>\s]{1,64}\|>"  # chat-control markers typed as text: <|im_end|>, <|eot_id|>
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half a UTF-16 pair: parses as JSON, cannot be written as UTF-8
+CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc but tab, LF, CR
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
@@ -413,10 +415,38 @@ class DatasetValidator:
             stack.extend(reversed(children))
         return problems
 
+    @staticmethod
+    def text_fields(obj: dict):
+        """(where, text) for each string that reaches the model: prompt, completion, message content and name."""
+        if "messages" in obj:
+            if isinstance(obj["messages"], list):
+                for i, message in enumerate(obj["messages"], start=1):
+                    if isinstance(message, dict):
+                        for key in ("content", "name"):
+                            if isinstance(message.get(key), str):
+                                yield f"message {i} {key}", message[key]
+            return
+        for key in ("prompt", "completion"):
+            if isinstance(obj.get(key), str):
+                yield key, obj[key]
+
+    def special_tokens_in(self, text: str) -> list[str]:
+        """Chat-control strings typed as text: the tokenizer's special tokens and <|...|> markers."""
+        cached = getattr(self, "_special_cache", None)
+        if cached is None or cached[0] is not self.tokenizer:
+            specials = [t for t in (getattr(self.tokenizer, "all_special_tokens", None) or []) if isinstance(t, str) and t.strip()]
+            alternatives = [re.escape(t) for t in sorted(set(specials), key=len, reverse=True)] + [SPECIAL_TOKEN_PATTERN]
+            cached = self._special_cache = (self.tokenizer, re.compile("|".join(alternatives)))
+        return list(dict.fromkeys(found.group() for found in cached[1].finditer(text)))
+
     # -- one example ------------------------------------------------------------------------
     def check_example(self, obj: dict) -> tuple[dict | None, list[tuple[str, str]]]:
         """Returns the example as {"messages": [...]} and the problems found in it."""
         problems = []
+        for where, text in self.text_fields(obj):
+            found = CONTROL_CHARACTER.search(text)
+            if found:
+                problems.append(("control character", f"control character {codepoint(found.group())} in {where}"))
         if "metadata" in obj and not isinstance(obj["metadata"], dict):
             problems.append(("wrong type", "metadata must be an object"))
         if "messages" in obj:
@@ -509,6 +539,11 @@ class DatasetValidator:
             if example is not None:
                 report.examples.append(example)
                 report.line_numbers.append(number)
+                for where, field in self.text_fields(obj):
+                    tokens = self.special_tokens_in(field)
+                    if tokens:
+                        listed = ", ".join(f"'{shown(token)}'" for token in tokens[:5]) + (" ..." if len(tokens) > 5 else "")
+                        report.warnings["special token in text"].append((number, f"{listed} in {where}"))
         self.add_near_duplicate_warnings(report)
         self.add_statistics(report)
         return report
