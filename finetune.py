@@ -187,6 +187,37 @@ def write_jsonl(path: str | Path, rows: list[dict], overwrite: bool = False) -> 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
 PROBE_KINDS = ("identity", "drift", "style")
+MAX_LINE_BYTES = 1_000_000  # one example's JSON line; a longer one is reported ("line too long"), not parsed
+MAX_NESTING = 100  # arrays and objects inside one another; a real example needs 3 or 4
+SPECIAL_TOKEN_PATTERN = r"<\|[^|<>\s]{1,64}\|>"  # chat-control markers typed as text: <|im_end|>, <|eot_id|>
+JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half a UTF-16 pair: parses as JSON, cannot be written as UTF-8
+CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc but tab, LF, CR
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def shown(text: str) -> str:
+    """Dataset text as a report may print it: control characters and lone surrogates escaped."""
+    return UNPRINTABLE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
+def codepoint(char: str) -> str:
+    return f"U+{ord(char):04X}"
+
+
+def describe_path(path: tuple) -> str:
+    """Where a value sits in a line: 'prompt', 'message 2 content', 'metadata.tags[0]'."""
+    out = ""
+    if len(path) >= 2 and path[0] == "messages" and isinstance(path[1], int):
+        out, path = f"message {path[1] + 1} ", path[2:]
+    for step in path:
+        if isinstance(step, int):
+            out += f"[{step}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", step):
+            out += ("." if out and not out.endswith(" ") else "") + step
+        else:
+            out += f"[{json.dumps(step)}]"
+    return out.strip() or "the top level"
 
 
 def normalise_text(text: str) -> str:
@@ -250,7 +281,7 @@ class ValidationReport:
                 out.append(f"{title}:")
             for kind, found in sorted(groups.items(), key=lambda item: -len(item[1])):
                 out.append(f"  {kind} ({len(found)}):")
-                out += [f"    line {line}: {detail}" for line, detail in found[:limit]]
+                out += [f"    line {line}: {shown(detail)}" for line, detail in found[:limit]]
                 if len(found) > limit:
                     out.append(f"    ... and {len(found) - limit} more")
         for name, values in self.stats.items():
@@ -301,22 +332,126 @@ class DatasetValidator:
             except UnicodeDecodeError as exc:
                 yield number, None, ("not UTF-8", f"byte 0x{line[exc.start]:02x} at column {exc.start + 1}")
                 continue
-            if text.strip():
-                yield number, text, None
+            if not text.strip():
+                continue
+            if len(line) > MAX_LINE_BYTES:
+                yield number, None, ("line too long", f"{len(line):,} bytes (at most {MAX_LINE_BYTES:,} per example)")
+                continue
+            yield number, text, None
 
     def parse_line(self, text: str) -> tuple[dict | None, list[tuple[str, str]]]:
+        """The line's object and every problem found in it; the object is None when it cannot be checked further.
+
+        Stricter than json.loads: NaN, Infinity and numbers out of range, duplicate keys, data after
+        the object, nesting past MAX_NESTING and lone surrogates (anywhere, keys too) are problems.
+        """
+        problems: list[tuple[str, str]] = []
+
+        def constant(name: str):
+            problems.append(("invalid JSON", f"{name} is not a valid JSON number"))
+
+        def parse_float(digits: str) -> float:
+            value = float(digits)
+            if math.isinf(value):
+                problems.append(("invalid JSON", f"number {digits[:40]}{'...' if len(digits) > 40 else ''} is too large"))
+            return value
+
+        def parse_int(digits: str) -> int:
+            try:
+                return int(digits)
+            except ValueError:  # more digits than sys.get_int_max_str_digits()
+                problems.append(("invalid JSON", f"number of {len(digits.lstrip('-')):,} digits is too large"))
+                return 0
+
+        def pairs(items: list) -> dict:
+            obj = dict(items)
+            if len(obj) < len(items):
+                counts = collections.Counter(key for key, _ in items)
+                problems.extend(("duplicate key", f"'{shown(key)}' appears {n} times in one object")
+                                for key, n in counts.items() if n > 1)
+            return obj
+
+        decoder = json.JSONDecoder(object_pairs_hook=pairs, parse_float=parse_float, parse_int=parse_int, parse_constant=constant)
         try:
-            value = json.loads(text)
-        except ValueError as exc:
+            value, end = decoder.raw_decode(text, JSON_WHITESPACE.match(text).end())
+        except RecursionError:
+            return None, [("nested too deeply", f"more than {MAX_NESTING} levels of arrays and objects")]
+        except json.JSONDecodeError as exc:
             return None, [("invalid JSON", f"{exc.msg} at column {exc.colno}")]
+        except ValueError as exc:  # not raised by the hooks above; kept so that no line can stop validation
+            return None, [("invalid JSON", shown(str(exc))[:200])]
+        end = JSON_WHITESPACE.match(text, end).end()
+        if end != len(text):
+            what = "object" if isinstance(value, dict) else "value"
+            problems.append(("invalid JSON", f"extra data after the JSON {what} at column {end + 1}"))
+        scanned = self.scan_value(value)
+        if any(kind == "nested too deeply" for kind, _ in scanned):
+            return None, problems + scanned
+        problems += scanned
         if not isinstance(value, dict):
-            return None, [("not an object", f"the line holds a JSON {type(value).__name__}")]
-        return value, []
+            return None, problems + [("not an object", f"the line holds a JSON {type(value).__name__}")]
+        return value, problems
+
+    @staticmethod
+    def scan_value(value) -> list[tuple[str, str]]:
+        """Nesting past MAX_NESTING, and lone surrogates in any string or key; iterative, so it cannot recurse too deep."""
+        problems = []
+        stack = [(value, (), 1, False)]  # (item, where it sits, depth, whether it is a key)
+        while stack:
+            item, path, depth, is_key = stack.pop()
+            if isinstance(item, str):
+                found = LONE_SURROGATE.search(item)
+                if found:
+                    where = describe_path(path)
+                    if is_key:
+                        where = f"key {json.dumps(item)} of {where}" if path else f"top-level key {json.dumps(item)}"
+                    problems.append(("lone surrogate", f"{codepoint(found.group())} in {where}"))
+                continue
+            if not isinstance(item, (dict, list)):
+                continue
+            if depth > MAX_NESTING:
+                return [("nested too deeply", f"more than {MAX_NESTING} levels of arrays and objects")]
+            children = []
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    children += [(key, path, depth, True), (child, path + (key,), depth + 1, False)]
+            else:
+                children = [(child, path + (i,), depth + 1, False) for i, child in enumerate(item)]
+            stack.extend(reversed(children))
+        return problems
+
+    @staticmethod
+    def text_fields(obj: dict):
+        """(where, text) for each string that reaches the model: prompt, completion, message content and name."""
+        if "messages" in obj:
+            if isinstance(obj["messages"], list):
+                for i, message in enumerate(obj["messages"], start=1):
+                    if isinstance(message, dict):
+                        for key in ("content", "name"):
+                            if isinstance(message.get(key), str):
+                                yield f"message {i} {key}", message[key]
+            return
+        for key in ("prompt", "completion"):
+            if isinstance(obj.get(key), str):
+                yield key, obj[key]
+
+    def special_tokens_in(self, text: str) -> list[str]:
+        """Chat-control strings typed as text: the tokenizer's special tokens and <|...|> markers."""
+        cached = getattr(self, "_special_cache", None)
+        if cached is None or cached[0] is not self.tokenizer:
+            specials = [t for t in (getattr(self.tokenizer, "all_special_tokens", None) or []) if isinstance(t, str) and t.strip()]
+            alternatives = [re.escape(t) for t in sorted(set(specials), key=len, reverse=True)] + [SPECIAL_TOKEN_PATTERN]
+            cached = self._special_cache = (self.tokenizer, re.compile("|".join(alternatives)))
+        return list(dict.fromkeys(found.group() for found in cached[1].finditer(text)))
 
     # -- one example ------------------------------------------------------------------------
     def check_example(self, obj: dict) -> tuple[dict | None, list[tuple[str, str]]]:
         """Returns the example as {"messages": [...]} and the problems found in it."""
         problems = []
+        for where, text in self.text_fields(obj):
+            found = CONTROL_CHARACTER.search(text)
+            if found:
+                problems.append(("control character", f"control character {codepoint(found.group())} in {where}"))
         if "metadata" in obj and not isinstance(obj["metadata"], dict):
             problems.append(("wrong type", "metadata must be an object"))
         if "messages" in obj:
@@ -338,7 +473,7 @@ class DatasetValidator:
         else:
             return None, [("missing key", "needs 'messages', or 'prompt' and 'completion'")]
         for key in sorted(set(obj) - allowed):
-            problems.append(("unknown key", f"'{key}'"))
+            problems.append(("unknown key", f"'{shown(key)}'"))
         if problems:
             return None, problems
         return {"messages": [dict(message) for message in messages]}, []
@@ -359,7 +494,7 @@ class DatasetValidator:
                 if key not in message:
                     problems.append(("missing key", f"{where} has no '{key}'"))
             for key in sorted(set(message) - MESSAGE_KEYS):
-                problems.append(("unknown key", f"{where} has '{key}'"))
+                problems.append(("unknown key", f"{where} has '{shown(key)}'"))
             role, content = message.get("role"), message.get("content")
             if "role" in message and role not in ROLES:
                 problems.append(("unknown role", f"{where} has role {json.dumps(role)} (use system, user or assistant)"))
@@ -393,7 +528,10 @@ class DatasetValidator:
             obj, problems = self.parse_line(text)
             example = None
             if obj is not None:
-                example, problems = self.check_example(obj)
+                example, more = self.check_example(obj)
+                problems = problems + more
+                if problems:
+                    example = None
             if example is not None:
                 key = normalise_text(json.dumps([[m["role"], m["content"]] for m in example["messages"]]))
                 if key in seen:
@@ -406,6 +544,11 @@ class DatasetValidator:
             if example is not None:
                 report.examples.append(example)
                 report.line_numbers.append(number)
+                for where, field in self.text_fields(obj):
+                    tokens = self.special_tokens_in(field)
+                    if tokens:
+                        listed = ", ".join(f"'{shown(token)}'" for token in tokens[:5]) + (" ..." if len(tokens) > 5 else "")
+                        report.warnings["special token in text"].append((number, f"{listed} in {where}"))
         self.add_near_duplicate_warnings(report)
         self.add_statistics(report)
         return report
@@ -460,7 +603,7 @@ class DatasetValidator:
         if kind not in PROBE_KINDS:
             return [("unknown kind", f"{json.dumps(kind)} (use {', '.join(PROBE_KINDS)})")]
         required = {"identity": ("probe", "lang"), "drift": ("probe", "lang", "turns"), "style": ("probe", "lang", "reference")}[kind]
-        problems = [("unknown key", f"'{key}'") for key in sorted(set(obj) - {"kind", *required, "reference"})]
+        problems = [("unknown key", f"'{shown(key)}'") for key in sorted(set(obj) - {"kind", *required, "reference"})]
         for key in required:
             value = obj.get(key)
             values = value if key == "turns" and isinstance(value, list) and value else [value]
