@@ -29,7 +29,7 @@ demo: $(STAMP)
 	@$(PY) -c 'import json, finetune; print(finetune.format_evaluation(json.load(open("echo-model/evaluation.json"))))'
 
 test: $(STAMP) $(PRISM)
-	$(PY) -m pytest -q -p no:cacheprovider test_finetune.py
+	$(PY) -m pytest -q -p no:cacheprovider test_finetune.py tests
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

@@ -147,7 +147,8 @@ class OpenAIChat:
                                    temperature=0 if s["greedy"] else s["temperature"])
         except openai.APIError as exc:
             client = self.tuner.client
-            raise UserError(finetune.describe_api_error(exc, client.base_url, client.max_retries), exit_code=1) from None
+            message = finetune.describe_api_error(exc, client.base_url, client.max_retries)
+            raise UserError(finetune.redact(message, client.api_key), exit_code=1) from None
         write(text)
         return text.strip()
 

@@ -1266,7 +1266,7 @@ class OpenAIFineTuner:
         from openai import OpenAI
 
         if not api_key:
-            raise UserError("no OpenAI API key: set OPENAI_API_KEY (or pass --api-key)")
+            raise UserError("no OpenAI API key: set OPENAI_API_KEY (--api-key works too, but shows in ps and shell history)")
         retries = OPENAI_MAX_RETRIES if max_retries is None else max_retries
         self.client = OpenAI(api_key=api_key, base_url=base_url, max_retries=retries)  # base_url None: OPENAI_BASE_URL
 
@@ -1322,6 +1322,11 @@ def api_error_detail(error) -> str:
         problems = [item.get("message") for item in body.get("validation") or [] if isinstance(item, dict)]
         detail += f" ({problems[0]})" if problems else ""
     return " ".join(detail.split())
+
+
+def redact(text: str, secret: str | None) -> str:
+    """text with each occurrence of the secret (the API key) replaced by <key>; an empty secret changes nothing."""
+    return text.replace(secret, "<key>") if secret else text
 
 
 def describe_api_error(error, base_url, retries: int) -> str:
@@ -1469,7 +1474,7 @@ def run_openai(settings: dict, args) -> int:
         return start_job(tuner, settings, args)
     except openai.APIError as error:
         message = describe_api_error(error, tuner.client.base_url, tuner.client.max_retries)
-        raise UserError(message.replace(tuner.client.api_key, "<key>"), exit_code=1) from None
+        raise UserError(redact(message, tuner.client.api_key), exit_code=1) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -2230,7 +2235,8 @@ def build_parser() -> argparse.ArgumentParser:
     oa.add_argument("--openai-lr-multiplier", type=auto_or(float), metavar="X")
     oa.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
     oa.add_argument("--poll-interval", type=float, metavar="SECONDS")
-    oa.add_argument("--api-key", help="default: OPENAI_API_KEY (never printed or saved)")
+    oa.add_argument("--api-key", help="better: set OPENAI_API_KEY, as a flag shows in ps and shell history "
+                    "(never printed or saved)")
     oa.add_argument("--yes", action="store_true", help="don't ask before uploading and starting the job")
     oa.add_argument("--no-follow", action="store_true", help="create the job, record it, and return")
     oa.add_argument("--follow", metavar="JOB_ID", help="follow an existing job until it ends")
