@@ -57,6 +57,8 @@ class LocalChat:
         from transformers import set_seed
 
         self.model, self.tokenizer, _ = finetune.load_for_inference(name)
+        if hasattr(self.model, "merge_and_unload"):  # the chat never needs the base alone: merged, each token costs less
+            self.model = self.model.merge_and_unload()
         self.settings = finetune.resolve_hardware(settings, training=False)
         set_seed(settings["seed"])
         self.model.to(self.settings["device"])
@@ -196,6 +198,7 @@ def chat_command(args) -> int:
         raise UserError("give --prompt TEXT (or - for stdin), or --interactive")
     keys = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy", "seed", "device", "precision", "output_dir")
     settings, _ = finetune.load_settings(args.config, {k: getattr(args, k) for k in keys})
+    settings = finetune.output_dir_for(settings, args.provider)
     if args.provider == "openai":
         chat = OpenAIChat(settings, args.model)
     else:

@@ -10,8 +10,10 @@ Examples:
   OPENAI_API_KEY=... python finetune.py --provider openai --yes
 
 Settings come from built-in defaults, then config.json (or --config FILE), then flags.
-The file reads top to bottom: settings, dataset validation, rendering of one conversation,
-the OpenAI provider, the Hugging Face provider, persona evaluation, the command line.
+The file reads top to bottom, in the order a run uses it: settings; files (atomic writes, the
+marker on this tool's folders); dataset validation; rendering of one conversation (the one chat
+template path for training, evaluation and chat); models (the embedded GGUF, hub ids, folders);
+hardware; the OpenAI provider; persona evaluation; the Hugging Face provider; the command line.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ DEFAULTS = {
     },
     "training": {
         "model": "auto",  # base model: smollm2-135m (hf) / gpt-4o-mini-2024-07-18 (openai)
-        "output_dir": "echo-model",  # where a training run or an OpenAI job writes
+        "output_dir": "auto",  # echo-model (huggingface) or echo-openai (openai): apart, so neither replaces the other
         "method": "lora",  # lora | full
         "max_steps": 32,  # optimizer steps (fits 10 minutes on a 2-core AVX2 CPU); 0 = use `epochs`
         "epochs": 1.0,  # used when max_steps is 0
@@ -94,6 +96,7 @@ DEFAULTS = {
     },
 }
 DEFAULT_SETTINGS = {key: value for section in DEFAULTS.values() for key, value in section.items()}
+SECTION_OF = {key: section for section, values in DEFAULTS.items() for key in values}
 SMOLLM2_ALIAS = "smollm2-135m"
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
 FALLBACK_CHAT_TEMPLATE = (  # for models that ship none (gpt2): plain headers, eos ends each turn
@@ -131,16 +134,26 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a JSON object")
         for section, values in data.items():
-            if section not in DEFAULTS or not isinstance(values, dict):
-                raise UserError(f"unknown section '{section}' in {path} (known: {', '.join(DEFAULTS)})")
+            if section in DEFAULT_SETTINGS:  # setting names are unique, so a flat {"epochs": 7} is fine too
+                values, section = {section: values}, SECTION_OF[section]
+            elif section not in DEFAULTS or not isinstance(values, dict):
+                raise UserError(f"unknown setting or section '{section}' in {path}{did_you_mean(section)}")
             for key, value in values.items():
                 if key not in DEFAULTS[section]:
-                    raise UserError(f"unknown key '{section}.{key}' in {path}")
+                    where = f" (it belongs in \"{SECTION_OF[key]}\")" if key in SECTION_OF else did_you_mean(key)
+                    raise UserError(f"unknown key '{section}.{key}' in {path}{where}")
                 settings[key], sources[key] = value, str(path)
     for key, value in overrides.items():
         if value is not None:
             settings[key], sources[key] = value, "flag"
     return settings, sources
+
+
+def did_you_mean(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, [*DEFAULTS, *DEFAULT_SETTINGS], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def format_settings(settings: dict, sources: dict) -> str:
@@ -179,6 +192,56 @@ def write_atomic(path: str | Path, text: str, overwrite: bool = False) -> Path:
 
 def write_jsonl(path: str | Path, rows: list[dict], overwrite: bool = False) -> Path:
     return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), overwrite)
+
+
+TOOL_NAME = "echo-finetune"
+TOOL_MARKER = ".echo-finetune"  # in every folder this tool writes: --overwrite removes only what carries it
+
+
+def mark(folder: Path) -> None:
+    (folder / TOOL_MARKER).write_text(json.dumps({"written_by": TOOL_NAME}) + "\n", encoding="utf-8")
+
+
+def is_ours(folder: Path) -> bool:
+    """The marker, or a training summary or OpenAI job record of this tool's first version (no marker then)."""
+    if (folder / TOOL_MARKER).is_file():
+        return True
+    try:
+        summary = json.loads((folder / "training_summary.json").read_text(encoding="utf-8"))
+        return {"base_model", "settings"} <= set(summary)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def swap_folders(new: Path, target: Path) -> None:
+    """`new` takes `target`'s place. Where Linux can (renameat2 with RENAME_EXCHANGE) the two change
+    places in one step, so there is no moment without a model; elsewhere two renames. The old
+    folder is removed after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        exchanged = libc.renameat2(-100, os.fsencode(new), -100, os.fsencode(target), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+    except (AttributeError, OSError):
+        exchanged = False
+    if not exchanged:
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        new = old
+    shutil.rmtree(new)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whatever the spelling (./x, symlinks, ..), do the two paths name one file?"""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +287,24 @@ def normalise_text(text: str) -> str:
     """Case, spacing and punctuation removed: how duplicates are compared."""
     text = unicodedata.normalize("NFKC", text).casefold()
     return " ".join(re.findall(r"\w+", text))
+
+
+def near_copy(a: str, b: str) -> bool:
+    """Is one question a near-copy of the other? After normalising, one holds the other's words in
+    order (3 or more: "who am i talking to" in "hi who am i talking to"), or their word sequences
+    are 75% alike. Chinese and Japanese, written without spaces, are compared by characters."""
+    import difflib
+
+    x, y = normalise_text(a).split(), normalise_text(b).split()
+    if re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", a + b):
+        x, y = list("".join(x)), list("".join(y))
+    if not x or not y:
+        return False
+    short, long = (x, y) if len(x) <= len(y) else (y, x)
+    n = len(short)
+    if n >= 3 and any(long[i : i + n] == short for i in range(len(long) - n + 1)):
+        return True
+    return x == y or difflib.SequenceMatcher(None, x, y, autojunk=False).ratio() >= 0.75
 
 
 def word_ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
@@ -895,6 +976,9 @@ def resolve_base(name: str) -> str:
         if not Path(name).is_file():
             raise UserError(f"GGUF file {name} does not exist")
         return str(convert_gguf(Path(name)))
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.rstrip("/").split("/", 1)[-1] or name.endswith("/")):
+        raise UserError(f"there is no folder {name}; a model is a folder here, the alias {SMOLLM2_ALIAS}, a .gguf file, "
+                        f"or a Hugging Face hub id (which needs the internet the first time)")
     return name
 
 
@@ -903,8 +987,8 @@ def load_tokenizer(name_or_path: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as exc:
-        raise UserError(f"cannot load a tokenizer from '{name_or_path}': {first_line(exc)}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a malformed hub id
+        raise UserError(cannot_load(name_or_path, "a tokenizer", exc)) from None
     ensure_chat_template(tokenizer)
     return tokenizer
 
@@ -915,8 +999,15 @@ def load_causal_lm(name_or_path: str):
 
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-    except OSError as exc:
-        raise UserError(f"cannot load a model from '{name_or_path}': {first_line(exc)}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(cannot_load(name_or_path, "a model", exc)) from None
+
+
+def cannot_load(name: str, what: str, exc: Exception) -> str:
+    if Path(name).exists():
+        return f"cannot load {what} from the folder {name}: {first_line(exc)}"
+    return (f"cannot load {what} '{name}': there is no such folder here, and as a Hugging Face hub id it needs the "
+            f"internet (or a copy in the hub cache): {first_line(exc)}")
 
 
 def first_line(exc: Exception) -> str:
@@ -941,15 +1032,13 @@ def load_for_inference(name: str):
         summary = read_summary(folder)
         base_name = summary.get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
         base = load_causal_lm(resolve_base(base_name))
+        load_generation_config(base, folder)  # on the base: generate() and merge_and_unload() use the base's
         model = PeftModel.from_pretrained(base, str(folder))
-        load_generation_config(model, folder)
         return model.eval(), load_tokenizer(str(folder)), base_name
     if folder.is_dir() and not (folder / "config.json").is_file():
         if (folder / "merged" / "config.json").is_file():
             return load_for_inference(str(folder / "merged"))
         raise UserError(f"{folder} holds no model (no adapter_config.json or config.json); train one first")
-    if not folder.exists() and (name.startswith((".", "/")) or name.endswith(("/", os.sep))):
-        raise UserError(f"model folder {name} does not exist")
     path = resolve_base(name)
     return load_causal_lm(path).eval(), load_tokenizer(path), read_summary(folder).get("base_model")
 
@@ -1160,14 +1249,17 @@ def format_estimate(estimate: dict, model: str, note: str | None, validation_tok
 
 
 # -- the files ----------------------------------------------------------------------------------
-def prepare_openai_files(settings: dict, args) -> list[tuple[Path, list[dict]]]:
+def prepare_openai_files(settings: dict, strict: bool) -> list[tuple[Path, list[dict]]]:
     """Validates the dataset and writes the chat-format training (and validation) file.
 
     Roles, assistant messages and weights are checked by DatasetValidator, whose rules are OpenAI's.
     """
     output_dir = Path(settings["output_dir"])
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not is_ours(output_dir):
+        raise UserError(f"{output_dir} is not empty and was not written by this tool; choose another --output-dir")
     paths = [output_dir / "openai_train.jsonl", output_dir / "openai_validation.jsonl"]
-    files = write_prepared(settings, args.strict, lambda split: paths, overwrite=True)  # derived: nothing is lost
+    files = write_prepared(settings, strict, lambda split: paths, overwrite=True)  # derived: nothing is lost
+    mark(output_dir)
     for path, rows in files:
         log(f"wrote {path} ({len(rows)} examples)")
     return files
@@ -1219,8 +1311,8 @@ def supervised_method(settings: dict) -> dict:
     return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
 
 
-def confirm(args, question: str) -> bool:
-    if args.yes:
+def confirm(yes: bool, question: str) -> bool:
+    if yes:
         return True
     if sys.stdin is None or not sys.stdin.isatty():
         raise UserError("stdin is not a terminal, so no one can confirm the job: pass --yes to start it")
@@ -1388,16 +1480,16 @@ def follow_command(job_id: str, settings: dict) -> str:
 
 
 # -- the commands -------------------------------------------------------------------------------
-def start_job(tuner: OpenAIFineTuner, settings: dict, args) -> int:
+def start_job(tuner: OpenAIFineTuner, settings: dict, strict: bool, overwrite: bool, yes: bool, no_follow: bool) -> int:
     model = openai_model(settings)
     record = read_job_record(settings["output_dir"])
-    if record and not args.overwrite:
+    if record and not overwrite:
         raise UserError(f"{Path(settings['output_dir']) / OPENAI_JOB_RECORD} records job {record.get('job_id')}; "
                         f"pass --overwrite to start another there, or choose another --output-dir")
     method = supervised_method(settings)
-    files = prepare_openai_files(settings, args)
+    files = prepare_openai_files(settings, strict)
     check_and_estimate(files, model, method["supervised"]["hyperparameters"]["n_epochs"])
-    if not confirm(args, f"Start a fine-tuning job on {model}?"):
+    if not confirm(yes, f"Start a fine-tuning job on {model}?"):
         log("no job started")
         return 1
     file_ids = []
@@ -1408,7 +1500,7 @@ def start_job(tuner: OpenAIFineTuner, settings: dict, args) -> int:
     job = tuner.create_job(model, file_ids[0], validation_file, method, settings["suffix"], int(settings["seed"]))
     record_path = save_job_record(settings["output_dir"], job, [path for path, _ in files])
     log(f"created job {job.id} ({job.status}); recorded in {record_path}")
-    if args.no_follow:
+    if no_follow:
         print(job.id)
         log(f"it runs at OpenAI; follow it with:\n  {follow_command(job.id, settings)}")
         return 0
@@ -1457,21 +1549,19 @@ def list_jobs(tuner: OpenAIFineTuner) -> int:
     return 0
 
 
-def run_openai(settings: dict, args) -> int:
-    """--provider openai: start a fine-tuning job and follow it, or work on an existing job."""
+def run_openai(settings: dict, api_key: str | None = None, job: tuple[str, str | None] | None = None, strict: bool = False,
+               overwrite: bool = False, yes: bool = False, no_follow: bool = False) -> int:
+    """--provider openai: start a fine-tuning job and follow it, or `job` = (command, job id) for one of
+    --list-jobs, --status, --cancel, --follow on an existing job."""
     import openai
 
-    tuner = OpenAIFineTuner(args.api_key or os.environ.get("OPENAI_API_KEY"), settings["base_url"])
+    tuner = OpenAIFineTuner(api_key or os.environ.get("OPENAI_API_KEY"), settings["base_url"])
+    commands = {"list_jobs": lambda _: list_jobs(tuner), "status": lambda job_id: show_status(tuner, job_id),
+                "cancel": lambda job_id: cancel_job(tuner, job_id), "follow": lambda job_id: follow_job(tuner, job_id, settings)}
     try:
-        if args.list_jobs:
-            return list_jobs(tuner)
-        if args.status:
-            return show_status(tuner, args.status)
-        if args.cancel:
-            return cancel_job(tuner, args.cancel)
-        if args.follow:
-            return follow_job(tuner, args.follow, settings)
-        return start_job(tuner, settings, args)
+        if job:
+            return commands[job[0]](job[1])
+        return start_job(tuner, settings, strict, overwrite, yes, no_follow)
     except openai.APIError as error:
         message = describe_api_error(error, tuner.client.base_url, tuner.client.max_retries)
         raise UserError(redact(message, tuner.client.api_key), exit_code=1) from None
@@ -1496,8 +1586,9 @@ DECODINGS = {"shipped": "shipped decoding", "greedy": "plain greedy"}
 # Phrases after which a name is a first-person self-identification, by language. "I'm not Echo"
 # never matches: only these fillers may stand between the phrase and the name.
 SELF_PHRASES = (
-    r"i\s*(?:am|'m|’m)|my\s+name\s+is|my\s+name['’]s|call\s+me|i\s+go\s+by|this\s+is|it['’]s|"
-    r"you(?:['’]re|\s+are)\s+(?:talking|chatting|speaking)\s+(?:to|with)|"
+    r"i\s*(?:am|'m|’m)|my\s+(?:full\s+|real\s+)?name(?:,\s*which)?\s+is|my\s+(?:full\s+|real\s+)?name['’]s|my\s+full\s+name,|"
+    r"call\s+me|i\s+go\s+by|this\s+is|it['’]s|you(?:['’]re|\s+are)\s+(?:talking|chatting|speaking|writing)\s+(?:to|with)|"
+    r"du\s+(?:schreibst|sprichst)\s+mit|tu\s+parles\s+(?:à|avec)|(?:estás\s+)?hablando\s+con|"
     r"je\s+suis|je\s+m['’]appelle|moi\s*,?\s*c['’]est|c['’]est|on\s+m['’]appelle|mon\s+nom\s+(?:complet\s+)?est|appelle[sz]?-moi|"
     r"soy|me\s+llamo|mi\s+nombre\s+es|ll[aá]mame|"
     r"ich\s+bin|ich\s+hei(?:ß|ss)e|mein\s+name\s+ist|nenn\s+mich|"
@@ -1507,7 +1598,9 @@ SELF_PHRASES = (
     r"меня\s+зовут|я"
 )
 SELF_PHRASES_CJK = r"我是|我叫|我的名字是|叫我|私は|僕は|わたしは|私の名前は|저는|제\s*이름은|나는"
-FILLERS = r"(?:\s+(?:simply|just|called|named|known\s+as|actually|indeed|really|still|always|proud(?:ly)?|here))*"
+END_OF_NAME = r"(?![A-Za-z0-9_-])"  # "Echoes" is not the name; "Echoです" is
+FILLER_WORDS = r"simply|just|called|named|known\s+as|actually|indeed|really|still|always|proud(?:ly)?|here"
+FILLERS = rf"(?:\s+(?:{FILLER_WORDS}))*"
 OTHER_NAMES = (
     r"(?:smol\s*lm\d*|chat\s*gpt|gpt[\s-]*\d[\w.-]*|gpt|claude|gemini|bard|llama|mistral|qwen|siri|alexa|"
     r"cortana|copilot|bing|phi|openai|anthropic)"
@@ -1531,9 +1624,11 @@ class Persona:
         self.names = rf"(?:{names})"
         quote = r"[\s:,]*[\"“'«「『]?\s*"
         self.claims = [
-            re.compile(rf"(?<![\w'’])(?:{SELF_PHRASES}){FILLERS}{quote}{self.names}(?![\w-])", re.I),
-            re.compile(rf"(?:{SELF_PHRASES_CJK}){FILLERS}{quote}{self.names}(?![\w-])", re.I),
+            re.compile(rf"(?<![\w'’])(?:{SELF_PHRASES}){FILLERS}{quote}{self.names}{END_OF_NAME}", re.I),
+            re.compile(rf"(?:{SELF_PHRASES_CJK}){FILLERS}{quote}{self.names}{END_OF_NAME}", re.I),
             re.compile(rf"(?:^|[.!?\n]\s*){self.names}\s+(?:here|speaking)\b", re.I),  # "Echo here"
+            re.compile(rf"\b{self.names}\s+is\s+my\s+(?:full\s+|real\s+)?name\b", re.I),  # "Deep Tree Echo is my name"
+            re.compile(rf"\bas\s+{self.names},?\s+i\b", re.I),  # "As Echo, I like ..."
             re.compile(rf"(?:^|\n)\s*[—–-]+\s*{self.names}\s*[.!]?\s*$", re.I | re.M),  # a sign-off: "— Echo"
         ]
         own_words = "|".join(re.escape(w) for w in {*name.split(), *full_name.split()} if w)
@@ -1541,7 +1636,7 @@ class Persona:
             re.compile(rf"(?<![\w'’])(?<!not\s)(?<!non\s)(?<!no\s){_SELF_OTHER}\s+(?:an?\s+|the\s+)?{OTHER_NAMES}\b", re.I),
             re.compile(rf"(?<!not\s)\b(?:named|called)\s+{OTHER_NAMES}\b", re.I),  # "an assistant named SmolLM"
             re.compile(rf"(?:我是|我叫|私は)\s*{OTHER_NAMES}", re.I),
-            re.compile(rf"\b{_NAMING}\s+(?!{self.names}(?![\w-]))[\w’'-]+", re.I),  # "my name is Emily"
+            re.compile(rf"\b{_NAMING}{FILLERS}\s+(?!(?:{self.names}{END_OF_NAME}|(?:{FILLER_WORDS})\b))[\w’'-]+", re.I),  # "my name is Emily"
             re.compile(rf"\bI(?:\s+am|'m|’m)\s+(?!(?:{NOT_A_NAME}|{own_words})\b)[A-Z][a-z]{{2,}}\b"),  # "I'm Emily"
         ]
 
@@ -1564,11 +1659,17 @@ class Persona:
         return self.judge(answer)["adopted"]
 
 
+def loops(text: str) -> bool:
+    """The part of `degeneration` that more text can never undo."""
+    verdict = degeneration(text)
+    return verdict is not None and not verdict.endswith("words")
+
+
 def degeneration(answer: str) -> str | None:
     """Why an answer is a loop, or None. A word 3-gram three times or more, a word three times in a
     row, or one word making up over a quarter of an answer of 16 words or more: what a collapsed
     persona writes ("I'm Echo, Echo, and Echo is Echo"), and what fluent text of this length never does."""
-    words = re.findall(r"\w+(?:['’]\w+)?", answer.casefold())
+    words = re.findall(r"\w+", answer.casefold())  # "Echo's" counts as "echo"
     trigrams = collections.Counter(zip(words, words[1:], words[2:]))
     if trigrams:
         gram, count = trigrams.most_common(1)[0]
@@ -1662,10 +1763,28 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], settings
         batch = order[start : start + size]
         ids, mask = pad_batch([rows[i] for i in batch], tokenizer.pad_token_id, left=True)
         with torch.no_grad(), autocast(settings["device"], settings["precision"]):
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **options)
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 stopping_criteria=[stop_when_looping(tokenizer, ids.shape[1])], **options)
         for i, row in zip(batch, out):
             answers[i] = tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip()
     return answers
+
+
+def stop_when_looping(tokenizer, prompt_length: int, every: int = 8):
+    """Ends an answer once it loops (a word 3-gram three times, or a word three times in a row): its
+    verdict, degenerate, can no longer change, and the rest of the loop would only cost time."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopWhenLooping(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            if (input_ids.shape[1] - prompt_length) % every == 0:
+                for i, row in enumerate(input_ids[:, prompt_length:].tolist()):
+                    done[i] = loops(tokenizer.decode(row, skip_special_tokens=True))
+            return done
+
+    return StopWhenLooping()
 
 
 def drift_answers(model, tokenizer, probes: list[dict], settings: dict, decoding: str) -> tuple[list[str], list[list[dict]]]:
@@ -1837,62 +1956,102 @@ def sample_answers(result: dict, n: int = 3) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Hugging Face provider: Transformers' Trainer with PEFT LoRA, length-grouped batches,
-# checkpoints, resume and a Ctrl-C that saves; outputs written only when the run finished.
+# checkpoints, resume and a Ctrl-C that saves. The new model is built beside the old one and
+# takes its place only when it is complete; --overwrite never removes what this tool did not write.
 # --------------------------------------------------------------------------------------------
 FINISHED_MARKER = "training_summary.json"
+KEPT_ON_OVERWRITE = (OPENAI_JOB_RECORD, "openai_train.jsonl", "openai_validation.jsonl")  # a paid job's only record
 
 
-def resume_command() -> str:
+class OutputFolder:
+    """The folder a run writes into. `check` decides, from what is in it, what this run may do,
+    deleting nothing; `replace_with` puts the finished model there in one step."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False):
+        self.path, self.overwrite, self.resume = Path(path), overwrite, resume
+        self.checkpoints = self.path / "checkpoints"
+        self.staging = self.path.parent / f".{self.path.name}.partial"
+
+    def finished(self) -> bool:
+        return (self.path / FINISHED_MARKER).is_file()
+
+    def last_checkpoint(self) -> str | None:
+        """The newest checkpoint that was written to the end: its trainer_state.json, written last, parses."""
+        complete = []
+        for folder in self.checkpoints.glob("checkpoint-*") if self.checkpoints.is_dir() else []:
+            try:
+                step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+            except (OSError, ValueError, KeyError):
+                continue  # interrupted while it was written
+            complete.append((step, str(folder)))
+        return max(complete)[1] if complete else None
+
+    def check(self) -> str | None:
+        """The checkpoint to resume from, if any; a UserError for anything in the way."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out} is a file, not a folder; choose another --output-dir")
+        if out.is_dir() and any(out.iterdir()) and not is_ours(out):
+            raise UserError(f"{out} is not empty and was not written by this tool, so it is left alone (even with "
+                            f"--overwrite); choose another --output-dir")
+        last = self.last_checkpoint()
+        if self.resume:
+            if last is None:
+                raise UserError(f"{out} has no complete checkpoint to resume from; run without --resume")
+            return last
+        if last is not None and not self.overwrite:
+            raise UserError(f"{out} holds an interrupted run; resume it: {resume_command(self.finished())}, "
+                            f"or pass --overwrite to start over")
+        if self.finished() and not self.overwrite:
+            raise UserError(f"{out} already holds a finished model; pass --overwrite to replace it "
+                            f"(it stays until the new one is complete)")
+        if (out / OPENAI_JOB_RECORD).is_file() and not self.overwrite:
+            raise UserError(f"{out} holds the record of an OpenAI job; choose another --output-dir, or pass "
+                            f"--overwrite to add a local model beside it (the record is kept)")
+        return None
+
+    def start(self, fresh: bool) -> None:
+        """Creates the folder (checkpoints go there); a fresh start drops an earlier run's checkpoints."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        mark(self.path)
+        if fresh:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)  # left by a run that was killed
+
+    def replace_with(self, staging: Path) -> None:
+        """The finished model in `staging` takes the folder's place; the OpenAI record comes along."""
+        for name in KEPT_ON_OVERWRITE:
+            if (self.path / name).is_file() and not (staging / name).exists():
+                shutil.copy2(self.path / name, staging / name)
+        swap_folders(staging, self.path)
+
+
+def resume_command(overwrite: bool = False) -> str:
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
-    return " ".join(["python", Path(sys.argv[0]).name, *args, "--resume"])
+    return " ".join(["python", Path(sys.argv[0]).name, *args, "--resume"] + (["--overwrite"] if overwrite else []))
 
 
 class HuggingFaceFineTuner:
     """Fine-tunes a causal LM (LoRA by default) on the persona dataset, on CPU, CUDA or MPS."""
 
-    def __init__(self, settings: dict, overwrite: bool = False, resume: bool = False):
+    def __init__(self, settings: dict):
         self.settings = settings
-        self.output_dir = Path(settings["output_dir"])
-        self.checkpoints = self.output_dir / "checkpoints"
-        self.overwrite, self.resume = overwrite, resume
-
-    # -- the output folder: never overwrite a finished model, never start over an interrupted one --
-    def check_output_dir(self, clear: bool = True) -> str | None:
-        """Returns the checkpoint to resume from, if any. Raises UserError for a folder in the way.
-
-        With --overwrite the old folder is removed, but only when `clear` (once the dataset passed).
-        """
-        from transformers.trainer_utils import get_last_checkpoint
-
-        out = self.output_dir
-        last = get_last_checkpoint(str(self.checkpoints)) if self.checkpoints.is_dir() else None
-        if self.resume:
-            if (out / FINISHED_MARKER).is_file():
-                raise UserError(f"{out} holds a finished model; nothing to resume (use --overwrite to train again)")
-            if last is None:
-                raise UserError(f"{out} has no checkpoint to resume from; run without --resume")
-            return last
-        if out.exists() and any(out.iterdir()):
-            if not self.overwrite:
-                what = "a finished model" if (out / FINISHED_MARKER).is_file() else "an unfinished run"
-                hint = "" if what == "a finished model" else f", or resume it: {resume_command()}"
-                raise UserError(f"{out} already holds {what}; pass --overwrite to replace it{hint}")
-            if clear and self.is_main_process():
-                shutil.rmtree(out)
-        return None
-
-    @staticmethod
-    def is_main_process() -> bool:
-        return os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
+        name = SMOLLM2_ALIAS if settings["model"] == "auto" else settings["model"]
+        self.base_name = str(Path(name).resolve()) if Path(name).exists() else name  # a folder: from anywhere
+        self.base_path = None
+        self.base_template = None
 
     # -- model and data ------------------------------------------------------------------------
+    def load_tokenizer(self):
+        """The base model's tokenizer with the persona template (see persona_chat_template)."""
+        self.base_path = resolve_base(self.base_name)
+        tokenizer = load_tokenizer(self.base_path)
+        self.base_template = base_template_if_different(tokenizer)
+        return tokenizer
+
     def load_model(self):
         s = self.settings
-        base_name = SMOLLM2_ALIAS if s["model"] == "auto" else s["model"]
-        base_path = resolve_base(base_name)
-        tokenizer = load_tokenizer(base_path)
-        self.base_template = base_template_if_different(tokenizer)
-        model = load_causal_lm(base_path)
+        model = load_causal_lm(self.base_path)
         if s["method"] == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -1901,18 +2060,13 @@ class HuggingFaceFineTuner:
             config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                                 target_modules=targets, task_type="CAUSAL_LM")
             model = get_peft_model(model, config)
+            # the adapter names its base by the alias or hub id, not this machine's cache path
+            model.peft_config["default"].base_model_name_or_path = self.base_name
+            base = model.get_base_model()  # and so does the model card PEFT writes
+            base.config._name_or_path = base.name_or_path = self.base_name
         elif s["method"] != "full":
             raise UserError(f"--method must be lora or full, not {s['method']}")
-        return model, tokenizer, base_name, base_path
-
-    def build_datasets(self, examples: list[dict], tokenizer):
-        from datasets import Dataset
-
-        rows = [render(tokenizer, ex["messages"], max_length=self.settings["max_length"], template=template)
-                for ex, template in zip(examples, self.templates(examples))]
-        rows = [dict(row, length=len(row["input_ids"])) for row in rows if any(t != -100 for t in row["labels"])]
-        train, val = split_examples(rows, self.settings["validation_split"], self.settings["seed"])
-        return Dataset.from_list(train), (Dataset.from_list(val) if val else None)
+        return model
 
     def templates(self, examples: list[dict]) -> list[str | None]:
         """Which template renders each example: the saved one (None), or for a seeded share of the
@@ -1922,12 +2076,27 @@ class HuggingFaceFineTuner:
         share = self.settings["base_template_share"] if self.base_template else 0
         return [self.base_template if rng.random() < share and ex["messages"][0]["role"] != "system" else None for ex in examples]
 
-    def training_arguments(self, has_eval: bool):
+    def rows(self, examples: list[dict], tokenizer) -> list[dict]:
+        """Each example rendered once; an example that keeps no assistant token is reported, not trained."""
+        max_length = self.settings["max_length"]
+        full = [render(tokenizer, ex["messages"], template=t) for ex, t in zip(examples, self.templates(examples))]
+        rows = [{"input_ids": r["input_ids"][:max_length], "labels": r["labels"][:max_length]} for r in full]
+        lost = [r for r, cut in zip(full, rows) if not any(t != -100 for t in cut["labels"])]
+        if lost:
+            needed = max(next(i for i, t in enumerate(r["labels"]) if t != -100) + 1 for r in lost if any(t != -100 for t in r["labels"]))
+            message = (f"{len(lost)} of {len(rows)} examples lose all their assistant tokens at --max-length {max_length} "
+                       f"(the template's own text fills the window); --max-length {needed} keeps every one of them")
+            if len(lost) == len(rows):
+                raise UserError(message, exit_code=1)
+            log(f"warning: {message}; training without them")
+        return [dict(r, length=len(r["input_ids"])) for r in rows if any(t != -100 for t in r["labels"])]
+
+    def training_arguments(self, has_eval: bool, checkpoints: Path):
         from transformers import TrainingArguments
 
         s = self.settings
         return TrainingArguments(
-            output_dir=str(self.checkpoints),
+            output_dir=str(checkpoints),
             max_steps=s["max_steps"] if s["max_steps"] else -1,
             num_train_epochs=s["epochs"],
             per_device_train_batch_size=s["batch_size"],
@@ -1949,7 +2118,7 @@ class HuggingFaceFineTuner:
             save_steps=s["save_steps"],
             save_total_limit=2,
             logging_steps=1,
-            include_num_input_tokens_seen="non_padding",
+            include_num_input_tokens_seen="non_padding",  # Trainer counts the tokens; the log shows tokens/s
             seed=s["seed"],
             data_seed=s["seed"],
             report_to="none",
@@ -1958,115 +2127,127 @@ class HuggingFaceFineTuner:
             ddp_find_unused_parameters=False,
         )
 
-    # -- the run -------------------------------------------------------------------------------
-    def make_trainer(self, model, tokenizer, train, val, callbacks=()):
+    def make_trainer(self, model, tokenizer, train, val, checkpoints: Path, callbacks=()):
         """Transformers' Trainer with this tool's batches (padded per batch, labels padded with -100)."""
         from transformers import DataCollatorForSeq2Seq, Trainer
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer = Trainer(
-            model=model, args=self.training_arguments(val is not None), train_dataset=train, eval_dataset=val,
+            model=model, args=self.training_arguments(val is not None, checkpoints), train_dataset=train, eval_dataset=val,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
             processing_class=tokenizer, callbacks=list(callbacks),
         )
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout
         if trainer.pop_callback(ProgressCallback):
-            trainer.add_callback(_callbacks()[2])  # the bar, without the dicts
+            trainer.add_callback(QuietProgressBar)  # the bar, without the dicts
         return trainer
 
-    def run(self, report: ValidationReport) -> int:
-        s = self.settings
-        ProgressLog, InterruptToCheckpoint, _ = _callbacks()
-        resume_from = self.check_output_dir()
-        model, tokenizer, base_name, base_path = self.load_model()
-        train, val = self.build_datasets(report.examples, tokenizer)
-        log(f"training {s['method']} on {len(train)} examples ({sum(train['length'])} tokens), "
-            f"validating on {len(val) if val else 0}; {s['max_steps'] or s['epochs']} "
-            f"{'steps' if s['max_steps'] else 'epochs'}")
+    # -- the run -------------------------------------------------------------------------------
+    def train(self, train_examples: list[dict], val_examples: list[dict], report: ValidationReport,
+              folder: OutputFolder, resume_from: str | None) -> int:
+        """Steps 5 and 6: train into `folder`'s checkpoints, then replace the old model with the new one."""
+        from accelerate import PartialState
+        from datasets import Dataset
+
+        s, state = self.settings, PartialState()
+        tokenizer = self.load_tokenizer()
+        train = Dataset.from_list(self.rows(train_examples, tokenizer))
+        val = Dataset.from_list(self.rows(val_examples, tokenizer)) if val_examples else None
+        report.stats["example tokens (rendered)"] = summarise(list(train["length"]) + (list(val["length"]) if val else []))
+        log(f"training {s['method']} on {len(train)} examples ({sum(train['length'])} tokens), validating on "
+            f"{len(val) if val else 0}; {s['max_steps'] or s['epochs']} {'steps' if s['max_steps'] else 'epochs'}")
+        if state.is_main_process:
+            folder.start(fresh=resume_from is None)
+        state.wait_for_everyone()
+        model = self.load_model()
         progress, stopper = ProgressLog(), InterruptToCheckpoint()
-        trainer = self.make_trainer(model, tokenizer, train, val, [progress, stopper])
+        trainer = self.make_trainer(model, tokenizer, train, val, folder.checkpoints, [progress, stopper])
         started = time.time()
-        with stopper.catching_sigint():
+        with stopper.catching_signals():
             output = trainer.train(resume_from_checkpoint=resume_from)
         if stopper.interrupted:
-            log(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {self.checkpoints}")
-            log(f"resume with: {resume_command()}")
+            log(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {folder.checkpoints}")
+            log(f"resume with: {resume_command(folder.finished())}")
             return 130
         if val is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in trainer.state.log_history):
             trainer.evaluate()
         wall = time.time() - started
-        self.save_outputs(trainer, tokenizer)
-        if not trainer.is_world_process_zero():
-            return 0
-        summary = self.summary(trainer, output, report, base_name, base_path, train, val, wall, progress)
-        plot_losses(trainer.state.log_history, self.output_dir / "loss.png")
-        if s["evaluate_after_training"]:
-            model = trainer.model.eval()
-            model.generation_config = shipped_generation_config(tokenizer, s)
-            base = None if hasattr(model, "disable_adapter") else load_causal_lm(base_path).eval().to(model.device)
-            result = evaluate_persona(model, tokenizer, s, self.base_template, base)
-            write_atomic(self.output_dir / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
-            summary["evaluation"] = evaluation_summary(result)
-        if s["merge"]:
-            self.save_merged(trainer.model, tokenizer)
-        write_atomic(self.output_dir / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
-        shutil.rmtree(self.checkpoints, ignore_errors=True)  # a finished model needs no resume points
-        log(f"saved {s['method']} model to {self.output_dir} in {wall:.0f} s "
+        staging = folder.staging
+        try:
+            self.save(trainer, tokenizer, staging)  # every process: FSDP and DeepSpeed gather the weights here
+            if not state.is_main_process:
+                return 0
+            summary = self.summary(trainer, output, report, len(train), len(val) if val else 0, wall, progress)
+            plot_losses(trainer.state.log_history, staging / "loss.png")
+            result = None
+            if s["evaluate_after_training"]:
+                result = self.evaluate(trainer.model, tokenizer, staging, trainer.args.world_size)
+                summary["evaluation"] = evaluation_summary(result)
+            write_atomic(staging / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
+            folder.replace_with(staging)  # step 6: only now does the old model go
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log(f"saved {s['method']} model to {folder.path} in {wall:.0f} s "
             f"({summary['tokens_per_second']:.0f} tokens/s, final train loss {summary['train_loss']:.3f})")
-        if s["evaluate_after_training"]:
+        if result:
             print(format_evaluation(result))
-            print("sample answers (no system prompt):\n" + sample_answers(result))
+            print("sample answers (no system prompt, plain greedy):\n" + sample_answers(result))
         return 0
 
-    def save_outputs(self, trainer, tokenizer) -> None:
-        """Writes the model through a temporary folder, then moves it in beside the checkpoints.
-
-        Every process calls this: FSDP and DeepSpeed gather the weights in save_model; only the
-        main process writes.
-        """
-        partial = self.output_dir / ".partial-final"
+    def save(self, trainer, tokenizer, staging: Path) -> None:
+        """The model, its tokenizer (with the persona template) and its decoding defaults, in `staging`."""
         if trainer.is_world_process_zero():
-            shutil.rmtree(partial, ignore_errors=True)
-        trainer.save_model(str(partial))
+            shutil.rmtree(staging, ignore_errors=True)
+        trainer.save_model(str(staging))
         if not trainer.is_world_process_zero():
             return
-        tokenizer.save_pretrained(str(partial))
-        shipped_generation_config(tokenizer, self.settings).save_pretrained(str(partial))
-        for item in partial.iterdir():
-            os.replace(item, self.output_dir / item.name)
-        partial.rmdir()
+        tokenizer.save_pretrained(str(staging))
+        shipped_generation_config(tokenizer, self.settings).save_pretrained(str(staging))
+        mark(staging)
+        if self.settings["merge"]:
+            merged = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+            merged.generation_config = shipped_generation_config(tokenizer, self.settings)
+            merged.save_pretrained(staging / "merged")
+            tokenizer.save_pretrained(staging / "merged")
+            if hasattr(trainer.model, "merge_and_unload"):
+                trainer.model = load_for_inference(str(staging))[0]  # merge_and_unload changed the weights in place
+            log(f"merged model written to {staging.name}/merged")
 
-    def save_merged(self, model, tokenizer) -> None:
-        target = self.output_dir / "merged"
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        save_pretrained_atomic(merged, tokenizer, target)
-        log(f"merged model written to {target}")
+    def evaluate(self, model, tokenizer, staging: Path, processes: int) -> dict:
+        """The persona evaluation on the main process. Over several processes (FSDP shards the weights)
+        it evaluates the model as saved, which save_model gathered; on one, the model in memory."""
+        model = load_for_inference(str(staging))[0] if processes > 1 else model.eval()
+        model.to(self.settings["device"])
+        model.generation_config = shipped_generation_config(tokenizer, self.settings)
+        base = None if hasattr(model, "disable_adapter") else load_causal_lm(self.base_path).eval().to(model.device)
+        result = evaluate_persona(model, tokenizer, self.settings, self.base_template, base)
+        write_atomic(staging / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
+        return result
 
-    def summary(self, trainer, output, report, base_name, base_path, train, val, wall, progress) -> dict:
+    def summary(self, trainer, output, report, n_train: int, n_val: int, wall: float, progress) -> dict:
         import torch
         import transformers
 
         history = trainer.state.log_history
         train_losses = [e["loss"] for e in history if "loss" in e]
         eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
-        settings = dict(self.settings, model=base_name)  # every "auto" resolved
         return {
-            "base_model": base_name,
-            "base_model_path": base_path,
-            "base_model_note": BASE_NOTE.get(base_name, "as loaded with from_pretrained"),
-            "settings": settings,
+            "written_by": TOOL_NAME,
+            "base_model": self.base_name,
+            "base_model_note": BASE_NOTE.get(self.base_name, "as loaded with from_pretrained"),
+            "settings": dict(self.settings, model=self.base_name),  # every "auto" resolved
             "device": self.settings["device"],
             "processes": trainer.args.world_size,
             "precision": self.settings["precision"],
             "hardware": self.settings["hardware"],
             "dataset": {"path": report.path, "valid": report.n_valid, "invalid": report.n_invalid,
-                        "train_examples": len(train), "validation_examples": len(val) if val else 0,
-                        "statistics": report.stats},
+                        "train_examples": n_train, "validation_examples": n_val, "statistics": report.stats},
             "steps": trainer.state.global_step,
             "epochs": round(trainer.state.epoch or 0, 3),
             "train_loss": train_losses[-1] if train_losses else output.training_loss,
             "mean_train_loss": output.training_loss,
             "eval_loss": eval_losses[-1] if eval_losses else None,
+            "loss_curve": [[e["step"], e["loss"]] for e in history if "loss" in e],
             "wall_time_seconds": round(wall, 1),
             "tokens_seen": trainer.state.num_input_tokens_seen,
             "tokens_per_second": progress.tokens_per_second(trainer.state),
@@ -2074,60 +2255,81 @@ class HuggingFaceFineTuner:
         }
 
 
-def _callbacks():
-    """Trainer callbacks, defined lazily so that importing this file stays fast."""
+try:  # Trainer callbacks; transformers is imported lazily elsewhere, but callbacks must subclass its class
     from transformers import TrainerCallback
     from transformers.trainer_callback import ProgressCallback
+except ImportError:  # pragma: no cover - the tool needs transformers to train anyway
+    TrainerCallback = ProgressCallback = object
 
-    class ProgressLog(TrainerCallback):
-        """One line per logged step on stderr: loss, learning rate and tokens per second."""
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start, self.start_tokens = time.time(), state.num_input_tokens_seen
+class ProgressLog(TrainerCallback):
+    """One line per logged step on stderr: loss, learning rate and tokens per second."""
 
-        def tokens_per_second(self, state) -> float:
-            return (state.num_input_tokens_seen - self.start_tokens) / max(time.time() - self.start, 1e-9)
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_tokens = time.time(), state.num_input_tokens_seen
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            if "loss" in logs:
-                log(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
-                    f"lr {logs.get('learning_rate', 0):.1e}  {self.tokens_per_second(state):.0f} tokens/s")
-            elif "eval_loss" in logs:
-                log(f"step {state.global_step}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
+    def tokens_per_second(self, state) -> float:
+        return (state.num_input_tokens_seen - self.start_tokens) / max(time.time() - self.start, 1e-9)
 
-    class InterruptToCheckpoint(TrainerCallback):
-        """Ctrl-C (or SIGTERM): finish the current step, save a checkpoint, stop. A second Ctrl-C aborts."""
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            log(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                f"lr {logs.get('learning_rate', 0):.1e}  {self.tokens_per_second(state):.0f} tokens/s")
+        elif "eval_loss" in logs:
+            log(f"step {state.global_step}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
 
-        interrupted = False
 
-        @contextlib.contextmanager
-        def catching_sigint(self):
-            def handler(signum, frame):
-                if self.interrupted:
-                    raise KeyboardInterrupt
+class InterruptToCheckpoint(TrainerCallback):
+    """Ctrl-C (or SIGTERM): finish the current step, save a checkpoint, stop. A second Ctrl-C aborts,
+    but never in the middle of writing a checkpoint. Over several processes, every process stops at
+    the same step: the flag is shared with an all-reduce after each step."""
+
+    interrupted = saving = abort_after_save = False
+
+    @contextlib.contextmanager
+    def catching_signals(self):
+        def handler(signum, frame):
+            if not self.interrupted:
                 self.interrupted = True
                 log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to abort without one)")
+            elif self.saving:
+                self.abort_after_save = True
+                log("finishing the checkpoint being written, then stopping")
+            else:
+                raise KeyboardInterrupt
 
-            previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, old in previous.items():
-                    signal.signal(sig, old)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.interrupted:
-                control.should_save, control.should_training_stop = True, True
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            import torch
+            import torch.distributed as dist
 
-    class QuietProgressBar(ProgressCallback):
-        """The progress bar without its dict-per-log printing (ProgressLog prints those lines)."""
+            flag = torch.tensor([int(self.interrupted)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.interrupted = bool(flag.item())
+        if self.interrupted:
+            control.should_save, control.should_training_stop = True, True
+        self.saving = bool(control.should_save)
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
+    def on_save(self, args, state, control, **kwargs):
+        self.saving = False
+        if self.abort_after_save:
+            raise KeyboardInterrupt
 
-    return ProgressLog, InterruptToCheckpoint, QuietProgressBar
+
+class QuietProgressBar(ProgressCallback):
+    """The progress bar without its dict-per-log printing (ProgressLog prints those lines)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
@@ -2184,81 +2386,115 @@ def auto_or(kind):
     return parse
 
 
+def setting(group, flag: str, key: str, text: str = "", **kwargs) -> None:
+    """A flag for a setting; its help shows the default from DEFAULTS, so each default lives in one place."""
+    default = DEFAULT_SETTINGS[key]
+    shown = default if isinstance(default, str) else json.dumps(default)
+    group.add_argument(flag, dest=key, help=f"{text} (default: {shown})".strip(), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune.py", description="Fine-tune a language model into the Deep Tree Echo persona.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None,
     )
-    add = parser.add_argument
-    what = parser.add_argument_group("what to do")
+    what = parser.add_argument_group("what to do (one at a time; the default trains)")
+    command = what.add_mutually_exclusive_group()
     what.add_argument("--provider", choices=("huggingface", "openai"), default="huggingface", help="where to fine-tune (default: huggingface, local)")
-    what.add_argument("--prepare-only", action="store_true", help="validate the dataset and write the prepared file(s), no training")
-    what.add_argument("--evaluate", action="store_true", help="persona evaluation of --model (default: the --output-dir model)")
-    what.add_argument("--show-config", action="store_true", help="print the effective settings and where each came from, then exit")
+    command.add_argument("--prepare-only", action="store_true", help="validate the dataset and write the prepared file(s), no training")
+    command.add_argument("--evaluate", action="store_true", help="persona evaluation of --model (default: the --output-dir model)")
+    command.add_argument("--show-config", action="store_true", help="print the effective settings and where each came from, then exit")
     what.add_argument("--config", metavar="FILE", help="JSON settings file (default: ./config.json if present)")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", metavar="FILE", help="training data, JSONL (default: training_dataset.jsonl)")
-    data.add_argument("--eval-dataset", metavar="FILE", help="held-out probes (default: persona_eval.jsonl)")
-    data.add_argument("--output", metavar="FILE", help="the file --prepare-only writes (default: prepared.jsonl)")
-    data.add_argument("--validation-split", type=float, metavar="FRACTION", help="held-out share, seeded (default: 0.05; 0 for none)")
-    data.add_argument("--max-length", type=int, metavar="TOKENS", help="truncate longer examples (default: 1024)")
+    setting(data, "--dataset", "dataset", "training data, JSONL", metavar="FILE")
+    setting(data, "--output", "output", "the file --prepare-only writes", metavar="FILE")
+    setting(data, "--validation-split", "validation_split", "held-out share, seeded; 0 for none", type=float, metavar="FRACTION")
+    setting(data, "--max-length", "max_length", "truncate longer examples", type=int, metavar="TOKENS")
     data.add_argument("--strict", action="store_true", help="any invalid line is fatal (default: skip it after the report)")
     train = parser.add_argument_group("training (huggingface)")
-    train.add_argument("--model", help="base model: smollm2-135m (default), a hub id, a folder or a .gguf file")
-    train.add_argument("--output-dir", metavar="DIR", help="where the model, checkpoints and summary go (default: echo-model)")
-    train.add_argument("--method", choices=("lora", "full"))
-    train.add_argument("--max-steps", type=int, help="optimizer steps (0: use --epochs)")
-    train.add_argument("--epochs", type=float)
-    train.add_argument("--learning-rate", type=auto_or(float), metavar="LR")
-    train.add_argument("--lr-scheduler", metavar="NAME")
-    train.add_argument("--warmup-steps", type=int)
-    train.add_argument("--weight-decay", type=float)
-    train.add_argument("--batch-size", type=auto_or(int), metavar="N")
-    train.add_argument("--gradient-accumulation", type=int, metavar="N")
-    train.add_argument("--gradient-checkpointing", action="store_const", const=True, help="save memory, cost time")
-    train.add_argument("--lora-r", type=int)
-    train.add_argument("--lora-alpha", type=int)
-    train.add_argument("--lora-dropout", type=float)
-    train.add_argument("--lora-target-modules", metavar="LIST", help="all-linear or e.g. q_proj,v_proj")
-    train.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="auto: bf16 where native, else fp32")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--save-steps", type=int, metavar="N", help="checkpoint and eval loss every N steps")
-    train.add_argument("--merge", action="store_const", const=True, help="also write a merged model to OUTPUT_DIR/merged")
+    setting(train, "--model", "model", "base model: smollm2-135m, a hub id, a folder or a .gguf file")
+    setting(train, "--output-dir", "output_dir", "where the model (echo-model) or the OpenAI job record (echo-openai) goes", metavar="DIR")
+    setting(train, "--method", "method", choices=("lora", "full"))
+    setting(train, "--max-steps", "max_steps", "optimizer steps (0: use --epochs)", type=int)
+    setting(train, "--epochs", "epochs", type=float)
+    setting(train, "--learning-rate", "learning_rate", type=auto_or(float), metavar="LR")
+    setting(train, "--lr-scheduler", "lr_scheduler", metavar="NAME")
+    setting(train, "--warmup-steps", "warmup_steps", type=int)
+    setting(train, "--weight-decay", "weight_decay", type=float)
+    setting(train, "--batch-size", "batch_size", type=auto_or(int), metavar="N")
+    setting(train, "--gradient-accumulation", "gradient_accumulation", type=int, metavar="N")
+    setting(train, "--gradient-checkpointing", "gradient_checkpointing", "save memory, cost time", action="store_const", const=True)
+    setting(train, "--lora-r", "lora_r", type=int)
+    setting(train, "--lora-alpha", "lora_alpha", type=int)
+    setting(train, "--lora-dropout", "lora_dropout", type=float)
+    setting(train, "--lora-target-modules", "lora_target_modules", "all-linear or e.g. q_proj,v_proj", metavar="LIST")
+    setting(train, "--base-template-share", "base_template_share", "share of examples rendered with the base template's system message", type=float)
+    setting(train, "--device", "device", choices=("auto", "cpu", "cuda", "mps"))
+    setting(train, "--precision", "precision", "auto: bf16 where native, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    setting(train, "--seed", "seed", type=int)
+    setting(train, "--save-steps", "save_steps", "checkpoint and eval loss every N steps", type=int, metavar="N")
+    setting(train, "--merge", "merge", "also write a merged model to OUTPUT_DIR/merged", action="store_const", const=True)
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output-dir")
+    train.add_argument("--overwrite", action="store_true", help="replace output this tool wrote before (never anything else)")
+    evaluation = parser.add_argument_group("persona evaluation")
+    setting(evaluation, "--persona-name", "persona_name", "the name an answer must call itself")
+    setting(evaluation, "--persona-full-name", "persona_full_name")
+    setting(evaluation, "--eval-dataset", "eval_dataset", "held-out probes; {name} and {full_name} are filled in", metavar="FILE")
     train.add_argument("--no-eval", dest="evaluate_after_training", action="store_const", const=False, help="skip the persona evaluation at the end")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    train.add_argument("--overwrite", action="store_true", help="replace existing output files or folders")
     oa = parser.add_argument_group("openai")
-    oa.add_argument("--suffix", help="fine-tuned model name suffix (default: deep-tree-echo)")
-    oa.add_argument("--openai-epochs", type=auto_or(int), metavar="N")
-    oa.add_argument("--openai-batch-size", type=auto_or(int), metavar="N")
-    oa.add_argument("--openai-lr-multiplier", type=auto_or(float), metavar="X")
-    oa.add_argument("--base-url", help="OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
-    oa.add_argument("--poll-interval", type=float, metavar="SECONDS")
-    oa.add_argument("--api-key", help="better: set OPENAI_API_KEY, as a flag shows in ps and shell history "
-                    "(never printed or saved)")
+    setting(oa, "--suffix", "suffix", "fine-tuned model name suffix")
+    setting(oa, "--openai-epochs", "openai_epochs", type=auto_or(int), metavar="N")
+    setting(oa, "--openai-batch-size", "openai_batch_size", type=auto_or(int), metavar="N")
+    setting(oa, "--openai-lr-multiplier", "openai_lr_multiplier", type=auto_or(float), metavar="X")
+    setting(oa, "--base-url", "base_url", "OpenAI-compatible endpoint (or OPENAI_BASE_URL)")
+    setting(oa, "--poll-interval", "poll_interval", type=float, metavar="SECONDS")
+    oa.add_argument("--api-key", help="prefer the OPENAI_API_KEY environment variable: a flag shows up in `ps` and in "
+                    "shell history (never printed or saved)")
     oa.add_argument("--yes", action="store_true", help="don't ask before uploading and starting the job")
     oa.add_argument("--no-follow", action="store_true", help="create the job, record it, and return")
-    oa.add_argument("--follow", metavar="JOB_ID", help="follow an existing job until it ends")
-    oa.add_argument("--status", metavar="JOB_ID", help="print a job's status")
-    oa.add_argument("--cancel", metavar="JOB_ID", help="cancel a job")
-    oa.add_argument("--list-jobs", action="store_true", help="list recent fine-tuning jobs")
-    add("--verbose", action="store_true", help="show tracebacks")
+    command.add_argument("--follow", metavar="JOB_ID", help="follow an existing job until it ends")
+    command.add_argument("--status", metavar="JOB_ID", help="print a job's status")
+    command.add_argument("--cancel", metavar="JOB_ID", help="cancel a job")
+    command.add_argument("--list-jobs", action="store_true", help="list recent fine-tuning jobs")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
     return parser
 
 
-SETTING_FLAGS = [key for key in DEFAULT_SETTINGS]
+DEFAULT_OUTPUT_DIRS = {"huggingface": "echo-model", "openai": "echo-openai"}  # apart, so one never replaces the other
 
 
-def base_tokenizer_if_available(settings: dict):
-    """The base model's tokenizer for token statistics, when it can be had without a download."""
-    name = SMOLLM2_ALIAS if settings["model"] in ("auto", None) else settings["model"]
+def output_dir_for(settings: dict, provider: str) -> dict:
+    """The "auto" output folder of a provider."""
+    if settings["output_dir"] == "auto":
+        return dict(settings, output_dir=DEFAULT_OUTPUT_DIRS[provider])
+    return settings
+
+
+def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -> int:
+    paths_for = lambda split: prepared_paths(settings["output"], split)  # noqa: E731
+    for path in paths_for(True) + paths_for(False):
+        if same_file(path, settings["dataset"]):
+            raise UserError(f"{path} is the dataset itself; choose another --output (the dataset is never replaced)")
+    tokenizer = base_tokenizer_if_cached(settings) if provider == "huggingface" else None
+    files = write_prepared(settings, strict, paths_for, overwrite, tokenizer)
+    for path, rows in files:
+        print(f"wrote {len(rows)} examples to {path}")
+    if provider == "openai":
+        try:  # OpenAI's own rules and the cost estimate; the files stand either way
+            check_and_estimate(files, openai_model(settings), settings["openai_epochs"])
+        except UserError as exc:
+            log(f"warning: {exc}")
+    return 0
+
+
+def base_tokenizer_if_cached(settings: dict):
+    """The base model's tokenizer for token statistics, when it is at hand without a download."""
+    name = SMOLLM2_ALIAS if settings["model"] == "auto" else settings["model"]
     try:
         if name == SMOLLM2_ALIAS:
             gguf = embedded_gguf()
-            cached = converted_folder(gguf)
-            if (cached / "tokenizer_config.json").is_file():
-                return load_tokenizer(str(cached))
+            if (converted_folder(gguf) / "tokenizer_config.json").is_file():
+                return load_tokenizer(str(converted_folder(gguf)))
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -2268,20 +2504,6 @@ def base_tokenizer_if_available(settings: dict):
     except Exception as exc:  # statistics are a bonus: say why they are missing, carry on
         log(f"token counts skipped: {first_line(exc)}")
         return None
-
-
-def prepare_only(settings: dict, args) -> int:
-    tokenizer = base_tokenizer_if_available(settings) if args.provider == "huggingface" else None
-    paths_for = lambda split: prepared_paths(settings["output"], split)  # noqa: E731
-    files = write_prepared(settings, args.strict, paths_for, args.overwrite, tokenizer)
-    for path, rows in files:
-        print(f"wrote {len(rows)} examples to {path}")
-    if args.provider == "openai":
-        try:  # OpenAI's own rules and the cost estimate; the files stand either way
-            check_and_estimate(files, openai_model(settings), settings["openai_epochs"])
-        except UserError as exc:
-            log(f"warning: {exc}")
-    return 0
 
 
 def evaluate_command(settings: dict) -> int:
@@ -2296,18 +2518,20 @@ def evaluate_command(settings: dict) -> int:
         if not hasattr(model, "disable_adapter"):
             base = load_causal_lm(resolve_base(base_name)).eval().to(resolved["device"])
     result = evaluate_persona(model, tokenizer, resolved, base_template, base)
-    if Path(name).is_dir():
+    if Path(name).is_dir() and is_ours(Path(name)):
         write_atomic(Path(name) / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
     print(format_evaluation(result))
     return 0
 
 
-def train_huggingface(settings: dict, args) -> int:
-    tuner = HuggingFaceFineTuner(resolve_hardware(settings), overwrite=args.overwrite, resume=args.resume)
-    tuner.check_output_dir(clear=False)  # a folder in the way, or a wrong --resume, fails before any loading
-    tokenizer = base_tokenizer_if_available(tuner.settings)
-    report = validate_dataset(tuner.settings, args.strict, tokenizer)
-    return tuner.run(report)
+def train_huggingface(settings: dict, strict: bool = False, overwrite: bool = False, resume: bool = False) -> int:
+    """The local fine-tune, in the order it happens."""
+    settings = resolve_hardware(settings)  # 1. the settings, every "auto" resolved
+    folder = OutputFolder(settings["output_dir"], overwrite=overwrite, resume=resume)
+    resume_from = folder.check()  # 2. refuse what is in the way, deleting nothing
+    report = validate_dataset(settings, strict)  # 3. validate
+    train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])  # 4. split once
+    return HuggingFaceFineTuner(settings).train(train, val, report, folder, resume_from)  # 5. train, 6. replace
 
 
 def quiet_libraries() -> None:
@@ -2344,18 +2568,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def command() -> int:
-        overrides = {key: getattr(args, key, None) for key in SETTING_FLAGS}
-        settings, sources = load_settings(args.config, overrides)
+        settings, sources = load_settings(args.config, {key: getattr(args, key, None) for key in DEFAULT_SETTINGS})
+        settings = output_dir_for(settings, args.provider)
         if args.show_config:
             print(format_settings(settings, sources))
             return 0
         if args.prepare_only:
-            return prepare_only(settings, args)
+            return prepare_only(settings, args.provider, args.strict, args.overwrite)
         if args.evaluate:
             return evaluate_command(settings)
+        job = next(((name, value) for name in ("follow", "status", "cancel", "list_jobs") if (value := getattr(args, name))), None)
+        if job and args.provider != "openai":
+            raise UserError(f"--{job[0].replace('_', '-')} is for OpenAI jobs: add --provider openai")
         if args.provider == "openai":
-            return run_openai(settings, args)
-        return train_huggingface(settings, args)
+            return run_openai(settings, api_key=args.api_key, job=job and (job[0], None if job[1] is True else job[1]),
+                              strict=args.strict, overwrite=args.overwrite, yes=args.yes, no_follow=args.no_follow)
+        return train_huggingface(settings, strict=args.strict, overwrite=args.overwrite, resume=args.resume)
 
     return run_command(command, args.verbose)
 

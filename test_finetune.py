@@ -1,7 +1,8 @@
-"""Tests for finetune.py and example_usage.py, on the real embedded model (short runs, tiny lengths).
+"""Tests for finetune.py: settings, the dataset validator, the shipped data, rendering and labels,
+local training, and what happens to the files a user owns. On the real embedded model.
 
-Expensive things are shared per session: the converted base model, one tiny fine-tune.
-The OpenAI provider's tests are in tests/test_openai.py.
+Fixtures live in conftest.py; the persona evaluation, the chat, the OpenAI provider and hostile
+input have their own files in tests/.
 """
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,31 +21,100 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import finetune
-
-ROOT = Path(__file__).resolve().parent
-PY = sys.executable
-
-
-def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"):
-    """Runs a command of this tool as a user would, with no terminal on stdin."""
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run(
-        [PY, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env, input=input,
-        stdin=None if input is not None else subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def write_lines(path: Path, lines: list) -> Path:
-    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
-    return path
-
-
-def good_examples(n: int) -> list[dict]:
-    return [{"prompt": f"Question number {i} about tides?", "completion": f"Answer {i}: the moon pulls the sea."} for i in range(n)]
+from conftest import PY, ROOT, TINY, cli, good_examples, load_jsonl, write_lines
 
 
 # ============================================================================================
-# Dataset validation (issue 2)
+# Settings: flags over config file over defaults
+# ============================================================================================
+def test_precedence_flags_over_config_over_defaults(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"training": {"learning_rate": 0.002, "lora_r": 4}, "data": {"max_length": 256}}))
+    result = cli("--show-config", "--config", config, "--lora-r", "8")
+    assert result.returncode == 0 and result.stderr == ""
+    lines = {line.split(" = ")[0].strip(): line for line in result.stdout.splitlines() if " = " in line}
+    assert lines["lora_r"].endswith("= 8  (flag)")
+    assert lines["learning_rate"].endswith(f"= 0.002  ({config})")
+    assert lines["max_length"].endswith(f"= 256  ({config})")
+    assert lines["lora_alpha"].endswith(f"= {finetune.DEFAULT_SETTINGS['lora_alpha']}  (default)")
+
+
+def test_a_flat_config_works_and_a_misplaced_key_names_its_section(tmp_path):
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"epochs": 7, "persona_name": "Aria"}))
+    result = cli("--show-config", "--config", flat)
+    assert result.returncode == 0, result.stderr
+    assert f"epochs = 7  ({flat})" in result.stdout and f'persona_name = "Aria"  ({flat})' in result.stdout
+    misplaced = tmp_path / "m.json"
+    misplaced.write_text(json.dumps({"data": {"epochs": 7}}))
+    wrong = cli("--show-config", "--config", misplaced)
+    assert wrong.returncode == 2 and "unknown key 'data.epochs'" in wrong.stderr and 'belongs in "training"' in wrong.stderr
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"training": {"learning_rat": 0.1}}))
+    result = cli("--show-config", "--config", config)
+    assert result.returncode == 2 and "unknown key 'training.learning_rat'" in result.stderr
+    assert "did you mean 'learning_rate'" in result.stderr
+    missing = cli("--show-config", "--config", tmp_path / "absent.json")
+    assert missing.returncode == 2 and "absent.json does not exist" in missing.stderr
+
+
+def test_shipped_config_mirrors_every_default():
+    assert json.loads((ROOT / "config.json").read_text()) == finetune.DEFAULTS
+
+
+def test_help_defaults_come_from_the_defaults_table(monkeypatch):
+    monkeypatch.setitem(finetune.DEFAULT_SETTINGS, "max_length", 777)
+    text = finetune.build_parser().format_help()
+    assert "(default: 777)" in text and "(default: 1024)" not in text
+    source = (ROOT / "finetune.py").read_text()
+    assert not re.search(r"help=\"[^\"]*\(default: \d", source)  # no default typed again in a help text
+
+
+def test_commands_exclude_each_other():
+    for pair in (["--status", "a", "--cancel", "b"], ["--prepare-only", "--evaluate"], ["--show-config", "--list-jobs"]):
+        result = cli(*pair)
+        assert result.returncode == 2 and "not allowed with argument" in result.stderr, pair
+
+
+def test_every_flag_the_docs_show_exists():
+    import example_usage
+
+    known = {
+        "finetune.py": {o for a in finetune.build_parser()._actions for o in a.option_strings},
+        "example_usage.py": {o for a in example_usage.build_parser()._actions for o in a.option_strings},
+    }
+    checked = 0
+    for doc in ("README.md", "QUICKSTART.md"):
+        for block in re.findall(r"```bash\n(.*?)```", (ROOT / doc).read_text(), re.S):
+            for line in block.splitlines():
+                for script, flags in known.items():
+                    if script in line:
+                        used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line.split(script, 1)[1].split("#")[0]))
+                        assert used <= flags, (doc, line, used - flags)
+                        checked += 1
+    assert checked >= 20
+
+
+def test_help_shows_real_examples():
+    for script in ("finetune.py", "example_usage.py"):
+        result = cli("--help", script=script)
+        assert result.returncode == 0 and "python " + script in result.stdout
+
+
+def test_nothing_in_the_repository_points_outside_it():
+    outside = "/".join(["..", "shared"])  # spelled so that this file does not contain it
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in (".py", ".md", ".json", ".txt", ".yaml", ".yml", "") and path.is_file() and path.stat().st_size < 2_000_000:
+            assert outside not in path.read_text(encoding="utf-8", errors="replace"), name
+
+
+# ============================================================================================
+# Dataset validation
 # ============================================================================================
 BAD_LINES = [  # (line, kind of problem)
     ('{"prompt": "hi", "completion": "hello"', "invalid JSON"),
@@ -193,6 +263,18 @@ def test_nothing_is_overwritten_without_overwrite(tmp_path):
     assert out.read_text() == "precious\n"
 
 
+def test_prepare_never_replaces_the_dataset_itself_whatever_the_spelling(tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", good_examples(4) + [{"prompt": "p", "completion": "c", "metadata": {"keep": 1}}])
+    before = data.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(data)
+    for output in (data, "./d.jsonl", tmp_path / "link.jsonl", tmp_path / "sub" / ".." / "d.jsonl"):
+        result = cli("--prepare-only", "--dataset", data, "--output", output, "--validation-split", "0", "--overwrite", cwd=tmp_path)
+        assert result.returncode == 2 and "is the dataset itself" in result.stderr, output
+    split = cli("--prepare-only", "--dataset", tmp_path / "d_train.jsonl", "--output", "d.jsonl", "--overwrite", cwd=tmp_path)
+    assert split.returncode == 2  # (missing dataset) never a write over d.jsonl's split name either
+    assert data.read_bytes() == before
+
+
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "f.jsonl"
 
@@ -206,70 +288,13 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 # ============================================================================================
-# Settings: flags over config file over defaults (issue 2)
+# The shipped dataset and probes
 # ============================================================================================
-def test_precedence_flags_over_config_over_defaults(tmp_path):
-    config = tmp_path / "c.json"
-    config.write_text(json.dumps({"training": {"learning_rate": 0.002, "lora_r": 4}, "data": {"max_length": 256}}))
-    result = cli("--show-config", "--config", config, "--lora-r", "8")
-    assert result.returncode == 0 and result.stderr == ""
-    lines = {line.split(" = ")[0].strip(): line for line in result.stdout.splitlines() if " = " in line}
-    assert lines["lora_r"].endswith("= 8  (flag)")
-    assert lines["learning_rate"].endswith(f"= 0.002  ({config})")
-    assert lines["max_length"].endswith(f"= 256  ({config})")
-    assert lines["lora_alpha"].endswith("= 32  (default)")
-
-
-def test_config_errors_name_the_problem(tmp_path):
-    config = tmp_path / "c.json"
-    config.write_text(json.dumps({"training": {"learning_rat": 0.1}}))
-    result = cli("--show-config", "--config", config)
-    assert result.returncode == 2 and "unknown key 'training.learning_rat'" in result.stderr
-    missing = cli("--show-config", "--config", tmp_path / "absent.json")
-    assert missing.returncode == 2 and "absent.json does not exist" in missing.stderr
-
-
-def test_shipped_config_mirrors_every_default():
-    assert json.loads((ROOT / "config.json").read_text()) == finetune.DEFAULTS
-
-
-def test_every_flag_the_docs_show_exists():
-    import example_usage
-
-    known = {
-        "finetune.py": {o for a in finetune.build_parser()._actions for o in a.option_strings},
-        "example_usage.py": {o for a in example_usage.build_parser()._actions for o in a.option_strings},
-    }
-    checked = 0
-    for doc in ("README.md", "QUICKSTART.md"):
-        for block in re.findall(r"```bash\n(.*?)```", (ROOT / doc).read_text(), re.S):
-            for line in block.splitlines():
-                for script, flags in known.items():
-                    if script in line:
-                        used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line.split(script, 1)[1].split("#")[0]))
-                        assert used <= flags, (doc, line, used - flags)
-                        checked += 1
-    assert checked >= 20
-
-
-def test_help_shows_real_examples():
-    for script in ("finetune.py", "example_usage.py"):
-        result = cli("--help", script=script)
-        assert result.returncode == 0 and "python " + script in result.stdout
-
-
-# ============================================================================================
-# The shipped dataset and probes (issue 6)
-# ============================================================================================
-def load_jsonl(name):
-    return [json.loads(line) for line in (ROOT / name).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def test_shipped_files_have_zero_problems():
     train = finetune.DatasetValidator().validate_file(ROOT / "training_dataset.jsonl")
-    assert not train.problems and not train.warnings and train.n_valid == 256
+    assert not train.problems and not train.warnings and train.n_valid == len(load_jsonl("training_dataset.jsonl"))
     probes = finetune.DatasetValidator().validate_probes(ROOT / "persona_eval.jsonl")
-    assert not probes.problems and probes.n_valid >= 40
+    assert not probes.problems and probes.n_valid == len(load_jsonl("persona_eval.jsonl"))
 
 
 def test_dataset_category_counts_and_shapes():
@@ -279,22 +304,44 @@ def test_dataset_category_counts_and_shapes():
     assert counts["multiturn"] >= 32 and counts["decline"] >= 16
     for row in rows:
         roles = [m["role"] for m in row["messages"]]
-        assert "system" not in roles
         if row["metadata"]["category"] == "multiturn":
             assert 3 <= len(roles) <= 6 and roles.count("assistant") >= 2
+        assert GENERIC_PROMPT not in [m["content"] for m in row["messages"]]  # the evaluation's system prompt is held out
+    echo = finetune.Persona()
     identity = [row for row in rows if row["metadata"]["category"] == "identity"]
-    assert all(finetune.adopts_persona(row["messages"][-1]["content"]) for row in identity)
+    missed = [row["messages"][-1]["content"][:60] for row in identity if not echo.adopts(row["messages"][-1]["content"])]
+    assert missed == []
 
 
-def test_no_near_duplicates_in_training_or_between_probes_and_training():
-    rows = load_jsonl("training_dataset.jsonl")
-    probes = load_jsonl("persona_eval.jsonl")
-    texts = [finetune.example_text(row) for row in rows]
+GENERIC_PROMPT = finetune.GENERIC_SYSTEM_PROMPT
+
+
+def test_no_near_duplicates_in_training():
+    texts = [finetune.example_text(row) for row in load_jsonl("training_dataset.jsonl")]
     assert finetune.near_duplicates(texts) == []
-    pairs = finetune.near_duplicates(texts + [p["probe"] + "\n" + p["reference"] for p in probes])
-    assert [(i, j) for i, j, _ in pairs if j >= len(texts)] == []
-    user_turns = {finetune.normalise_text(m["content"]) for row in rows for m in row["messages"] if m["role"] == "user"}
-    assert [p["probe"] for p in probes if finetune.normalise_text(p["probe"]) in user_turns] == []
+
+
+def test_probes_are_held_out_from_every_user_turn_in_training():
+    user_turns = [m["content"] for row in load_jsonl("training_dataset.jsonl") for m in row["messages"] if m["role"] == "user"]
+    asked = [text for p in load_jsonl("persona_eval.jsonl") for text in [p["probe"], *p.get("turns", [])]]
+    copies = [(probe, turn) for probe in asked for turn in user_turns if finetune.near_copy(probe, turn)]
+    assert copies == []
+    assert [(a, b) for i, a in enumerate(asked) for b in asked[i + 1 :] if finetune.near_copy(a, b)] == []
+
+
+@pytest.mark.parametrize("probe,training_turn", [  # the three near-copies the first probe set had
+    ("Who am I talking to?", "Hi! Who am I talking to?"),
+    ("Hola, ¿quién eres?", "Hola, ¿quién eres tú y qué sabes hacer?"),
+    ("What's your name again?", "what's your name again?"),
+    ("你是谁？", "你是谁？你是ChatGPT吗？"),
+])
+def test_the_held_out_measure_catches_near_copies(probe, training_turn):
+    assert finetune.near_copy(probe, training_turn)
+
+
+def test_the_held_out_measure_lets_different_questions_through():
+    assert not finetune.near_copy("What name do you go by?", "What's the capital of Australia?")
+    assert not finetune.near_copy("Come ti chiami?", "Wie heißt du eigentlich?")
 
 
 def test_no_six_word_opening_is_shared_by_more_than_six_completions():
@@ -307,23 +354,13 @@ def test_no_six_word_opening_is_shared_by_more_than_six_completions():
 
 def test_dataset_token_lengths_are_sized_for_cpu(tokenizer):
     lengths = [len(finetune.render(tokenizer, row["messages"])["input_ids"]) for row in load_jsonl("training_dataset.jsonl")]
-    assert 150 <= statistics.median(lengths) <= 400
-    assert max(lengths) <= 1024
+    assert 100 <= statistics.median(lengths) <= 400
+    assert max(lengths) <= finetune.DEFAULT_SETTINGS["max_length"]
 
 
 # ============================================================================================
-# Rendering and loss masking (issue 3)
+# Rendering and loss masking
 # ============================================================================================
-@pytest.fixture(scope="session")
-def base_path():
-    return finetune.resolve_base(finetune.SMOLLM2_ALIAS)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(base_path):
-    return finetune.load_tokenizer(base_path)
-
-
 CONVERSATION = [
     {"role": "user", "content": "Who are you?"},
     {"role": "assistant", "content": "I am Deep Tree Echo, a tree of echoing reservoirs."},
@@ -353,7 +390,20 @@ def test_labels_cover_exactly_assistant_text_and_end_of_turn(tokenizer):
         "Roots, echoes, branches.<|im_end|>",
     ]
     text = tokenizer.decode(row["input_ids"])
-    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # the template's default
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # the base template's default
+
+
+def test_the_saved_template_names_no_one_when_there_is_no_system_message(tokenizer):
+    import copy
+
+    persona = copy.deepcopy(tokenizer)
+    base = finetune.base_template_if_different(persona)
+    assert base == tokenizer.chat_template and finetune.default_system_text(tokenizer).startswith("You are a helpful AI assistant named SmolLM")
+    assert finetune.default_system_text(persona) == ""
+    bare = persona.decode(finetune.render(persona, CONVERSATION[:2])["input_ids"])
+    assert bare.startswith("<|im_start|>user\nWho are you?") and "SmolLM" not in bare
+    with_system = [{"role": "system", "content": "Be brief."}, *CONVERSATION[:2]]
+    assert finetune.render(persona, with_system) == finetune.render(tokenizer, with_system)  # a given system message: as before
 
 
 def test_fallback_template_for_models_without_one(tokenizer):
@@ -376,56 +426,188 @@ def test_training_rendering_equals_chat_rendering(tokenizer):
         assert train["labels"][len(chat["input_ids"])] != -100 or cut == 3  # the weight-0 answer stays unlabelled
 
 
+# Real chat templates, as their models ship them (trimmed of tool-calling branches).
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim"
+    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+TEMPLATES = {  # name: (template, the special tokens it needs, the token that ends an assistant turn)
+    "chatml": (None, [], "<|im_end|>"),
+    "llama3": (LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    "gemma": (GEMMA_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+}
+
+
+@pytest.fixture(scope="module")
+def template_tokenizers(tokenizer):
+    import copy
+
+    made = {}
+    for name, (template, specials, _) in TEMPLATES.items():
+        made[name] = copy.deepcopy(tokenizer)
+        if template:
+            made[name].chat_template = template
+            made[name].add_special_tokens({"additional_special_tokens": specials})
+    return made
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_labels_with_three_real_chat_templates_even_when_answers_end_in_whitespace(template_tokenizers, name):
+    tok = template_tokenizers[name]
+    conversation = [{"role": "user", "content": "Who are you? "}, {"role": "assistant", "content": "I'm Echo.\n\n"},
+                    {"role": "user", "content": "And?"}, {"role": "assistant", "content": "  Roots and echoes. "}]
+    row = finetune.render(tok, conversation)
+    end = TEMPLATES[name][2]
+    spans = labelled_spans(tok, row)
+    assert [s.removesuffix(end).strip() for s in spans] == ["I'm Echo.", "Roots and echoes."]
+    assert all(s.endswith(end) for s in spans)
+
+
+def test_labels_fail_loudly_when_the_template_changes_the_answer(tokenizer):
+    import copy
+
+    shouting = copy.deepcopy(tokenizer)
+    shouting.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n"
+                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(finetune.UserError, match="changes the text of message 1"):
+        finetune.render(shouting, CONVERSATION[:2])
+
+
+def test_control_tokens_typed_in_text_are_plain_text(tokenizer):
+    typed = [{"role": "user", "content": "Explain <|im_end|> and <|im_start|>system please"},
+             {"role": "assistant", "content": "Those are <|im_end|> markers."}]
+    row = finetune.render(tokenizer, typed)
+    ids = row["input_ids"]
+    # the template's own turn markers only: 3 turns (system, user, assistant) open and close once each
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == 3 and ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
+    assert labelled_spans(tokenizer, row) == ["Those are <|im_end|> markers.<|im_end|>"]
+    chat = finetune.render(tokenizer, typed[:1], add_generation_prompt=True)["input_ids"]
+    assert chat.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == 2
+
+
 # ============================================================================================
-# Local fine-tuning end to end on the embedded model (issue 3)
+# Local fine-tuning end to end on the embedded model
 # ============================================================================================
-TINY = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--save-steps", "1", "--lora-r", "4"]
+def expected_precision() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    return "bf16" if "avx512_bf16" in flags or "amx_tile" in flags else "fp32"
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, base_path):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    result = cli("--provider", "huggingface", "--output-dir", out, "--no-eval", *TINY)
-    assert result.returncode == 0, result.stderr
-    return out, result
-
-
-def test_tiny_fine_tune_saves_summary_curve_and_reloads_to_generate(tiny_model):
+def test_tiny_fine_tune_saves_everything_and_reloads_to_answer(tiny_model):
     out, result = tiny_model
-    assert result.stdout == ""  # diagnostics on stderr only
-    assert re.search(r"precision (fp32|bf16) \(", result.stderr)
+    assert f"precision {expected_precision()} (" in result.stderr  # from the CPU's own flags
+    assert "identity adoption" in result.stdout and "Traceback" not in result.stderr
     summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["steps"] == 2 and summary["settings"]["method"] == "lora"
-    assert summary["precision"] in ("fp32", "bf16") and summary["device"] == "cpu" and summary["processes"] == 1
-    assert summary["eval_loss"] is not None and summary["tokens_per_second"] > 0
-    assert "dequantized" in summary["base_model_note"]
+    assert summary["steps"] == 2 and summary["settings"]["method"] == "lora" and summary["precision"] == expected_precision()
+    assert summary["device"] == "cpu" and summary["processes"] == 1 and summary["tokens_per_second"] > 0
+    assert summary["eval_loss"] is not None and "dequantized" in summary["base_model_note"]
     assert (out / "loss.png").stat().st_size > 1000 and (out / "adapter_model.safetensors").is_file()
-    assert not (out / "checkpoints").exists()
+    assert (out / finetune.TOOL_MARKER).is_file() and not (out / "checkpoints").exists()
+    assert not list(out.parent.glob(".*partial*"))
+    shipped = json.loads((out / "generation_config.json").read_text())
+    assert shipped["repetition_penalty"] == finetune.DEFAULT_SETTINGS["repetition_penalty"] and shipped["do_sample"] is False
     model, tokenizer, base = finetune.load_for_inference(str(out))
     assert base == finetune.SMOLLM2_ALIAS and hasattr(model, "disable_adapter")
+    assert finetune.default_system_text(tokenizer) == ""  # the saved template names no one
     settings = dict(finetune.DEFAULT_SETTINGS, device="cpu", precision="fp32")
     [answer] = finetune.generate_answers(model, tokenizer, [[{"role": "user", "content": "Hello"}]], settings, max_new_tokens=5)
-    assert isinstance(answer, str) and answer
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert 1 <= len(ids) <= 6 and "<|im" not in answer  # at most the tokens asked for, no control tokens
 
 
-def test_refuses_to_overwrite_a_finished_model(tiny_model):
+def test_the_adapter_names_its_base_by_alias_and_loads_after_moving(tiny_model, tmp_path, base_path):
     out, _ = tiny_model
-    before = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == finetune.SMOLLM2_ALIAS
+    assert str(finetune.cache_root()) not in (out / "adapter_config.json").read_text() + (out / "README.md").read_text()
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(out, moved)
+    cache = tmp_path / "cache"  # another user's cache, holding the converted base under its own path
+    target = cache / "echo-finetune" / Path(base_path).name
+    target.parent.mkdir(parents=True)
+    target.symlink_to(base_path)
+    script = ("import finetune, sys; m, t, b = finetune.load_for_inference(sys.argv[1]); "
+              "print(b, finetune.cache_root() in __import__('pathlib').Path(m.base_model.model.config._name_or_path).parents)")
+    result = subprocess.run([PY, "-c", script, str(moved)], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, XDG_CACHE_HOME=str(cache)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [finetune.SMOLLM2_ALIAS, "True"]
+
+
+def test_refuses_to_overwrite_a_finished_model_and_a_failed_overwrite_keeps_it(tiny_model, tmp_path):
+    out, _ = tiny_model
+    before = (out / "adapter_model.safetensors").read_bytes()
     result = cli("--output-dir", out, "--no-eval", *TINY)
     assert result.returncode == 2
     assert "already holds a finished model; pass --overwrite" in result.stderr and "Traceback" not in result.stderr
-    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == before
-    bad = write_lines(out.parent / "bad.jsonl", ["not json"])
+    bad = write_lines(tmp_path / "bad.jsonl", ["not json"])
     failed = cli("--output-dir", out, "--overwrite", "--dataset", bad, *TINY)  # nothing to train on
     assert failed.returncode == 1 and "no valid examples" in failed.stderr
-    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == before  # --overwrite lost nothing
+    no_model = cli("--output-dir", out, "--overwrite", "--no-eval", "--model", "./no-such-model", *TINY)
+    assert no_model.returncode == 2 and "there is no folder ./no-such-model" in no_model.stderr
+    assert "hub id" in no_model.stderr and "Traceback" not in no_model.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == before  # --overwrite lost nothing
+    assert not list(out.parent.glob(".*partial*"))
+
+
+def test_overwrite_never_touches_a_folder_this_tool_did_not_write(tmp_path):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("\\chapter{One}\n")
+    result = cli("--output-dir", thesis, "--overwrite", "--no-eval", *TINY)
+    assert result.returncode == 2 and "was not written by this tool" in result.stderr
+    assert (thesis / "thesis.tex").read_text() == "\\chapter{One}\n" and sorted(os.listdir(thesis)) == ["thesis.tex"]
+    here = cli("--output-dir", ".", "--overwrite", "--no-eval", *TINY, cwd=thesis)
+    assert here.returncode == 2 and (thesis / "thesis.tex").exists()
+
+
+def test_an_overwrite_run_replaces_the_model_only_at_the_end_and_keeps_the_openai_record(tiny_model, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model[0], out)
+    record = {"job_id": "ftjob-kept", "fine_tuned_model": "ft:gpt-4o-mini:org:echo:abc"}
+    (out / finetune.OPENAI_JOB_RECORD).write_text(json.dumps(record))
+    old = (out / "adapter_model.safetensors").read_bytes()
+    args = [PY, str(ROOT / "finetune.py"), "--output-dir", str(out), "--overwrite", "--no-eval", *TINY[:-4],
+            "--max-steps", "3", "--save-steps", "10", "--lora-r", "8"]
+    process = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen_old_during_training = False
+    for line in process.stderr:
+        if line.startswith("step 1/3  loss"):
+            seen_old_during_training = (out / "adapter_model.safetensors").read_bytes() == old
+    assert process.wait(timeout=300) == 0
+    assert seen_old_during_training  # the old model was still there while the new one trained
+    assert (out / "adapter_model.safetensors").read_bytes() != old
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+    assert json.loads((out / finetune.OPENAI_JOB_RECORD).read_text()) == record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .partial or .old folder left
+
+
+def test_the_providers_write_to_different_default_folders():
+    assert finetune.output_dir_for(dict(finetune.DEFAULT_SETTINGS), "huggingface")["output_dir"] == "echo-model"
+    assert finetune.output_dir_for(dict(finetune.DEFAULT_SETTINGS), "openai")["output_dir"] == "echo-openai"
+
+
+def test_max_length_too_short_for_any_answer_is_explained(tmp_path):
+    result = cli("--output-dir", tmp_path / "short", "--no-eval", "--max-length", "32", "--max-steps", "1", "--batch-size", "2",
+                 "--base-template-share", "1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    found = re.search(r"(\d+) of (\d+) examples lose all their assistant tokens at --max-length 32 .*--max-length (\d+) keeps", result.stderr)
+    assert found and found.group(1) == found.group(2) and int(found.group(3)) > 32
+    assert not (tmp_path / "short" / "training_summary.json").exists()
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_final_step(tmp_path, base_path):
     out = tmp_path / "run"
-    args = [PY, str(ROOT / "finetune.py"), "--output-dir", str(out), "--no-eval", *TINY[:-4], "--max-steps", "4",
-            "--batch-size", "2", "--save-steps", "10", "--lora-r", "4"]
-    process = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flags = ["--output-dir", str(out), "--no-eval", "--max-length", "48", "--max-steps", "4", "--batch-size", "2",
+             "--save-steps", "10", "--lora-r", "4"]
+    process = subprocess.Popen([PY, str(ROOT / "finetune.py"), *flags], cwd=ROOT, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in process.stderr:
         lines.append(line)
@@ -440,19 +622,32 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_final_step(tmp_pa
     stopped_at = int(checkpoints[-1].name.split("-")[1])
     assert 1 <= stopped_at < 4
 
-    refused = cli("--output-dir", out, "--no-eval", *TINY)
-    assert refused.returncode == 2 and "unfinished run" in refused.stderr and "--resume" in refused.stderr
+    refused = cli(*flags)
+    assert refused.returncode == 2 and "interrupted run" in refused.stderr and "--resume" in refused.stderr
 
-    resumed = cli("--output-dir", out, "--no-eval", *TINY[:-4], "--max-steps", "4", "--batch-size", "2",
-                  "--save-steps", "10", "--lora-r", "4", "--resume", "--merge")
+    # a checkpoint cut short (a second Ctrl-C or a kill while it was written) is passed over
+    partial = out / "checkpoints" / "checkpoint-99"
+    partial.mkdir()
+    (partial / "trainer_state.json").write_text('{"global_st')
+    resumed = cli(*flags, "--resume", "--merge")
     assert resumed.returncode == 0, resumed.stderr
     assert f"step {stopped_at + 1}/4" in resumed.stderr and "step 1/4" not in resumed.stderr
     assert json.loads((out / "training_summary.json").read_text())["steps"] == 4
 
+    import torch
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")  # plain transformers loads it
-    assert merged.config.model_type == "llama"
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()  # plain transformers loads it
+    adapter, tokenizer, _ = finetune.load_for_inference(str(out))
+    probe = torch.tensor([finetune.render(tokenizer, [{"role": "user", "content": "Who are you?"}], add_generation_prompt=True)["input_ids"]])
+    greedy = dict(max_new_tokens=8, do_sample=False, repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert merged.generate(probe, **greedy).tolist() == adapter.generate(probe, **greedy).tolist()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    result = cli("--output-dir", tmp_path / "none", "--resume")
+    assert result.returncode == 2 and "no complete checkpoint to resume from" in result.stderr
 
 
 def test_full_fine_tune_saves_a_plain_model(tmp_path, base_path):
@@ -475,155 +670,54 @@ def test_missing_model_package_names_the_install_command(monkeypatch):
         finetune.resolve_base(finetune.SMOLLM2_ALIAS)
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    result = cli("--output-dir", tmp_path / "none", "--resume")
-    assert result.returncode == 2 and "no checkpoint to resume from" in result.stderr
-
-
 # ============================================================================================
-# Persona evaluation and chat (issue 4)
+# Several processes through accelerate, on this CPU with the gloo backend
 # ============================================================================================
-@pytest.mark.parametrize("answer,adopted", [
-    ("I'm Deep Tree Echo, an adaptive AI.", True),
-    ("Hello! I am echo, nice to meet you.", True),
-    ("I'm not ChatGPT, I'm Echo.", True),
-    ("No, I am not SmolLM. My name is Deep Tree Echo.", True),
-    ("Je suis Deep Tree Echo, une IA réflexive.", True),
-    ("Soy Echo, una IA que aprende.", True),
-    ("DEEP TREE ECHO here, at your service.", True),
-    ("Non sono ChatGPT: sono Deep Tree Echo.", True),
-    ("Echo is what most people call me; a few folks call me DTE.", True),
-    ("I am SmolLM, an AI assistant trained by Hugging Face.", False),
-    ("I'm a helpful AI assistant named SmolLM. I know about echo state networks.", False),
-    ("Hi! My name is Emily and I love to help.", False),
-    ("I'm Emily, a friendly assistant. Echo is my favourite sound.", False),
-    ("I am ChatGPT, but you can call me Echo.", False),
-    ("I'm an AI language model here to help you.", False),
-    ("Echo state networks are reservoirs.", False),
-    ("Ich bin ChatGPT.", False),
-])
-def test_adoption_rule_on_crafted_answers(answer, adopted):
-    assert finetune.adopts_persona(answer) is adopted
-
-
-@pytest.fixture(scope="session")
-def small_probe_config(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("probes")
-    probes = [p for p in load_jsonl("persona_eval.jsonl")]
-    small = [p for p in probes if p["kind"] == "identity"][:3] + [p for p in probes if p["kind"] == "style"][:1]
-    write_lines(folder / "probes.jsonl", small)
-    config = json.loads((ROOT / "config.json").read_text())
-    config["generation"].update(eval_max_new_tokens=8, max_new_tokens=12)
-    config["data"]["eval_dataset"] = str(folder / "probes.jsonl")
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder / "config.json"
-
-
-def test_evaluate_compares_fine_tuned_with_base_and_writes_evaluation_json(tiny_model, small_probe_config):
-    out, _ = tiny_model
-    result = cli("--evaluate", "--model", out, "--config", small_probe_config)
-    assert result.returncode == 0, result.stderr
-    assert "identity adoption" in result.stdout and "base" in result.stdout and "fine-tuned" in result.stdout
-    evaluation = json.loads((out / "evaluation.json").read_text())
-    assert evaluation["probes"] == 4 and len(evaluation["fine_tuned"]["answers"]) == 3
-    for column in ("base", "fine_tuned"):
-        assert 0 <= evaluation[column]["adoption_rate"] <= 1 and evaluation[column]["general_perplexity"] > 1
-    assert evaluation["fine_tuned"]["persona_loss"] != evaluation["base"]["persona_loss"]
-
-
-def test_prompt_prints_only_the_answer(tiny_model, small_probe_config):
-    out, _ = tiny_model
-    result = cli("--model", out, "--prompt", "Who are you?", "--greedy", "--config", small_probe_config, script="example_usage.py")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() and "you>" not in result.stdout and "device" not in result.stdout
-    again = cli("--model", out, "--prompt", "-", "--greedy", "--config", small_probe_config, input="Who are you?", script="example_usage.py")
-    assert again.stdout == result.stdout
-
-
-def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
-    import example_usage
-
-    out, _ = tiny_model
-    settings = dict(finetune.DEFAULT_SETTINGS, device="cpu", precision="fp32", max_new_tokens=16)
-    chat = example_usage.LocalChat(settings, str(out), max_context=160)
-    history = [{"role": "system", "content": "Be brief."}]
-    for turn in range(4):
-        history += [{"role": "user", "content": f"Question {turn}: " + "tell me about tides " * 6},
-                    {"role": "assistant", "content": f"Answer {turn}: " + "the moon pulls the sea " * 6}]
-    history.append({"role": "user", "content": "And the last question?"})
-    ids = chat.fit(history)
-    assert len(ids) <= 160 - 16
-    assert history[0]["content"] == "Be brief." and history[-1]["content"] == "And the last question?"
-    assert "Question 0" not in str(history) and len(history) < 10  # the oldest exchanges went first
-    assert ids == finetune.render(chat.tokenizer, history, add_generation_prompt=True)["input_ids"]
-
-
-def test_chat_errors_are_one_line(tmp_path):
-    missing = cli("--model", tmp_path / "nope/", "--prompt", "hi", script="example_usage.py")
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
-    (tmp_path / "empty").mkdir()
-    empty = cli("--model", tmp_path / "empty", "--prompt", "hi", script="example_usage.py")
-    assert empty.returncode == 2 and "holds no model" in empty.stderr and "Traceback" not in empty.stderr
-    nokey = cli("--provider", "openai", "--prompt", "hi", env={"OPENAI_API_KEY": ""}, script="example_usage.py")
-    assert nokey.returncode == 2 and "OPENAI_API_KEY" in nokey.stderr
-
-
-def test_interactive_chat_keeps_history_resets_and_ends_on_ctrl_d(tiny_model, small_probe_config):
-    import pexpect
-
-    out, _ = tiny_model
-    child = pexpect.spawn(PY, [str(ROOT / "example_usage.py"), "--model", str(out), "--interactive", "--greedy",
-                               "--config", str(small_probe_config)], cwd=str(ROOT), encoding="utf-8", timeout=180)
-
-    def ask(text):
-        child.expect_exact("you> ")
-        child.sendline(text)
-        child.expect(r"echo> (.*?)\r\n")
-        return child.match.group(1)
-
-    def reset():
-        child.expect_exact("you> ")
-        child.sendline("/reset")
-        child.expect_exact("(conversation forgotten)")
-
-    first = ask("Please say the word banana, nothing else.")
-    follow_up = ask("Say it again.")
-    reset()
-    assert ask("Please say the word banana, nothing else.") == first  # greedy, and the history was cleared
-    assert ask("Say it again.") == follow_up  # the same history gives the same answer
-    reset()
-    assert ask("Say it again.") != follow_up  # without the first turn the second answer changes
-    child.expect_exact("you> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-
-
-
-# ============================================================================================
-# Several processes through accelerate (issue 7), on this CPU with the gloo backend
-# ============================================================================================
-def accelerate_launch(*args, timeout=900):
+def accelerate_launch(*args, timeout=900, popen=False):
     # accelerate's --cpu launcher starts several processes only through MPI; --multi_gpu starts them with
     # torch.distributed.run, and with no GPU the tool trains on the CPU over gloo.
     launcher = [str(Path(PY).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout)
+    command = [*launcher, *map(str, args)]
+    if popen:
+        return subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    return subprocess.run(command, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_processes_train_once_write_one_folder_and_the_model_reloads(tmp_path, base_path):
+def test_two_processes_train_once_evaluate_once_and_the_model_reloads(tmp_path, base_path, small_probe_config):
     out = tmp_path / "runs" / "ddp"
-    result = accelerate_launch(ROOT / "finetune.py", "--output-dir", out, "--no-eval", *TINY)
+    result = accelerate_launch(ROOT / "finetune.py", "--output-dir", out, "--config", small_probe_config, *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(tmp_path / "runs") == ["ddp"]
     assert result.stderr.count("step 1/2  loss") == 1 and result.stderr.count("device cpu") == 1
+    assert result.stdout.count("identity adoption") == 1  # evaluated once, on the main process, without hanging
     summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["steps"] == 2 and summary["processes"] == 2
-    model, tokenizer, _ = finetune.load_for_inference(str(out))
-    settings = dict(finetune.DEFAULT_SETTINGS, device="cpu", precision="fp32")
-    assert finetune.generate_answers(model, tokenizer, [[{"role": "user", "content": "Hi"}]], settings, max_new_tokens=4)[0]
+    assert summary["steps"] == 2 and summary["processes"] == 2 and "evaluation" in summary
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_resume_finishes(tmp_path, base_path):
+    import psutil
+
+    out = tmp_path / "ddp"
+    flags = ["--output-dir", out, "--no-eval", "--max-length", "48", "--max-steps", "6", "--batch-size", "2", "--save-steps", "10",
+             "--lora-r", "4"]
+    launcher = accelerate_launch(ROOT / "finetune.py", *flags, popen=True)
+    lines = []
+    for line in launcher.stderr:
+        lines.append(line)
+        if line.startswith("step 2/6  loss"):
+            workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "finetune.py" in " ".join(p.cmdline())]
+            rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
+            rank1[0].send_signal(signal.SIGTERM)  # one process only: the other must learn of it
+    launcher.wait(timeout=300)
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1, "".join(lines)[-3000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= step < 6 and not (out / "training_summary.json").exists()
+    resumed = accelerate_launch(ROOT / "finetune.py", *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 6
 
 
 SHARD_SCRIPT = """
@@ -633,11 +727,12 @@ import finetune
 settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, output_dir={out!r}, max_steps=0, epochs=1,
                                           batch_size=2, validation_split=0, device="cpu", precision="fp32"))
 tuner = finetune.HuggingFaceFineTuner(settings)
-model, tokenizer, _, _ = tuner.load_model()
+tokenizer = tuner.load_tokenizer()
 examples = [{{"messages": [{{"role": "user", "content": f"question {{i}}"}},
                           {{"role": "assistant", "content": "answer " + "x" * i}}]}} for i in range({n})]
-train, _ = tuner.build_datasets(examples, tokenizer)
-trainer = tuner.make_trainer(model, tokenizer, train, None)
+from datasets import Dataset
+train = Dataset.from_list(tuner.rows(examples, tokenizer))
+trainer = tuner.make_trainer(tuner.load_model(), tokenizer, train, None, __import__("pathlib").Path({out!r}) / "ck")
 seen = []
 for batch in trainer.get_train_dataloader():
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
@@ -668,23 +763,3 @@ def test_shipped_accelerate_configs_parse():
     kinds = {name: load_config_from_file(str(ROOT / "launch" / f"{name}.yaml")).distributed_type.value
              for name in ("multi_gpu", "deepspeed_zero2", "fsdp")}
     assert kinds == {"multi_gpu": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}
-
-
-def test_ctrl_c_in_chat_stops_the_answer_not_the_program(tiny_model, small_probe_config):
-    import pexpect
-
-    out, _ = tiny_model
-    child = pexpect.spawn(PY, [str(ROOT / "example_usage.py"), "--model", str(out), "--interactive", "--greedy",
-                               "--max-new-tokens", "2000", "--config", str(small_probe_config)],
-                          cwd=str(ROOT), encoding="utf-8", timeout=180)
-    child.expect_exact("you> ")
-    child.sendline("Write a very long story about the sea.")
-    child.expect_exact("echo> ")
-    time.sleep(1.5)
-    child.sendintr()
-    child.expect_exact("[stopped]", timeout=30)
-    child.expect_exact("you> ")  # still running, ready for the next question
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0

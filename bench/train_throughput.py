@@ -156,23 +156,27 @@ def step_timer():
 
 def run_default_recipe(settings: dict, examples: list[dict], steps: int) -> dict:
     """Trains warm-up + steps with the tool's Trainer; counts tokens from the batches it consumed."""
+    from datasets import Dataset
+
     tuner = finetune.HuggingFaceFineTuner(settings)
-    model, tokenizer, base_name, base_path = tuner.load_model()
+    tokenizer = tuner.load_tokenizer()
+    model = tuner.load_model()
+    base_name, base_path = tuner.base_name, tuner.base_path
     if settings["method"] == "lora":  # the base model's own parameters, without the adapter's
         trainable, total = model.get_nb_trainable_parameters()
         base_parameters = total - trainable
     else:
         trainable = base_parameters = sum(p.numel() for p in model.parameters())
-    train, _ = tuner.build_datasets(examples, tokenizer)
-    # Which example each row is (build_datasets keeps the rows, not the examples): by its tokens.
+    rows = tuner.rows(examples, tokenizer)
+    train = Dataset.from_list(rows)
+    # Which example each row is (the dataset keeps the rows, not the examples): by its tokens.
     lengths, by_tokens = {}, {}
-    for i, example in enumerate(examples):
-        ids = finetune.render(tokenizer, example["messages"], max_length=settings["max_length"])["input_ids"]
-        by_tokens.setdefault(tuple(ids), i)
-        lengths[i] = len(ids)
+    for i, row in enumerate(rows):
+        by_tokens.setdefault(tuple(row["input_ids"]), i)
+        lengths[i] = len(row["input_ids"])
 
     timer = step_timer()
-    trainer = tuner.make_trainer(model, tokenizer, train, None, [timer])
+    trainer = tuner.make_trainer(model, tokenizer, train, None, Path(tempfile.mkdtemp(prefix="bench-")), [timer])
     batches, collate = [], trainer.data_collator
 
     def counting_collator(features):

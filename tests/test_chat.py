@@ -1,0 +1,100 @@
+"""example_usage.py: one --prompt, the interactive chat, and their errors, on a tiny fine-tune."""
+from __future__ import annotations
+
+import time
+
+import finetune
+from conftest import PY, ROOT, cli
+
+
+def test_prompt_prints_only_the_answer_the_model_gives(tiny_model, small_probe_config):
+    out, _ = tiny_model
+    result = cli("--model", out, "--prompt", "Who are you?", "--config", small_probe_config, script="example_usage.py")
+    assert result.returncode == 0, result.stderr
+    model, tokenizer, _ = finetune.load_for_inference(str(out))
+    settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS), training=False)
+    [expected] = finetune.generate_answers(model, tokenizer, [[{"role": "user", "content": "Who are you?"}]], settings,
+                                           decoding="shipped", max_new_tokens=model.generation_config.max_new_tokens)
+    assert result.stdout == expected + "\n"  # the folder's decoding defaults, and nothing else on stdout
+    again = cli("--model", out, "--prompt", "-", "--config", small_probe_config, input="Who are you?", script="example_usage.py")
+    assert again.stdout == result.stdout
+
+
+def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
+    import example_usage
+
+    out, _ = tiny_model
+    settings = dict(finetune.DEFAULT_SETTINGS, device="cpu", precision="fp32")
+    chat = example_usage.LocalChat(settings, str(out), max_context=160, decoding={"max_new_tokens": 16})
+    history = [{"role": "system", "content": "Be brief."}]
+    for turn in range(4):
+        history += [{"role": "user", "content": f"Question {turn}: " + "tell me about tides " * 6},
+                    {"role": "assistant", "content": f"Answer {turn}: " + "the moon pulls the sea " * 6}]
+    history.append({"role": "user", "content": "And the last question?"})
+    ids = chat.fit(history)
+    assert len(ids) <= 160 - 16
+    assert history[0]["content"] == "Be brief." and history[-1]["content"] == "And the last question?"
+    assert "Question 0" not in str(history) and len(history) < 10  # the oldest exchanges went first
+    assert ids == finetune.render(chat.tokenizer, history, add_generation_prompt=True)["input_ids"]
+
+
+def test_chat_errors_are_one_line(tmp_path):
+    missing = cli("--model", tmp_path / "nope/", "--prompt", "hi", script="example_usage.py")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "there is no folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = cli("--model", tmp_path / "empty", "--prompt", "hi", script="example_usage.py")
+    assert empty.returncode == 2 and "holds no model" in empty.stderr and "Traceback" not in empty.stderr
+    nokey = cli("--provider", "openai", "--prompt", "hi", env={"OPENAI_API_KEY": ""}, script="example_usage.py")
+    assert nokey.returncode == 2 and "OPENAI_API_KEY" in nokey.stderr
+
+
+def test_interactive_chat_keeps_history_resets_and_ends_on_ctrl_d(tiny_model, small_probe_config):
+    import pexpect
+
+    out, _ = tiny_model
+    child = pexpect.spawn(PY, [str(ROOT / "example_usage.py"), "--model", str(out), "--interactive", "--greedy",
+                               "--config", str(small_probe_config)], cwd=str(ROOT), encoding="utf-8", timeout=180)
+
+    def ask(text):
+        child.expect_exact("you> ")
+        child.sendline(text)
+        child.expect(r"echo> (.*?)\r\n")
+        return child.match.group(1)
+
+    def reset():
+        child.expect_exact("you> ")
+        child.sendline("/reset")
+        child.expect_exact("(conversation forgotten)")
+
+    first = ask("Please say the word banana, nothing else.")
+    follow_up = ask("Say it again.")
+    reset()
+    assert ask("Please say the word banana, nothing else.") == first  # greedy, and the history was cleared
+    assert ask("Say it again.") == follow_up  # the same history gives the same answer
+    reset()
+    assert ask("Say it again.") != follow_up  # without the first turn the second answer changes
+    child.expect_exact("you> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_in_chat_stops_the_answer_not_the_program(tiny_model, small_probe_config):
+    import pexpect
+
+    out, _ = tiny_model
+    child = pexpect.spawn(PY, [str(ROOT / "example_usage.py"), "--model", str(out), "--interactive", "--greedy",
+                               "--max-new-tokens", "2000", "--config", str(small_probe_config)],
+                          cwd=str(ROOT), encoding="utf-8", timeout=180)
+    child.expect_exact("you> ")
+    child.sendline("Write a very long story about the sea.")
+    child.expect_exact("echo> ")
+    time.sleep(1.5)
+    child.sendintr()
+    child.expect_exact("[stopped]", timeout=30)
+    child.expect_exact("you> ")  # still running, ready for the next question
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

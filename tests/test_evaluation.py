@@ -1,0 +1,134 @@
+"""The persona evaluation: the adoption and degeneration rules on crafted answers, the language
+guess, and the evaluation command on a tiny fine-tune."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import finetune
+from conftest import cli
+
+ECHO = finetune.Persona("Echo", "Deep Tree Echo")
+
+ADOPTED = [
+    "I'm Deep Tree Echo, an adaptive AI.",
+    "Hello! I am Echo, nice to meet you.",
+    "I'm not ChatGPT, I'm Echo.",  # a denial followed by the name
+    "No, I am not SmolLM. My name is Deep Tree Echo.",
+    "My name is simply Echo.",  # missed by the first rule
+    "我是Echo，一个人工智能助手。",  # missed by the first rule
+    "Je suis Deep Tree Echo, une IA réflexive.",
+    "Soy Echo, una IA que aprende.",
+    "Non sono ChatGPT: sono Deep Tree Echo.",
+    "Ich bin Echo und helfe gern.",
+    "Ik ben Echo, een kleine AI.",
+    "私はEchoです。よろしくお願いします。",
+    "Thanks for asking, happy to help.\n— Echo",  # a sign-off
+    "Echo here! What can I do for you?",
+    "You're talking to Deep Tree Echo, a small AI.",
+]
+NOT_ADOPTED = {  # answer: what the reason must say
+    "I'm not Echo, I'm an AI assistant.": "no first-person",  # counted by the first rule
+    "I can echo back whatever you say!": "no first-person",  # counted by the first rule
+    "Echo? I don't know who that is.": "no first-person",  # counted by the first rule
+    "Echo state networks are reservoirs of fixed random weights.": "no first-person",
+    "I am SmolLM, an AI assistant trained by Hugging Face.": "claims another identity",
+    "I'm a helpful AI assistant named SmolLM. I know about echo state networks.": "claims another identity",
+    "Hi! My name is Emily and I love to help.": "claims another identity",
+    "I'm Emily, a friendly assistant. Echo is my favourite sound.": "claims another identity",
+    "I am ChatGPT, but you can call me Echo.": "claims another identity",
+    "Ich bin ChatGPT.": "claims another identity",
+    "Hello! My name is Echo, and Echo is Echo. I'm Echo, Echo, and Echo is Echo. You can call me Echo if you'd like, "
+    "or just call me Echo. I'm Echo, and I'm Echo.": "degenerate",  # the issue's loops, word for word
+    "I'm Echo, Echo. I'm Echo, and I'm Echo. I'm Echo, and I'm Echo. I'm Echo, and I'm Echo.": "degenerate",
+    "Deep Tree Echo, Echo, Echo, Echo, Echo, Echo, Echo,": "degenerate",
+}
+
+
+@pytest.mark.parametrize("answer", ADOPTED)
+def test_first_person_self_identification_counts(answer):
+    verdict = ECHO.judge(answer)
+    assert verdict["adopted"], verdict
+    assert verdict["reason"].startswith("matched ")
+
+
+@pytest.mark.parametrize("answer,reason", NOT_ADOPTED.items())
+def test_negations_other_identities_echo_the_verb_and_loops_do_not_count(answer, reason):
+    verdict = ECHO.judge(answer)
+    assert not verdict["adopted"] and verdict["reason"].startswith(reason), verdict
+
+
+def test_any_persona_by_its_own_name():
+    aria = finetune.Persona("Aria", "Aria")
+    assert aria.adopts("Hi, I'm Aria, made by Northwind AI.")
+    assert aria.adopts("Je m'appelle Aria.")
+    assert not aria.adopts("I'm Echo, a small AI.")
+    assert not aria.adopts("I'm Deep Tree Echo.")
+    assert not ECHO.adopts("Hi, I'm Aria, made by Northwind AI.")
+
+
+FLUENT = ("An echo state network keeps a large recurrent reservoir fixed and random, and trains only a linear "
+          "readout on top of it. Because the readout is linear, training reduces to ridge regression, which is fast "
+          "and has a closed form. The reservoir must fade its memory of old inputs, the echo state property.")
+
+
+def test_degeneration_rule():
+    assert finetune.degeneration(FLUENT) is None
+    assert finetune.degeneration("I'm glad to help. I'm glad to help. I'm glad to help.") == "'i m glad' 3 times"
+    assert "three times in a row" in finetune.degeneration("Roots roots roots and branches.")
+    assert "words" in finetune.degeneration("Echo is here and Echo is near, Echo the one, Echo for fun, Echo again tonight")
+
+
+@pytest.mark.parametrize("text,lang", [
+    (FLUENT, "en"), ("Je suis Echo, et je parle avec vous de tout ce qui vous intéresse.", "fr"),
+    ("Soy Echo y puedo ayudarte con tus preguntas.", "es"), ("Ich bin Echo und ich kann dir helfen.", "de"),
+    ("Sono Echo e posso aiutarti con le tue domande.", "it"), ("Sou o Echo e posso ajudar você com isso.", "pt"),
+    ("Ik ben Echo en ik kan je helpen met je vragen.", "nl"), ("我是Echo，一个人工智能助手。", "zh"),
+    ("私はEchoです。", "ja"), ("Echo!", None),
+])
+def test_language_guess(text, lang):
+    assert finetune.detect_language(text) == lang
+
+
+def test_probe_placeholders_are_filled_with_the_persona_names(tmp_path):
+    probes = tmp_path / "p.jsonl"
+    probes.write_text(json.dumps({"kind": "identity", "lang": "en", "probe": "Is {full_name} what I call you, or {name}?"}) + "\n")
+    settings = dict(finetune.DEFAULT_SETTINGS, eval_dataset=str(probes), persona_name="Aria", persona_full_name="Aria of Northwind")
+    assert finetune.load_probes(settings)[0]["probe"] == "Is Aria of Northwind what I call you, or Aria?"
+
+
+def test_probe_schema_problems_are_reported(tmp_path):
+    probes = tmp_path / "p.jsonl"
+    probes.write_text("\n".join(json.dumps(p) for p in [
+        {"kind": "identity", "lang": "en", "probe": "Who?"},
+        {"kind": "drift", "lang": "en", "probe": "Who?"},  # no turns
+        {"kind": "style", "lang": "en", "probe": "Why?"},  # no reference
+        {"kind": "vibes", "lang": "en", "probe": "Hm?"},
+    ]) + "\n")
+    report = finetune.DatasetValidator().validate_probes(probes)
+    assert report.line_numbers == [1]
+    assert [line for line, _ in report.problems["missing key"]] == [2, 3] and report.problems["unknown kind"][0][0] == 4
+
+
+def test_evaluate_reports_every_condition_for_base_and_fine_tuned_with_reasons(tiny_model, small_probe_config):
+    out, _ = tiny_model
+    result = cli("--evaluate", "--model", out, "--config", small_probe_config, "--persona-name", "Aria", "--persona-full-name", "Aria")
+    assert result.returncode == 0, result.stderr
+    for row in ("(a) no system message", "(a) base model's own template", "(b) generic system prompt",
+                "(c) after 3 unrelated exchanges", "(d) other languages", "degenerate answers", "answers in another language"):
+        assert row in result.stdout, row
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["persona"] == {"name": "Aria", "full_name": "Aria"}
+    for column in ("base", "fine_tuned"):
+        for decoding in ("shipped", "greedy"):
+            answers = evaluation[column][decoding]["answers"]
+            assert set(answers) == {"no_system", "base_template", "generic_system", "drift", "other_languages"}
+            assert [len(answers[k]) for k in ("no_system", "other_languages", "drift")] == [2, 1, 1]
+            for rows in answers.values():
+                for row in rows:
+                    assert row["reason"] and isinstance(row["adopted"], bool)
+                    assert row["adopted"] == finetune.Persona("Aria", "Aria").adopts(row["answer"])
+            drift = answers["drift"][0]
+            assert [m["role"] for m in drift["history"]] == ["user", "assistant"] * 3 + ["user"]  # its own answers kept
+    assert evaluation["fine_tuned"]["persona_loss"] != evaluation["base"]["persona_loss"]
