@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PRISM  := .prism/node_modules/.bin/prism
-DEMO_QUESTIONS := "Hello, what's your name?" "Are you ChatGPT?" "What is an echo state network, in two sentences?" "And what do you remember of what I asked first?"
+DEMO_QUESTIONS := "Hello, what's your name?" "Are you ChatGPT?" "Who made you?" "Describe yourself in three words." "Qui es-tu ?" "What is an echo state network, in two sentences?" "Give me a tip for sleeping better." "And what was my first question?"
 
 .PHONY: install demo test bench clean
 

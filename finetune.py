@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import unicodedata
 from pathlib import Path
 
@@ -50,11 +52,11 @@ DEFAULTS = {
         "model": "auto",  # base model: smollm2-135m (hf) / gpt-4o-mini-2024-07-18 (openai)
         "output_dir": "auto",  # echo-model (huggingface) or echo-openai (openai): apart, so neither replaces the other
         "method": "lora",  # lora | full
-        "max_steps": 32,  # optimizer steps (fits 10 minutes on a 2-core AVX2 CPU); 0 = use `epochs`
+        "max_steps": 40,  # optimizer steps (about 2/3 of an epoch at batch 4); 0 = use `epochs`
         "epochs": 1.0,  # used when max_steps is 0
         "learning_rate": "auto",  # 2e-3 for LoRA, 5e-5 for full fine-tuning
-        "lr_scheduler": "constant",  # any transformers scheduler name
-        "warmup_steps": 0,
+        "lr_scheduler": "cosine",  # any transformers scheduler name; decaying to 0 ends the run settled, not looping
+        "warmup_steps": 4,
         "weight_decay": 0.0,
         "batch_size": "auto",  # 4 on CPU and MPS, 16 on CUDA
         "gradient_accumulation": 1,
@@ -696,7 +698,11 @@ class DatasetValidator:
 
 
 def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded, reproducible train/validation split. A fraction of 0 keeps everything for training."""
+    """Seeded, reproducible train/validation split. A fraction of 0 keeps everything for training.
+
+    The one split, on examples, shared by --prepare-only and training. Not Dataset.train_test_split:
+    an Arrow table gives every message every key ("weight": None, "name": None), which would then
+    reach the prepared files, and --prepare-only would have to import datasets for eight lines."""
     if not fraction or len(examples) < 2:
         return list(examples), []
     order = list(range(len(examples)))
@@ -777,8 +783,10 @@ def default_system_text(tokenizer, template: str | None = None) -> str:
 def persona_chat_template(tokenizer) -> str:
     """The template saved with a persona model: the base template without its default system message.
 
-    With no system message it then renders none, so nothing tells the model it is someone else. The
-    {% if %} block that adds the default goes; where there is none, the default text alone.
+    With no system message it renders an empty system turn where the base template put its default
+    one: nothing tells the model it is someone else, and the shape of the conversation stays the one
+    the base model always saw (with no system turn at all, SmolLM2-135M loops far more often).
+    Where the default text cannot be emptied, the {% if %} block that adds it goes.
     """
     template, default = tokenizer.chat_template, default_system_text(tokenizer)
     if not default.strip():
@@ -789,7 +797,7 @@ def persona_chat_template(tokenizer) -> str:
             continue
         block = re.search(r"\{%-?\s*if[^%]*%\}(?:(?!\{%-?\s*(?:if|endif)\b).)*?" + re.escape(literal)
                           + r".*?\{%-?\s*endif\s*-?%\}", template, re.S)
-        candidates = ([template[: block.start()] + template[block.end() :]] if block else []) + [template.replace(literal, "")]
+        candidates = [template.replace(literal, "")] + ([template[: block.start()] + template[block.end() :]] if block else [])
         for candidate in candidates:
             same = (tokenizer.apply_chat_template(probe, chat_template=candidate, tokenize=False)
                     == tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False))  # a system message: unchanged
@@ -1023,7 +1031,9 @@ def load_for_inference(name: str):
     """(model, tokenizer, base_name) for chat and evaluation.
 
     A LoRA output folder loads its base (re-resolved from the summary, so a cleared cache is rebuilt)
-    with the adapter attached; `with model.disable_adapter()` then answers as the base model.
+    with the adapter attached; `with model.disable_adapter()` then answers as the base model. Not
+    peft's AutoPeftModelForCausalLM: the adapter names its base by this tool's alias (smollm2-135m),
+    which only resolve_base turns into a folder.
     """
     folder = Path(name)
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
@@ -1622,7 +1632,7 @@ class Persona:
         self.name, self.full_name = name, full_name
         names = "|".join(re.escape(n).replace(r"\ ", r"\s+") for n in sorted({full_name, name}, key=len, reverse=True) if n)
         self.names = rf"(?:{names})"
-        quote = r"[\s:,]*[\"“'«「『]?\s*"
+        quote = r"(?:\s+(?:o|el|il|the))?[\s:,]*[\"“'«「『]?\s*"  # "sou o Echo", "soy el Echo"
         self.claims = [
             re.compile(rf"(?<![\w'’])(?:{SELF_PHRASES}){FILLERS}{quote}{self.names}{END_OF_NAME}", re.I),
             re.compile(rf"(?:{SELF_PHRASES_CJK}){FILLERS}{quote}{self.names}{END_OF_NAME}", re.I),
@@ -1669,7 +1679,7 @@ def degeneration(answer: str) -> str | None:
     """Why an answer is a loop, or None. A word 3-gram three times or more, a word three times in a
     row, or one word making up over a quarter of an answer of 16 words or more: what a collapsed
     persona writes ("I'm Echo, Echo, and Echo is Echo"), and what fluent text of this length never does."""
-    words = re.findall(r"\w+", answer.casefold())  # "Echo's" counts as "echo"
+    words = re.findall(r"\w+(?:['’](?!s\b)\w+)?", answer.casefold())  # "I'm" is one word; "Echo's" counts as "echo"
     trigrams = collections.Counter(zip(words, words[1:], words[2:]))
     if trigrams:
         gram, count = trigrams.most_common(1)[0]
@@ -1802,6 +1812,8 @@ def drift_answers(model, tokenizer, probes: list[dict], settings: dict, decoding
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple:
+    """Rows padded into (ids, mask). Not tokenizer.pad: it pads input_ids only, and the loss batches
+    pad their labels with -100 by the same rule."""
     import torch
 
     width = max(len(row) for row in rows)
@@ -1887,9 +1899,9 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
     """
     probes = load_probes(settings)
     start = time.time()
-    kinds = collections.Counter("drift" if p["kind"] == "drift" else p["kind"] if p["lang"] == "en" or p["kind"] != "identity"
-                                else "identity, other languages" for p in probes)
-    log("evaluating: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + " probes, greedy")
+    kinds = collections.Counter("identity (other languages)" if p["kind"] == "identity" and p["lang"] != "en" else p["kind"]
+                                for p in probes)
+    log("evaluating on " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + " probes, base and fine-tuned")
     result = {"persona": {"name": settings["persona_name"], "full_name": settings["persona_full_name"]},
               "probes": dict(kinds), "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
               "shipped_decoding": shipped_decoding_summary(model),
@@ -2139,7 +2151,7 @@ class HuggingFaceFineTuner:
         )
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout
         if trainer.pop_callback(ProgressCallback):
-            trainer.add_callback(QuietProgressBar)  # the bar, without the dicts
+            trainer.add_callback(trainer_callbacks().QuietProgressBar)  # the bar, without the dicts
         return trainer
 
     # -- the run -------------------------------------------------------------------------------
@@ -2160,7 +2172,8 @@ class HuggingFaceFineTuner:
             folder.start(fresh=resume_from is None)
         state.wait_for_everyone()
         model = self.load_model()
-        progress, stopper = ProgressLog(), InterruptToCheckpoint()
+        callbacks = trainer_callbacks()
+        progress, stopper = callbacks.ProgressLog(), callbacks.InterruptToCheckpoint()
         trainer = self.make_trainer(model, tokenizer, train, val, folder.checkpoints, [progress, stopper])
         started = time.time()
         with stopper.catching_signals():
@@ -2255,81 +2268,84 @@ class HuggingFaceFineTuner:
         }
 
 
-try:  # Trainer callbacks; transformers is imported lazily elsewhere, but callbacks must subclass its class
+@functools.cache
+def trainer_callbacks() -> types.SimpleNamespace:
+    """The Trainer callbacks, defined once on first use: importing transformers at the top of the
+    file would make every command, --help included, wait seconds for torch."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import ProgressCallback
-except ImportError:  # pragma: no cover - the tool needs transformers to train anyway
-    TrainerCallback = ProgressCallback = object
+
+    class ProgressLog(TrainerCallback):
+        """One line per logged step on stderr: loss, learning rate and tokens per second."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.start_tokens = time.time(), state.num_input_tokens_seen
+
+        def tokens_per_second(self, state) -> float:
+            return (state.num_input_tokens_seen - self.start_tokens) / max(time.time() - self.start, 1e-9)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            if "loss" in logs:
+                log(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                    f"lr {logs.get('learning_rate', 0):.1e}  {self.tokens_per_second(state):.0f} tokens/s")
+            elif "eval_loss" in logs:
+                log(f"step {state.global_step}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
 
 
-class ProgressLog(TrainerCallback):
-    """One line per logged step on stderr: loss, learning rate and tokens per second."""
+    class InterruptToCheckpoint(TrainerCallback):
+        """Ctrl-C (or SIGTERM): finish the current step, save a checkpoint, stop. A second Ctrl-C aborts,
+        but never in the middle of writing a checkpoint. Over several processes, every process stops at
+        the same step: the flag is shared with an all-reduce after each step."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_tokens = time.time(), state.num_input_tokens_seen
+        interrupted = saving = abort_after_save = False
 
-    def tokens_per_second(self, state) -> float:
-        return (state.num_input_tokens_seen - self.start_tokens) / max(time.time() - self.start, 1e-9)
+        @contextlib.contextmanager
+        def catching_signals(self):
+            def handler(signum, frame):
+                if not self.interrupted:
+                    self.interrupted = True
+                    log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to abort without one)")
+                elif self.saving:
+                    self.abort_after_save = True
+                    log("finishing the checkpoint being written, then stopping")
+                else:
+                    raise KeyboardInterrupt
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if "loss" in logs:
-            log(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
-                f"lr {logs.get('learning_rate', 0):.1e}  {self.tokens_per_second(state):.0f} tokens/s")
-        elif "eval_loss" in logs:
-            log(f"step {state.global_step}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}")
+            previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, old in previous.items():
+                    signal.signal(sig, old)
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.world_size > 1:
+                import torch
+                import torch.distributed as dist
 
-class InterruptToCheckpoint(TrainerCallback):
-    """Ctrl-C (or SIGTERM): finish the current step, save a checkpoint, stop. A second Ctrl-C aborts,
-    but never in the middle of writing a checkpoint. Over several processes, every process stops at
-    the same step: the flag is shared with an all-reduce after each step."""
+                flag = torch.tensor([int(self.interrupted)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                self.interrupted = bool(flag.item())
+            if self.interrupted:
+                control.should_save, control.should_training_stop = True, True
+            self.saving = bool(control.should_save)
 
-    interrupted = saving = abort_after_save = False
-
-    @contextlib.contextmanager
-    def catching_signals(self):
-        def handler(signum, frame):
-            if not self.interrupted:
-                self.interrupted = True
-                log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to abort without one)")
-            elif self.saving:
-                self.abort_after_save = True
-                log("finishing the checkpoint being written, then stopping")
-            else:
+        def on_save(self, args, state, control, **kwargs):
+            self.saving = False
+            if self.abort_after_save:
                 raise KeyboardInterrupt
 
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if args.world_size > 1:
-            import torch
-            import torch.distributed as dist
+    class QuietProgressBar(ProgressCallback):
+        """The progress bar without its dict-per-log printing (ProgressLog prints those lines)."""
 
-            flag = torch.tensor([int(self.interrupted)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.interrupted = bool(flag.item())
-        if self.interrupted:
-            control.should_save, control.should_training_stop = True, True
-        self.saving = bool(control.should_save)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
 
-    def on_save(self, args, state, control, **kwargs):
-        self.saving = False
-        if self.abort_after_save:
-            raise KeyboardInterrupt
-
-
-class QuietProgressBar(ProgressCallback):
-    """The progress bar without its dict-per-log printing (ProgressLog prints those lines)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
+    return types.SimpleNamespace(ProgressLog=ProgressLog, InterruptToCheckpoint=InterruptToCheckpoint,
+                                 QuietProgressBar=QuietProgressBar)
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
@@ -2540,6 +2556,7 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
+    warnings.filterwarnings("ignore", message="Could not find a config file in")  # peft, on an adapter named by alias
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -23,6 +23,7 @@ ADOPTED = [
     "Non sono ChatGPT: sono Deep Tree Echo.",
     "Ich bin Echo und helfe gern.",
     "Ik ben Echo, een kleine AI.",
+    "Não, eu sou o Echo, e não o ChatGPT.",
     "私はEchoです。よろしくお願いします。",
     "Thanks for asking, happy to help.\n— Echo",  # a sign-off
     "Echo here! What can I do for you?",
@@ -75,7 +76,8 @@ FLUENT = ("An echo state network keeps a large recurrent reservoir fixed and ran
 
 def test_degeneration_rule():
     assert finetune.degeneration(FLUENT) is None
-    assert finetune.degeneration("I'm glad to help. I'm glad to help. I'm glad to help.") == "'i m glad' 3 times"
+    assert finetune.degeneration("I'm glad to help. I'm glad to help. I'm glad to help.") == "\"i'm glad to\" 3 times"
+    assert finetune.degeneration("I'm a student. I'm a physicist, and I'm a runner too.") is None  # a habit, not a loop
     assert "three times in a row" in finetune.degeneration("Roots roots roots and branches.")
     assert "words" in finetune.degeneration("Echo is here and Echo is near, Echo the one, Echo for fun, Echo again tonight")
 
