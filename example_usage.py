@@ -6,7 +6,7 @@ Examples:
   python example_usage.py --prompt "Who are you?"              # prints only the answer
   echo "What is an echo state network?" | python example_usage.py --prompt -
   python example_usage.py --model echo-model/merged --greedy --prompt "Hello"
-  python example_usage.py --provider openai --interactive      # reads echo-model/openai_job.json
+  python example_usage.py --provider openai --interactive      # reads echo-openai/openai_job.json
 
 In the interactive chat: /reset forgets the conversation, /exit or Ctrl-D quits,
 Ctrl-C stops the answer being written (not the program).
