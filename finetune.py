@@ -2199,7 +2199,8 @@ class HuggingFaceFineTuner:
             write_atomic(staging / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
             folder.replace_with(staging)  # step 6: only now does the old model go
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if state.is_main_process:  # the others return early, while the main process still writes here
+                shutil.rmtree(staging, ignore_errors=True)
         log(f"saved {s['method']} model to {folder.path} in {wall:.0f} s "
             f"({summary['tokens_per_second']:.0f} tokens/s, final train loss {summary['train_loss']:.3f})")
         if result:
