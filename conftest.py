@@ -42,6 +42,19 @@ def good_examples(n: int) -> list[dict]:
     return [{"prompt": f"Question number {i} about tides?", "completion": f"Answer {i}: the moon pulls the sea."} for i in range(n)]
 
 
+def assert_every_line_accounted_for(report, lines: list[bytes]) -> None:
+    """Each non-blank line of a validated file is either accepted or reported, never both."""
+    reported, accepted = set(report.invalid_lines), set(report.line_numbers)
+    assert not reported & accepted, (reported, accepted)
+    for number, line in enumerate(lines, start=1):
+        content = line[3:] if number == 1 and line.startswith(b"\xef\xbb\xbf") else line
+        try:
+            blank = content.rstrip(b"\r").decode("utf-8").strip() == ""
+        except UnicodeDecodeError:
+            blank = False
+        assert (number in reported or number in accepted) != blank, (number, line[:200])
+
+
 def load_jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in (ROOT / name).read_text(encoding="utf-8").splitlines() if line.strip()]
 

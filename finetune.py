@@ -2530,10 +2530,11 @@ def evaluate_command(settings: dict) -> int:
     model.to(resolved["device"])
     base, base_template = None, None
     if base_name:
-        base_tokenizer = load_tokenizer(resolve_base(base_name))
+        base_path = resolve_base(base_name)
+        base_tokenizer = load_tokenizer(base_path)
         base_template = base_tokenizer.chat_template if base_tokenizer.chat_template != tokenizer.chat_template else None
         if not hasattr(model, "disable_adapter"):
-            base = load_causal_lm(resolve_base(base_name)).eval().to(resolved["device"])
+            base = load_causal_lm(base_path).eval().to(resolved["device"])
     result = evaluate_persona(model, tokenizer, resolved, base_template, base)
     if Path(name).is_dir() and is_ours(Path(name)):
         write_atomic(Path(name) / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)

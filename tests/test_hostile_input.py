@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
 
 import finetune  # noqa: E402
+from conftest import assert_every_line_accounted_for  # noqa: E402
 
 GOOD = '{"prompt": "Who are you?", "completion": "Deep Tree Echo."}'
 GOOD_2 = '{"prompt": "What is a reservoir?", "completion": "A fixed recurrent network."}'
@@ -32,15 +33,7 @@ def validate(tmp_path: Path, *lines: str, tokenizer=None) -> finetune.Validation
 
 
 def check_accounted_and_writable(report, tmp_path: Path, lines: list[bytes]) -> None:
-    reported, accepted = set(report.invalid_lines), set(report.line_numbers)
-    assert not reported & accepted, (reported, accepted)
-    for number, line in enumerate(lines, start=1):
-        content = line[3:] if number == 1 and line.startswith(b"\xef\xbb\xbf") else line
-        try:
-            blank = content.rstrip(b"\r").decode("utf-8").strip() == ""
-        except UnicodeDecodeError:
-            blank = False
-        assert (number in reported or number in accepted) != blank, (number, line[:200])
+    assert_every_line_accounted_for(report, lines)
     out = finetune.write_jsonl(tmp_path / "prepared.jsonl", report.examples, overwrite=True)
     written = out.read_bytes().decode("utf-8")  # strict: the prepared file is real UTF-8
     assert [json.loads(row) for row in written.split("\n")[:-1]] == report.examples

@@ -90,6 +90,23 @@ def api_key(monkeypatch):
 
 
 # -- Prism: OpenAI's specification, served on loopback -------------------------------------------
+
+def serve_on_loopback(handle) -> tuple:
+    """(server, url) of a threaded HTTP server on loopback that passes every GET and POST to handle(request)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            handle(self)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
 class Prism:
     def __init__(self, url: str, log_path: Path):
         self.url, self.log_path = url, log_path
@@ -171,20 +188,7 @@ class Recorder:
     def __init__(self, target: str, dynamic: bool):
         self.target, self.dynamic = target, dynamic
         self.exchanges: list[Exchange] = []
-        recorder = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                recorder.forward(self)
-
-            do_POST = do_GET
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.server, self.url = serve_on_loopback(self.forward)
 
     def forward(self, request) -> None:
         body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
@@ -371,21 +375,8 @@ class ScriptedAPI:
         self.script = {key: list(answers) for key, answers in script.items()}
         self.requests: list[tuple[str, str, bytes]] = []
         self.on_request = on_request  # called as on_request(method, path, requests) before answering
-        api = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                api.handle(self)
-
-            do_POST = do_GET
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server, self.url = serve_on_loopback(self.handle)
         self.server.handle_error = lambda request, address: None  # a client gone after Ctrl-C
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def handle(self, request) -> None:
         path = request.path.split("?")[0]
