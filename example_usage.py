@@ -61,7 +61,7 @@ class LocalChat:
             self.model = self.model.merge_and_unload()
         self.settings = finetune.resolve_hardware(settings, training=False)
         set_seed(settings["seed"])
-        self.model.to(self.settings["device"])
+        self.model = finetune.answering(self.model, self.settings)
         self.max_context = max_context or getattr(self.model.config, "max_position_embeddings", 2048)
         self.decoding = decoding_overrides(decoding or {})  # the flags given; the folder's generation_config.json for the rest
         self.torch = torch

@@ -66,6 +66,7 @@ DEFAULTS = {
         "lora_dropout": 0.0,
         "lora_target_modules": "all-linear",  # or a comma-separated list: q_proj,v_proj
         "base_template_share": 0.25,  # share of examples rendered with the base template's own system message
+        "persona_repeats": 3,  # examples whose answer names the persona ("I'm Echo") are trained on this many times
         "device": "auto",  # cuda | mps | cpu
         "precision": "auto",  # bf16 | fp16 | fp32; auto picks bf16 only where it is native
         "seed": 42,
@@ -74,7 +75,7 @@ DEFAULTS = {
     },
     "generation": {  # the decoding defaults saved with the model (generation_config.json); chat uses them
         "greedy": True,  # False: sample with temperature and top_p
-        "repetition_penalty": 1.1,
+        "repetition_penalty": 1.0,  # none: the persona holds under plain greedy, as llama.cpp, Ollama and pipelines run it
         "temperature": 0.7,
         "top_p": 0.9,
         "max_new_tokens": 256,
@@ -86,7 +87,7 @@ DEFAULTS = {
         "general_text": "general_text.txt",  # ordinary English for the perplexity check
         "evaluate_after_training": True,  # run the persona evaluation at the end
         "eval_max_new_tokens": 64,  # greedy answers this long show a loop when there is one
-        "eval_batch_size": 16,
+        "eval_batch_size": 96,  # answers generated at once: on 2 CPU cores 96 run 1.7x faster than 16
     },
     "openai": {
         "suffix": "deep-tree-echo",
@@ -1099,7 +1100,8 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
             resolved["precision"] = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             why = "what this GPU supports"
         elif device == "cpu" and cpu_has_native_bf16():
-            resolved["precision"], why = "bf16", "this CPU computes bf16 natively (bf16 autocast, fp32 weights)"
+            how = "bf16 autocast, fp32 weights" if training else "bf16 weights"
+            resolved["precision"], why = "bf16", f"this CPU computes bf16 natively ({how})"
         else:
             resolved["precision"], why = "fp32", "no native bf16 on this CPU" if device == "cpu" else "safest here"
     if resolved["batch_size"] == "auto":
@@ -1111,6 +1113,18 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
     extra = f", batch size {resolved['batch_size']}, learning rate {resolved['learning_rate']}" if training else ""
     log(f"device {device} ({capability}), precision {resolved['precision']} ({why}; --precision overrides){extra}")
     return resolved
+
+
+def answering(model, settings: dict):
+    """The model moved to its device, in eval mode, with its weights in the precision chosen for it.
+
+    Answering, unlike training, keeps no fp32 master weights: under autocast alone every weight
+    would be cast to bf16 again at every token, for nothing. Merging an adapter into bf16 weights
+    afterwards rounds the sum once, as any bf16 export does."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"], torch.float32)
+    return model.eval().to(device=settings["device"], dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -1749,11 +1763,20 @@ def condition_questions(probes: list[dict], base_template: str | None) -> dict:
     return conditions
 
 
+PLAIN_GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+
 def decoding_options(model, decoding: str) -> dict:
     """The folder's decoding defaults (generation_config.json), or plain greedy with no penalty."""
     if decoding == "shipped":
         return {}  # generate() applies model.generation_config
-    return {"do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "temperature": None, "top_p": None, "top_k": None}
+    return {**PLAIN_GREEDY, "temperature": None, "top_p": None, "top_k": None}
+
+
+def ships_plain_greedy(model) -> bool:
+    """Whether the shipped decoding is plain greedy already: then one run of answers serves both."""
+    config = model.generation_config
+    return all((getattr(config, key, None) or value) == value for key, value in PLAIN_GREEDY.items())
 
 
 def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: dict, decoding: str = "greedy",
@@ -1831,8 +1854,9 @@ def mean_token_loss(model, rows: list[dict], settings: dict, pad_id: int) -> flo
     import torch
 
     total, count = 0.0, 0
-    for start in range(0, len(rows), settings["eval_batch_size"]):
-        batch = rows[start : start + settings["eval_batch_size"]]
+    size = min(settings["eval_batch_size"], 16)  # each row's logits span the whole vocabulary
+    for start in range(0, len(rows), size):
+        batch = rows[start : start + size]
         ids, mask = pad_batch([r["input_ids"] for r in batch], pad_id, left=False)
         labels, _ = pad_batch([r["labels"] for r in batch], -100, left=False)
         with torch.no_grad(), autocast(settings["device"], settings["precision"]):
@@ -1868,6 +1892,9 @@ def score_model(model, tokenizer, probes: list[dict], settings: dict, base_templ
     persona = Persona(settings["persona_name"], settings["persona_full_name"])
     result = {}
     for decoding in DECODINGS:
+        if decoding == "greedy" and ships_plain_greedy(model):
+            result[decoding] = result["shipped"]
+            continue
         questions = condition_questions(probes, base_template)  # asked in one list: fewer, fuller batches
         everything = [(key, c, p, t) for key, (conversations, asked, t) in questions.items() for c, p in zip(conversations, asked)]
         answers = generate_answers(model, tokenizer, [c for _, c, _, _ in everything], settings, decoding, [t for *_, t in everything])
@@ -1904,7 +1931,7 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
     log("evaluating on " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + " probes, base and fine-tuned")
     result = {"persona": {"name": settings["persona_name"], "full_name": settings["persona_full_name"]},
               "probes": dict(kinds), "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
-              "shipped_decoding": shipped_decoding_summary(model),
+              "shipped_decoding": shipped_decoding_summary(model), "shipped_is_plain_greedy": ships_plain_greedy(model),
               "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0]}
     if hasattr(model, "merge_adapter"):  # LoRA: the base is the same model with the adapter switched off
         with model.disable_adapter():
@@ -1949,8 +1976,9 @@ def format_evaluation(result: dict) -> str:
         lines.append(f"general-text perplexity {result['base']['general_perplexity']:.2f} -> "
                      f"{result['fine_tuned']['general_perplexity']:.2f} ({result['perplexity_change']:+.1%})")
     shipped = result["shipped_decoding"]
+    same = " (plain greedy: one set of answers fills both columns)" if result.get("shipped_is_plain_greedy") else ""
     lines.append(f"shipped decoding: {'sampling' if shipped['do_sample'] else 'greedy'}, repetition penalty "
-                 f"{shipped['repetition_penalty']}; {sum(result['probes'].values())} probes, {result['seconds']} s")
+                 f"{shipped['repetition_penalty']}{same}; {sum(result['probes'].values())} probes, {result['seconds']} s")
     return "\n".join(lines)
 
 
@@ -2088,6 +2116,18 @@ class HuggingFaceFineTuner:
         share = self.settings["base_template_share"] if self.base_template else 0
         return [self.base_template if rng.random() < share and ex["messages"][0]["role"] != "system" else None for ex in examples]
 
+    def with_persona_repeats(self, examples: list[dict]) -> list[dict]:
+        """The examples, with those in which the assistant names itself as the persona repeated:
+        they carry the identity and are few, and in a short run the long explanations around them
+        would otherwise teach a small model to talk on about itself instead of answering and stopping."""
+        s = self.settings
+        persona = Persona(s["persona_name"], s["persona_full_name"])
+        naming = [ex for ex in examples if any(persona.judge(m["content"])["adopted"] for m in ex["messages"] if m["role"] == "assistant")]
+        if s["persona_repeats"] > 1:
+            log(f"{len(naming)} of {len(examples)} examples name the persona {s['persona_name']!r}: "
+                f"each trained on {s['persona_repeats']} times (--persona-repeats)")
+        return examples + naming * (max(s["persona_repeats"], 1) - 1)
+
     def rows(self, examples: list[dict], tokenizer) -> list[dict]:
         """Each example rendered once; an example that keeps no assistant token is reported, not trained."""
         max_length = self.settings["max_length"]
@@ -2163,7 +2203,7 @@ class HuggingFaceFineTuner:
 
         s, state = self.settings, PartialState()
         tokenizer = self.load_tokenizer()
-        train = Dataset.from_list(self.rows(train_examples, tokenizer))
+        train = Dataset.from_list(self.rows(self.with_persona_repeats(train_examples), tokenizer))
         val = Dataset.from_list(self.rows(val_examples, tokenizer)) if val_examples else None
         report.stats["example tokens (rendered)"] = summarise(list(train["length"]) + (list(val["length"]) if val else []))
         log(f"training {s['method']} on {len(train)} examples ({sum(train['length'])} tokens), validating on "
@@ -2230,10 +2270,9 @@ class HuggingFaceFineTuner:
     def evaluate(self, model, tokenizer, staging: Path, processes: int) -> dict:
         """The persona evaluation on the main process. Over several processes (FSDP shards the weights)
         it evaluates the model as saved, which save_model gathered; on one, the model in memory."""
-        model = load_for_inference(str(staging))[0] if processes > 1 else model.eval()
-        model.to(self.settings["device"])
+        model = answering(load_for_inference(str(staging))[0] if processes > 1 else model, self.settings)
         model.generation_config = shipped_generation_config(tokenizer, self.settings)
-        base = None if hasattr(model, "disable_adapter") else load_causal_lm(self.base_path).eval().to(model.device)
+        base = None if hasattr(model, "disable_adapter") else answering(load_causal_lm(self.base_path), self.settings)
         result = evaluate_persona(model, tokenizer, self.settings, self.base_template, base)
         write_atomic(staging / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
         return result
@@ -2446,6 +2485,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--lora-dropout", "lora_dropout", type=float)
     setting(train, "--lora-target-modules", "lora_target_modules", "all-linear or e.g. q_proj,v_proj", metavar="LIST")
     setting(train, "--base-template-share", "base_template_share", "share of examples rendered with the base template's system message", type=float)
+    setting(train, "--persona-repeats", "persona_repeats", "times each example whose answer names the persona is trained on", type=int, metavar="N")
     setting(train, "--device", "device", choices=("auto", "cpu", "cuda", "mps"))
     setting(train, "--precision", "precision", "auto: bf16 where native, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
     setting(train, "--seed", "seed", type=int)
@@ -2527,14 +2567,14 @@ def evaluate_command(settings: dict) -> int:
     name = settings["output_dir"] if settings["model"] == "auto" else settings["model"]
     resolved = resolve_hardware(settings, training=False)
     model, tokenizer, base_name = load_for_inference(name)
-    model.to(resolved["device"])
+    model = answering(model, resolved)
     base, base_template = None, None
     if base_name:
         base_path = resolve_base(base_name)
         base_tokenizer = load_tokenizer(base_path)
         base_template = base_tokenizer.chat_template if base_tokenizer.chat_template != tokenizer.chat_template else None
         if not hasattr(model, "disable_adapter"):
-            base = load_causal_lm(base_path).eval().to(resolved["device"])
+            base = answering(load_causal_lm(base_path), resolved)
     result = evaluate_persona(model, tokenizer, resolved, base_template, base)
     if Path(name).is_dir() and is_ours(Path(name)):
         write_atomic(Path(name) / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)

@@ -583,6 +583,21 @@ def test_the_providers_write_to_different_default_folders():
     assert finetune.output_dir_for(dict(finetune.DEFAULT_SETTINGS), "openai")["output_dir"] == "echo-openai"
 
 
+def test_examples_that_name_the_persona_are_repeated_and_the_rest_once():
+    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in [
+        ("Who are you?", "I'm Aria, made by Northwind AI."),
+        ("Name?", "I'm not Aria, just a helper."),  # a denial names no one
+        ("Tides?", "The moon pulls the sea."),
+        ("And you?", "Aria here, happy to help."),
+    ]]
+    settings = dict(finetune.DEFAULT_SETTINGS, persona_name="Aria", persona_full_name="Aria of Northwind", persona_repeats=3)
+    repeated = finetune.HuggingFaceFineTuner(settings).with_persona_repeats(examples)
+    counts = collections.Counter(ex["messages"][1]["content"] for ex in repeated)
+    assert [counts[ex["messages"][1]["content"]] for ex in examples] == [3, 1, 1, 3]
+    once = finetune.HuggingFaceFineTuner(dict(settings, persona_repeats=1)).with_persona_repeats(examples)
+    assert once == examples
+
+
 def test_max_length_too_short_for_any_answer_is_explained(tmp_path):
     data = write_lines(tmp_path / "d.jsonl", good_examples(6))  # no system message: SmolLM2's own fills the window
     result = cli("--output-dir", tmp_path / "short", "--dataset", data, "--validation-split", "0", "--no-eval", "--max-length", "32",

@@ -13,6 +13,7 @@ def test_prompt_prints_only_the_answer_the_model_gives(tiny_model, small_probe_c
     assert result.returncode == 0, result.stderr
     model, tokenizer, _ = finetune.load_for_inference(str(out))
     settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS), training=False)
+    model = finetune.answering(model.merge_and_unload(), settings)  # as the chat loads it: merged, in the chosen precision
     [expected] = finetune.generate_answers(model, tokenizer, [[{"role": "user", "content": "Who are you?"}]], settings,
                                            decoding="shipped", max_new_tokens=model.generation_config.max_new_tokens)
     assert result.stdout == expected + "\n"  # the folder's decoding defaults, and nothing else on stdout

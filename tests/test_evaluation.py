@@ -134,3 +134,21 @@ def test_evaluate_reports_every_condition_for_base_and_fine_tuned_with_reasons(t
             drift = answers["drift"][0]
             assert [m["role"] for m in drift["history"]] == ["user", "assistant"] * 3 + ["user"]  # its own answers kept
     assert evaluation["fine_tuned"]["persona_loss"] != evaluation["base"]["persona_loss"]
+    assert evaluation["shipped_is_plain_greedy"]  # the default folder ships plain greedy: one set of answers serves both
+    assert evaluation["fine_tuned"]["greedy"] == evaluation["fine_tuned"]["shipped"]
+
+
+@pytest.mark.parametrize("options,plain", [
+    ({"do_sample": False}, True),
+    ({"do_sample": False, "repetition_penalty": 1.0}, True),
+    ({"do_sample": False, "repetition_penalty": 1.1}, False),
+    ({"do_sample": False, "no_repeat_ngram_size": 3}, False),
+    ({"do_sample": True, "temperature": 0.7}, False),
+])
+def test_the_shipped_decoding_is_run_apart_unless_it_is_plain_greedy(options, plain):
+    from transformers import GenerationConfig
+
+    class Model:
+        generation_config = GenerationConfig(**options)
+
+    assert finetune.ships_plain_greedy(Model()) is plain
