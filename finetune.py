@@ -2381,11 +2381,11 @@ def plot_losses(history: list[dict], path: Path) -> None:
 # llama.cpp's own converter (convert_hf_to_gguf.py, LlamaModel) writes a Llama, in F16 and Q8_0,
 # beside an Ollama Modelfile whose template renders what training rendered.
 # --------------------------------------------------------------------------------------------
-GGUF_ARCHITECTURES = ("LlamaForCausalLM",)  # llama.cpp's "llama" graph: SmolLM2, Llama, TinyLlama...
+GGUF_ARCHITECTURES = ("LlamaForCausalLM",)  # llama.cpp's "llama" graph: SmolLM2, Llama and models built like them
 GGUF_KINDS = ("F16", "Q8_0")  # F16 is the one checked token for token; Q8_0 is half its size
 GGUF_FOLDER = "gguf"
 # llama.cpp splits text before BPE with a regex it picks by the name tokenizer.ggml.pre; its converter
-# (get_vocab_base_pre) names it from a hash of the tokens of this text. Two tokenizers share no hash.
+# (get_vocab_base_pre) names it from a hash of the tokens of this text, and refuses a hash it does not know.
 PRE_TOKENIZER_TEXT = (
     "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "
     "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
