@@ -1,6 +1,7 @@
 # make demo  : venv, install, fine-tune the embedded model, chat with it, evaluation table
 # make test  : venv, install (Prism too), run the test suite
 # make bench : throughput benchmark (prints the CPU, tokens/s and ratios)
+# make test-export : build llama-cpp-python into the venv (minutes), then check llama.cpp runs the exported GGUF
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PRISM  := .prism/node_modules/.bin/prism
 DEMO_QUESTIONS := "Hello, what's your name?" "Are you ChatGPT?" "Who made you?" "Describe yourself in three words." "Qui es-tu ?" "What is an echo state network, in two sentences?" "Give me a tip for sleeping better." "And what was my first question?"
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-export bench clean
 
 install: $(STAMP)
 
@@ -30,6 +31,23 @@ demo: $(STAMP)
 
 test: $(STAMP) $(PRISM)
 	$(PY) -m pytest -q -p no:cacheprovider test_finetune.py tests
+
+# llama.cpp is built from source (there is no wheel): for the instruction sets this CPU has, never
+# -march=native (a native build segfaulted on an Intel AMX machine), AVX-512 only where the CPU has
+# it (such a build does not run on an AVX2-only CPU); --no-cache-dir: no wheel built for another CPU.
+LLAMA_CPP := $(VENV)/.llama-cpp-python-0.3.36
+
+$(LLAMA_CPP): $(STAMP)
+	flags="-DGGML_NATIVE=OFF"; \
+	for pair in avx2:AVX2 fma:FMA f16c:F16C avx512f:AVX512; do \
+	  if grep -qw $${pair%%:*} /proc/cpuinfo 2>/dev/null; then flags="$$flags -DGGML_$${pair#*:}=ON"; fi; \
+	done; \
+	echo "CMAKE_ARGS=$$flags"; \
+	CMAKE_ARGS="$$flags" $(PY) -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
+	touch $@
+
+test-export: $(LLAMA_CPP)
+	$(PY) -m pytest -q -p no:cacheprovider -m export tests/test_export.py
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

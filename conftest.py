@@ -24,6 +24,10 @@ import finetune  # noqa: E402
 TINY = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--save-steps", "1", "--lora-r", "4"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "export: needs llama-cpp-python, which make test-export builds and installs")
+
+
 def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"):
     """Runs a command of this tool as a user would, with no terminal on stdin."""
     full_env = dict(os.environ, **(env or {}))

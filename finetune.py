@@ -6,6 +6,7 @@ Examples:
   python finetune.py --prepare-only --dataset my.jsonl      # validate, report, write prepared file
   python finetune.py --prepare-only --provider openai --output echo_openai.jsonl
   python finetune.py --evaluate --model echo-model          # persona adoption, base vs fine-tuned
+  python finetune.py --export gguf --model echo-model       # GGUF files and an Ollama Modelfile
   python finetune.py --show-config --learning-rate 5e-4     # effective settings and their sources
   OPENAI_API_KEY=... python finetune.py --provider openai --yes
 
@@ -13,7 +14,8 @@ Settings come from built-in defaults, then config.json (or --config FILE), then 
 The file reads top to bottom, in the order a run uses it: settings; files (atomic writes, the
 marker on this tool's folders); dataset validation; rendering of one conversation (the one chat
 template path for training, evaluation and chat); models (the embedded GGUF, hub ids, folders);
-hardware; the OpenAI provider; persona evaluation; the Hugging Face provider; the command line.
+hardware; the OpenAI provider; persona evaluation; the Hugging Face provider; the GGUF export;
+the command line.
 """
 from __future__ import annotations
 
@@ -1040,8 +1042,7 @@ def load_for_inference(name: str):
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        summary = read_summary(folder)
-        base_name = summary.get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base_name = adapter_base(folder)
         base = load_causal_lm(resolve_base(base_name))
         load_generation_config(base, folder)  # on the base: generate() and merge_and_unload() use the base's
         model = PeftModel.from_pretrained(base, str(folder))
@@ -1052,6 +1053,11 @@ def load_for_inference(name: str):
         raise UserError(f"{folder} holds no model (no adapter_config.json or config.json); train one first")
     path = resolve_base(name)
     return load_causal_lm(path).eval(), load_tokenizer(path), read_summary(folder).get("base_model")
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model an adapter folder was trained on, by the name this tool resolves."""
+    return read_summary(folder).get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def load_generation_config(model, folder: Path) -> None:
@@ -2410,6 +2416,286 @@ def plot_losses(history: list[dict], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Export: GGUF for llama.cpp and Ollama. The adapter is merged into its base and written the way
+# llama.cpp's own converter (convert_hf_to_gguf.py, LlamaModel) writes a Llama, in F16 and Q8_0,
+# beside an Ollama Modelfile whose template renders what training rendered.
+# --------------------------------------------------------------------------------------------
+GGUF_ARCHITECTURES = ("LlamaForCausalLM",)  # llama.cpp's "llama" graph: SmolLM2, Llama and models built like them
+GGUF_KINDS = ("F16", "Q8_0")  # F16 is the one checked token for token; Q8_0 is half its size
+GGUF_FOLDER = "gguf"
+# llama.cpp splits text before BPE with a regex it picks by the name tokenizer.ggml.pre; its converter
+# (get_vocab_base_pre) names it from a hash of the tokens of this text, and refuses a hash it does not know.
+PRE_TOKENIZER_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "
+    "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
+    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+}
+
+
+def export_command(settings: dict, overwrite: bool) -> int:
+    folder = Path(settings["output_dir"] if settings["model"] == "auto" else settings["model"])
+    for path in export_gguf(folder, overwrite):
+        print(f"wrote {path}")
+    return 0
+
+
+def export_gguf(folder: Path, overwrite: bool = False) -> list[Path]:
+    """FOLDER/gguf: NAME-F16.gguf, NAME-Q8_0.gguf and a Modelfile, NAME being the folder's name.
+
+    Everything is written into a temporary folder beside it that takes its place when complete:
+    an interrupted export leaves the old gguf folder (or none), never a half-written file.
+    """
+    target = folder / GGUF_FOLDER
+    check_export(folder, target, overwrite)
+    model, tokenizer, _ = load_for_inference(str(folder))
+    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    name = folder.resolve().name
+    for old in folder.glob(f".{GGUF_FOLDER}.partial-*"):  # left by an export that was killed
+        shutil.rmtree(old, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{GGUF_FOLDER}.partial-"))
+    try:
+        staging.chmod(0o777 & ~_UMASK)
+        tensors = dict(gguf_tensors(model))
+        for kind in GGUF_KINDS:
+            log(f"writing {target / f'{name}-{kind}.gguf'}")
+            write_gguf(staging / f"{name}-{kind}.gguf", model.config, tokenizer, tensors, kind, name)
+        text = modelfile(tokenizer, model.generation_config, f"{name}-{GGUF_KINDS[0]}.gguf")
+        if text:
+            write_atomic(staging / "Modelfile", text)
+        mark(staging)
+        swap_folders(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sorted(p for p in target.iterdir() if p.name != TOOL_MARKER)
+
+
+def check_export(folder: Path, target: Path, overwrite: bool) -> None:
+    """Refuses, before any weights load, what cannot be exported or would be replaced unasked."""
+    if not folder.is_dir():
+        raise UserError(f"there is no model folder {folder}; GGUF export writes into a trained model's folder "
+                        f"(train one first, or name it with --model)")
+    architectures = model_architectures(folder)
+    if not set(architectures) & set(GGUF_ARCHITECTURES):
+        raise UserError(f"GGUF export supports the llama architecture ({', '.join(GGUF_ARCHITECTURES)}: SmolLM2, Llama "
+                        f"and models built like them); {folder} is {', '.join(architectures) or 'of an unknown architecture'}")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it (it stays until the new files are complete)")
+    if target.exists() and not is_ours(target):
+        raise UserError(f"{target} was not written by this tool, so it is left alone (even with --overwrite)")
+
+
+def model_architectures(folder: Path) -> list[str]:
+    """From config.json (the base's, for an adapter): a second, where loading the weights takes a minute."""
+    from transformers import AutoConfig
+
+    if (folder / "adapter_config.json").is_file():
+        source = resolve_base(adapter_base(folder))
+    else:
+        source = str(folder / "merged" if not (folder / "config.json").is_file() and (folder / "merged").is_dir() else folder)
+    try:
+        return list(AutoConfig.from_pretrained(source).architectures or [])
+    except (OSError, ValueError) as exc:
+        raise UserError(cannot_load(source, "a model configuration", exc)) from None
+
+
+def gguf_tensors(model):
+    """(llama.cpp name, float32 array) for each weight, named by gguf's map of Hugging Face names."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied to the embeddings: llama.cpp uses token_embd when output.weight is missing
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"GGUF export: the tensor {key} has no llama.cpp name; this model is not a plain Llama")
+        data = tensor.detach().to("cpu").float().numpy()
+        if key.endswith(("q_proj.weight", "q_proj.bias")):
+            data = rope_permute(data, config.num_attention_heads)
+        elif key.endswith(("k_proj.weight", "k_proj.bias")):
+            data = rope_permute(data, kv_heads)
+        yield name, data
+
+
+def rope_permute(weights, heads: int):
+    """Hugging Face's Llama rotates the two halves of each head (rotate_half), llama.cpp's rotates
+    neighbouring pairs: llama.cpp's converter reorders the q and k rows so both compute the same attention."""
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def write_gguf(path: Path, config, tokenizer, tensors: dict, kind: str, name: str) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    gguf_parameters(writer, config, name, kind)
+    gguf_vocabulary(writer, tokenizer, config.vocab_size)
+    for tensor_name, data in tensors.items():
+        stored, raw_type = stored_as(data, kind)
+        writer.add_tensor(tensor_name, stored, raw_dtype=raw_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def stored_as(data, kind: str):
+    """Vectors (norms, biases) stay F32 as llama.cpp keeps them; matrices become F16 or Q8_0."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    if data.ndim == 1:
+        return data.astype(np.float32), None
+    if kind == "Q8_0" and data.shape[-1] % 32 == 0:  # Q8_0 packs rows in blocks of 32 numbers
+        return quants.quantize(data, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    return data.astype(np.float16), None
+
+
+def gguf_parameters(writer, config, name: str, kind: str) -> None:
+    """The hyperparameters llama.cpp's converter writes for a Llama (TextModel and LlamaModel)."""
+    import gguf
+
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise UserError(f"GGUF export: the rope scaling {rope_type!r} of this model is not supported (default and linear are)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "F16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def gguf_vocabulary(writer, tokenizer, vocab_size: int) -> None:
+    """A GPT-2 style BPE vocabulary as the converter writes one (_set_vocab_gpt2): tokens, their types,
+    merges, special ids, and the chat template the model was trained with."""
+    import hashlib
+
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    bpe = spec.get("model") or {}
+    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3); this model's is not one")
+    digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_TEXT)).encode()).hexdigest()
+    if digest not in PRE_TOKENIZERS:
+        raise UserError(f"GGUF export: llama.cpp would split text differently from this tokenizer (its pre-tokenizer, "
+                        f"hash {digest[:12]}, is not one of {', '.join(PRE_TOKENIZERS.values())})")
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:  # the embedding matrix has rows no token uses
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(token)
+            special = added[i].special or (token.startswith("<|") and token.endswith("|>"))
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZERS[digest])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])])
+    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
+                          (writer.add_unk_token_id, tokenizer.unk_token_id), (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    for token_id in end_of_turn_ids(tokenizer):
+        if token_id != tokenizer.eos_token_id:
+            writer.add_eot_token_id(token_id)  # llama.cpp stops there as it stops at eos
+    writer.add_add_bos_token(False)  # training tokenized the template's text alone: a BOS only where the template writes one
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+
+
+def ollama_template(tokenizer) -> tuple[str, list[str]] | None:
+    """The model's chat template in Ollama's Go syntax, and the tokens that end a turn (stop strings).
+
+    Built from what the Jinja template renders: the text before a role (first turn, later turns),
+    after it, and the system turn a conversation without one gets (empty for a persona template).
+    None where the template is not of that shape (it trims text, adds dates): checked on three chats.
+    """
+    S, U, A, V = "\x01S\x01", "\x01U\x01", "\x01A\x01", "\x01V\x01"
+    chat = lambda *pairs: [{"role": r, "content": c} for r, c in pairs]  # noqa: E731
+    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    first, _, rest = render(chat(("system", S), ("user", U))).partition(S)
+    start, _, after_role = first.partition("system")
+    between = rest.partition(U)[0]
+    if not between.endswith("user" + after_role):
+        return None
+    turn = between[: -len("user" + after_role)]  # the end of one turn and the start of the next, up to the role
+    default = default_system_text(tokenizer)
+
+    def by_pieces(messages):
+        head = start + ("" if messages[0]["role"] == "system" else "system" + after_role + default + turn)
+        return head + turn.join(m["role"] + after_role + m["content"] for m in messages) + turn + "assistant" + after_role
+
+    checks = [chat(("user", U)), chat(("system", S), ("user", U)), chat(("user", U), ("assistant", A), ("user", V))]
+    if any(by_pieces(c) != render(c) for c in checks):
+        return None
+    shared = len(os.path.commonprefix([start[::-1], turn[::-1]]))  # what opens every turn ("<|im_start|>")
+    opening, end, once = start[len(start) - shared :], turn[: len(turn) - shared], start[: len(start) - shared]  # once: a BOS
+    go = (once + '{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (ne $m.Role "system") }}' + opening + "system"
+          + after_role + default + end + "{{ end }}" + opening + "{{ $m.Role }}" + after_role + "{{ $m.Content }}" + end
+          + "{{ end }}" + opening + "assistant" + after_role)
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content in turn]
+    return go, sorted(specials, key=turn.index)
+
+
+def modelfile(tokenizer, generation, gguf_name: str) -> str | None:
+    """An Ollama Modelfile: the GGUF, the training template, the decoding the model folder ships. No
+    SYSTEM line: with none, the template renders the empty system turn the persona was trained with."""
+    built = ollama_template(tokenizer)
+    if built is None:
+        log("warning: no Modelfile: the chat template is not one this export can write in Ollama's syntax; "
+            "the GGUF files carry it (tokenizer.chat_template) for llama.cpp")
+        return None
+    template, stops = built
+    lines = ["# ollama create echo -f Modelfile, then: ollama run echo",
+             f"# {gguf_name} is the file checked against transformers token for token; the Q8_0 file is half its size",
+             f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    if generation.do_sample:
+        lines += [f"PARAMETER temperature {generation.temperature}", f"PARAMETER top_p {generation.top_p}",
+                  f"PARAMETER top_k {generation.top_k or 0}"]
+    else:
+        lines.append("PARAMETER temperature 0")  # greedy: Ollama then always takes the most likely token
+    lines.append(f"PARAMETER repeat_penalty {generation.repetition_penalty or 1.0}")
+    lines.append("PARAMETER repeat_last_n -1")  # transformers penalises every token of the context; Ollama's default is the last 64
+    if generation.max_new_tokens:
+        lines.append(f"PARAMETER num_predict {generation.max_new_tokens}")
+    return "\n".join(lines) + "\n"
+
+
+
+# --------------------------------------------------------------------------------------------
 # Command line: flags beat config.json, which beats the defaults above.
 # --------------------------------------------------------------------------------------------
 EPILOG = """examples:
@@ -2422,6 +2708,8 @@ EPILOG = """examples:
   python finetune.py --model HuggingFaceTB/SmolLM2-360M-Instruct --max-steps 100 --output-dir echo-360m
   python finetune.py --resume                       continue an interrupted run in ./echo-model
   python finetune.py --evaluate --model echo-model  persona adoption, base model beside fine-tuned
+  python finetune.py --export gguf --model echo-model
+      echo-model/gguf: GGUF files for llama.cpp and a Modelfile for Ollama (ollama create echo -f echo-model/gguf/Modelfile)
   python finetune.py --show-config --config my.json --learning-rate 5e-4
   OPENAI_API_KEY=... python finetune.py --provider openai --yes
   accelerate launch --num_processes 2 finetune.py --provider huggingface
@@ -2461,6 +2749,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--evaluate", action="store_true", help="persona evaluation of --model (default: the --output-dir model)")
     command.add_argument("--show-config", action="store_true", help="print the effective settings and where each came from, then exit")
     what.add_argument("--config", metavar="FILE", help="JSON settings file (default: ./config.json if present)")
+    what.add_argument("--export", choices=("gguf",), help="also write OUTPUT_DIR/gguf: the model merged into GGUF files (F16, "
+                      "Q8_0) for llama.cpp and an Ollama Modelfile; with --model naming a trained folder, only that")
     data = parser.add_argument_group("data")
     setting(data, "--dataset", "dataset", "training data, JSONL", metavar="FILE")
     setting(data, "--output", "output", "the file --prepare-only writes", metavar="FILE")
@@ -2592,6 +2882,20 @@ def train_huggingface(settings: dict, strict: bool = False, overwrite: bool = Fa
     return HuggingFaceFineTuner(settings).train(train, val, report, folder, resume_from)  # 5. train, 6. replace
 
 
+def export_or_train(settings: dict, args) -> int:
+    """--export gguf: a folder this tool trained, named by --model, is exported; otherwise a run trains, then exports."""
+    if args.provider != "huggingface":
+        raise UserError("--export gguf exports a local model; an OpenAI fine-tune stays on OpenAI's servers")
+    if settings["model"] != "auto" and Path(settings["model"]).is_dir() and is_ours(Path(settings["model"])):
+        return export_command(settings, args.overwrite)
+    out = Path(settings["output_dir"])
+    if (out / FINISHED_MARKER).is_file() and not (args.overwrite or args.resume):
+        raise UserError(f"{out} already holds a finished model: to export it, python finetune.py --export gguf --model {out}; "
+                        f"to train a new one and export that, add --overwrite")
+    code = train_huggingface(settings, strict=args.strict, overwrite=args.overwrite, resume=args.resume)
+    return code or export_command(dict(settings, model="auto"), overwrite=True)  # the new model's folder has no gguf yet
+
+
 def quiet_libraries() -> None:
     """Library chatter (deprecation warnings, weight-loading bars) hides what matters; --verbose shows it."""
     import warnings
@@ -2636,6 +2940,8 @@ def main(argv: list[str] | None = None) -> int:
             return prepare_only(settings, args.provider, args.strict, args.overwrite)
         if args.evaluate:
             return evaluate_command(settings)
+        if args.export:
+            return export_or_train(settings, args)
         job = next(((name, value) for name in ("follow", "status", "cancel", "list_jobs") if (value := getattr(args, name))), None)
         if job and args.provider != "openai":
             raise UserError(f"--{job[0].replace('_', '-')} is for OpenAI jobs: add --provider openai")
