@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="--serve listens here (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="--serve listens on this port (default: 8000; 0 picks a free one)")
     parser.add_argument("--base-url", metavar="URL", help="chat through an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
-                        "(one started with --serve); OPENAI_API_KEY is sent if set")
+                        "(one started with --serve); no API key is sent")
     parser.add_argument("--output-dir", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
     return parser
@@ -186,9 +186,9 @@ class ServerChat:
         import openai
 
         self.base_url = base_url.rstrip("/")
-        # Loopback servers check no key: a placeholder keeps the client happy; a real key is sent if set.
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
-                                    max_retries=1, timeout=600)
+        # The --serve server checks no key: a placeholder keeps the client happy. OPENAI_API_KEY is never
+        # sent: it would go to whatever listens at the URL.
+        self.client = openai.OpenAI(base_url=self.base_url, api_key="not-needed", max_retries=1, timeout=600)
         self.decoding = decoding_overrides(decoding or {})
         self.seed = seed
         self.max_context = max_context or self.DEFAULT_CONTEXT
