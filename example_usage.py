@@ -448,6 +448,11 @@ def serve_command(args, settings: dict) -> int:
     serve = Serve(force_model=model, host=args.host, port=args.port, device=hardware["device"], dtype=dtype,
                   log_level="warning" if args.verbose else "error", default_seed=settings["seed"], non_blocking=True)
     server, thread = serve.server, serve._thread
+    import logging
+
+    for handler in logging.getLogger("uvicorn.access").handlers:  # uvicorn logs requests on stdout; this tool logs on stderr
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
 
     def stop(signum, frame):  # a service manager's SIGTERM stops the server as Ctrl-C does
         raise KeyboardInterrupt

@@ -36,8 +36,11 @@ class Server:
                                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)
         self.lines: list[str] = []
-        self.reader = threading.Thread(target=self.read, daemon=True)
-        self.reader.start()
+        self.out: list[str] = []
+        self.readers = [threading.Thread(target=self.read, args=(stream, into), daemon=True)
+                        for stream, into in ((self.process.stderr, self.lines), (self.process.stdout, self.out))]
+        for reader in self.readers:
+            reader.start()
         deadline = time.monotonic() + timeout
         while not (match := re.search(r"^serving (.+) at (http://\S+/v1) ", self.stderr, re.M)):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -46,9 +49,10 @@ class Server:
             time.sleep(0.1)
         self.model, self.url = match.group(1), match.group(2)
 
-    def read(self) -> None:
-        for line in self.process.stderr:
-            self.lines.append(line)
+    @staticmethod
+    def read(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
 
     @property
     def stderr(self) -> str:
@@ -62,7 +66,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise
-        self.reader.join(5)
+        for reader in self.readers:
+            reader.join(5)
         return code
 
 
@@ -93,6 +98,7 @@ def served(tiny_model, tmp_path_factory):
     code = server.stop()
     assert code == 0, server.stderr
     assert "server stopped" in server.stderr and "Traceback" not in server.stderr, server.stderr
+    assert "POST /v1/chat/completions" in server.stderr and not server.out  # the request log too goes to stderr
 
 
 @slow
