@@ -63,6 +63,10 @@ def load_jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in (ROOT / name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads a model and generates (a server, say); -m 'not slow' leaves it out")
+
+
 @pytest.fixture(scope="session")
 def base_path():
     return finetune.resolve_base(finetune.SMOLLM2_ALIAS)

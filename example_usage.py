@@ -7,6 +7,8 @@ Examples:
   echo "What is an echo state network?" | python example_usage.py --prompt -
   python example_usage.py --model echo-model/merged --greedy --prompt "Hello"
   python example_usage.py --provider openai --interactive      # reads echo-openai/openai_job.json
+  python example_usage.py --serve --port 8000                  # an OpenAI-compatible server (transformers serve)
+  python example_usage.py --base-url http://127.0.0.1:8000/v1 --interactive   # chat through that server
 
 In the interactive chat: /reset forgets the conversation, /exit or Ctrl-D quits,
 Ctrl-C stops the answer being written (not the program).
@@ -14,9 +16,16 @@ Ctrl-C stops the answer being written (not the program).
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import os
+import shutil
+import signal
+import socket
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import finetune
@@ -43,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--max-context", type=int, metavar="TOKENS", help="trim the oldest turns beyond this (default: the model's)")
+    parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible API (transformers serve); "
+                        "an adapter is merged into MODEL/merged first")
+    parser.add_argument("--host", default="127.0.0.1", help="--serve listens here (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="--serve listens on this port (default: 8000; 0 picks a free one)")
+    parser.add_argument("--base-url", metavar="URL", help="chat through an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
+                        "(one started with --serve); no API key is sent")
     parser.add_argument("--output-dir", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
     return parser
@@ -156,6 +171,323 @@ class OpenAIChat:
 
 
 # --------------------------------------------------------------------------------------------
+# A model behind an OpenAI-compatible server (--serve starts one): the openai client, streamed.
+# --------------------------------------------------------------------------------------------
+class ServerChat:
+    """Chats through a server such as the one --serve starts. The decoding is the served folder's
+    generation_config.json with the flags given on top, sent as transformers serve's `generation_config`
+    field (without it the server would raise max_new_tokens to 1024). The history is trimmed like the
+    local chat's, oldest exchange first, by an estimate calibrated on the token counts the server reports."""
+
+    DEFAULT_CONTEXT = 2048
+
+    def __init__(self, base_url: str, model: str | None, max_context: int | None, decoding: dict | None = None,
+                 seed: int | None = None):
+        import openai
+
+        self.base_url = base_url.rstrip("/")
+        # The --serve server checks no key: a placeholder keeps the client happy. OPENAI_API_KEY is never
+        # sent: it would go to whatever listens at the URL.
+        self.client = openai.OpenAI(base_url=self.base_url, api_key="not-needed", max_retries=1, timeout=600)
+        self.decoding = decoding_overrides(decoding or {})
+        self.seed = seed
+        self.max_context = max_context or self.DEFAULT_CONTEXT
+        self.tokens_per_char = 0.5  # cautious until the server has counted a prompt
+        self.model = model or self.served_model()
+        self.finish_reason = self.usage = None
+
+    def call(self, request):
+        import openai
+
+        try:
+            return request()
+        except openai.APIConnectionError:
+            raise UserError(f"cannot reach a server at {self.base_url}: is it running? "
+                            f"Start one with: python example_usage.py --serve", exit_code=1) from None
+        except openai.APIStatusError as exc:
+            detail = finetune.first_line(Exception(api_detail(exc)))
+            raise UserError(f"the server at {self.base_url} answered {exc.status_code}: {detail}", exit_code=1) from None
+        except openai.APIError as exc:
+            raise UserError(f"the server at {self.base_url} failed: {finetune.first_line(exc)}", exit_code=1) from None
+
+    def served_model(self) -> str:
+        models = self.call(lambda: list(self.client.models.list()))
+        if not models:
+            raise UserError(f"the server at {self.base_url} lists no model; pass --model NAME", exit_code=1)
+        return models[0].id
+
+    def estimate(self, messages: list[dict]) -> int:
+        return sum(int(len(m["content"]) * self.tokens_per_char) + 8 for m in messages)
+
+    def fit(self, messages: list[dict]) -> None:
+        """Drops the oldest exchanges (never the system prompt or the new question) until it fits."""
+        budget = self.max_context - self.decoding.get("max_new_tokens", 256)
+        first = 1 if messages[0]["role"] == "system" else 0
+        while self.estimate(messages) > budget and len(messages) - first > 1:
+            del messages[first : first + 2]
+
+    def reply(self, messages: list[dict], write) -> str:
+        self.fit(messages)
+        extra = {"generation_config": json.dumps(self.decoding)}
+        if self.seed is not None:
+            extra["seed"] = self.seed
+        chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+        stream = self.call(lambda: self.client.chat.completions.create(model=self.model, messages=chat, stream=True,
+                                                                       extra_body=extra))
+        pieces = []
+        try:
+            self.call(lambda: self._read(stream, pieces, write))
+        except KeyboardInterrupt:
+            stream.close()  # the server notices the closed connection and stops generating
+            write(" [stopped]")
+        if self.usage and self.usage.prompt_tokens:
+            self.tokens_per_char = max(0.1, (self.usage.prompt_tokens - 8 * len(chat)) / max(1, sum(len(m["content"]) for m in chat)))
+        return "".join(pieces).strip()
+
+    def _read(self, stream, pieces: list[str], write) -> None:
+        self.finish_reason = self.usage = None
+        for chunk in stream:
+            if chunk.usage:
+                self.usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.delta and choice.delta.content:
+                    pieces.append(choice.delta.content)
+                    write(choice.delta.content)
+                if choice.finish_reason:
+                    self.finish_reason = choice.finish_reason
+
+
+def api_detail(exc) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        detail = body.get("detail", body.get("error", body.get("message")))
+        if detail:
+            return detail if isinstance(detail, str) else json.dumps(detail)
+    return str(getattr(exc, "message", exc))
+
+
+# --------------------------------------------------------------------------------------------
+# --serve: the model, merged when it is an adapter, served by transformers serve.
+# --------------------------------------------------------------------------------------------
+MERGED = "merged"
+MERGED_STAMP = "merged_from.json"  # in MODEL/merged when --serve wrote it: what it was merged from
+
+
+def adapter_state(folder: Path) -> dict:
+    """What a merge is made of: the adapter folder's files (sizes and times), its base model's name."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            stat = path.stat()
+            files[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return {"base_model": finetune.read_summary(folder).get("base_model"), "files": files}
+
+
+def merged_is_current(target: Path, state: dict) -> bool:
+    """A merge --serve wrote for these very files, or one that training wrote (--merge): the training
+    writes its merge beside its adapter and replaces the whole folder, so that one cannot be stale."""
+    if not (target / "config.json").is_file():
+        return False
+    try:
+        return json.loads((target / MERGED_STAMP).read_text(encoding="utf-8")) == state
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def merged_model(folder: Path) -> Path:
+    """MODEL/merged: the adapter merged into its base (peft merge_and_unload), with the tokenizer (the
+    chat template training used) and generation_config.json. Written once, atomically, reused while the
+    adapter is unchanged; a lock keeps two --serve runs from merging at once."""
+    import fcntl
+
+    target = folder / MERGED
+    state = adapter_state(folder)
+    if merged_is_current(target, state):
+        log(f"using the merged model in {target}")
+        return target
+    try:
+        with open(folder / ".merged.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if merged_is_current(target, state):
+                return target
+            log(f"merging the adapter into {target} (once; reused until the adapter changes)")
+            model, tokenizer, _ = finetune.load_for_inference(str(folder))
+            merged = model.merge_and_unload()
+            finetune.load_generation_config(merged, folder)
+            partial = Path(tempfile.mkdtemp(dir=folder, prefix=f".partial-{MERGED}-"))
+            try:
+                partial.chmod(0o777 & ~finetune._UMASK)
+                merged.save_pretrained(partial)
+                tokenizer.save_pretrained(partial)
+                (partial / MERGED_STAMP).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+                finetune.mark(partial)
+                finetune.swap_folders(partial, target)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+    except OSError as exc:
+        raise UserError(f"cannot write the merged model into {target}: {exc.strerror or exc}") from None
+    return target
+
+
+def model_to_serve(name: str) -> str:
+    """A folder transformers serve loads as it is: an adapter's merge, a merged or full model, or a base."""
+    folder = Path(name)
+    if folder.is_dir():
+        if (folder / "adapter_config.json").is_file():
+            return str(merged_model(folder).resolve())
+        if (folder / "config.json").is_file():
+            return str(folder.resolve())
+        if (folder / MERGED / "config.json").is_file():
+            return str((folder / MERGED).resolve())
+        raise UserError(f"{folder} holds no model (no adapter_config.json or config.json); train one first")
+    return finetune.resolve_base(name)  # the alias, a .gguf file, a hub id; a missing folder is an error here
+
+
+def check_port(host: str, port: int) -> None:
+    """A port another program holds is one line, not uvicorn's log and exit (the model loads first)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"cannot listen on {host}: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is in use (another server?); pick another with --port") from None
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def request_problem(body: dict) -> str | None:
+    """What is wrong with a chat completion request, for the 4xx answers transformers serve 5.24 does not
+    give: a missing or malformed `messages`, or a parameter of the wrong type, is a 500 there."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "`messages` must be a non-empty list of {role, content} objects"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"messages[{i}] must be an object with a string `role`"
+        content = message.get("content")
+        parts_ok = isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("type"), str)
+                                                     and (part["type"] != "text" or isinstance(part.get("text"), str)) for part in content)
+        if not (isinstance(content, str) or parts_ok or (content is None and message.get("tool_calls"))):
+            return f"messages[{i}].content must be a string or a list of content parts"
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    checks = {"model": (lambda v: isinstance(v, str), "a string"), "stream": (lambda v: isinstance(v, bool), "true or false"),
+              "temperature": (lambda v: number(v) and v >= 0, "a number >= 0"), "top_p": (lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]"),
+              "max_tokens": (lambda v: whole(v) and v >= 1, "an integer >= 1"), "max_completion_tokens": (lambda v: whole(v) and v >= 1, "an integer >= 1"),
+              "frequency_penalty": (number, "a number"), "seed": (whole, "an integer"),
+              "stop": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a string or a list of strings")}
+    for key, (ok, what) in checks.items():
+        if body.get(key) is not None and not ok(body[key]):
+            return f"`{key}` must be {what}"
+    if body.get("generation_config") is not None:
+        try:
+            from transformers import GenerationConfig
+
+            options = json.loads(body["generation_config"])
+            GenerationConfig(**options).validate()
+        except Exception as exc:  # not a string, not JSON, not an object, options generate() refuses
+            return f"`generation_config` must be a JSON object of generation options: {finetune.first_line(exc)}"
+    return None
+
+
+def validate_chat_requests() -> None:
+    """transformers serve's chat handler, with request_problem() answered as a 422 before any work."""
+    from fastapi import HTTPException
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+
+    original = ChatCompletionHandler._validate_request
+    if getattr(original, "echo_checks", False):
+        return
+
+    def validate(self, body: dict) -> None:
+        original(self, body)
+        problem = request_problem(body)
+        if problem:
+            raise HTTPException(status_code=422, detail=problem)
+
+    validate.echo_checks = True
+    ChatCompletionHandler._validate_request = validate
+
+
+def url_host(host: str) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
+
+
+SERVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def serve_command(args, settings: dict) -> int:
+    name = args.model or settings["output_dir"]
+    if not Path(name).exists() and name == settings["output_dir"]:
+        raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port (0 to 65535)")
+    check_port(args.host, args.port)
+    model = model_to_serve(name)
+    try:
+        from transformers.cli.serve import Serve
+        from transformers.utils.import_utils import is_serve_available
+    except ImportError as exc:
+        raise UserError(f"transformers serve is missing ({finetune.first_line(exc)})") from None
+    if not is_serve_available():
+        raise UserError('--serve needs FastAPI and uvicorn: pip install "transformers[serving]==5.24.0"')
+    validate_chat_requests()
+    hardware = finetune.resolve_hardware(settings, training=False)
+    # The merged weights are fp32; on a CPU they stay so unless --precision asks (no autocast in the server).
+    explicit = args.precision not in (None, "auto")
+    dtype = SERVE_DTYPES[hardware["precision"]] if explicit or hardware["device"] != "cpu" else "float32"
+    log(f"loading {model} into transformers serve ({hardware['device']}, {dtype})")
+    serve = Serve(force_model=model, host=args.host, port=args.port, device=hardware["device"], dtype=dtype,
+                  log_level="warning" if args.verbose else "error", default_seed=settings["seed"], non_blocking=True)
+    server, thread = serve.server, serve._thread
+    import logging
+
+    for handler in logging.getLogger("uvicorn.access").handlers:  # uvicorn logs requests on stdout; this tool logs on stderr
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+
+    def stop(signum, frame):  # a service manager's SIGTERM stops the server as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise UserError(f"the server could not listen on {args.host}:{args.port} (in use?); pick another with --port")
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://{url_host(args.host)}:{port}/v1"
+        log(f"serving {model} at {url} (OpenAI-compatible: transformers serve); Ctrl-C stops it")
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            log(f"warning: listening on {args.host}: anyone who reaches this machine can use the model (no key is checked)")
+        log(f"chat with it: python example_usage.py --base-url {url} --interactive")
+        log(f"or any OpenAI client: base_url={url!r}, model={model!r}, any api_key")
+        # sleep, not join(timeout): a join that Ctrl-C interrupts marks the thread stopped (Python 3.11, bpo-45274)
+        while thread.is_alive():
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        log("stopping the server (Ctrl-C again stops it at once)")
+        server.should_exit = True
+        try:
+            while thread.is_alive():
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            server.force_exit = True
+    finally:
+        server.should_exit = True
+    log("server stopped")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # The conversation loop and the command line.
 # --------------------------------------------------------------------------------------------
 def interactive(chat, system: str | None) -> None:
@@ -194,18 +526,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def chat_command(args) -> int:
-    if not args.interactive and args.prompt is None:
-        raise UserError("give --prompt TEXT (or - for stdin), or --interactive")
+    if args.serve and (args.interactive or args.prompt is not None or args.base_url):
+        raise UserError("--serve runs a server; chat with it from another terminal with --base-url")
+    if args.serve and args.provider == "openai":
+        raise UserError("--serve serves a local model (--provider huggingface)")
+    if not args.serve and not args.interactive and args.prompt is None:
+        raise UserError("give --prompt TEXT (or - for stdin), or --interactive (or --serve)")
     keys = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy", "seed", "device", "precision", "output_dir")
     settings, _ = finetune.load_settings(args.config, {k: getattr(args, k) for k in keys})
     settings = finetune.output_dir_for(settings, args.provider)
-    if args.provider == "openai":
+    flags = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy")}
+    if args.serve:
+        return serve_command(args, settings)
+    if args.base_url:
+        chat = ServerChat(args.base_url, args.model, args.max_context, flags, args.seed)
+    elif args.provider == "openai":
         chat = OpenAIChat(settings, args.model)
     else:
         name = args.model or settings["output_dir"]
         if not Path(name).exists() and name == settings["output_dir"]:
             raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
-        flags = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy")}
         chat = LocalChat(settings, name, args.max_context, flags)
     if args.interactive:
         interactive(chat, args.system)
