@@ -1,6 +1,6 @@
 # make demo  : venv, install, fine-tune the embedded model, chat with it, evaluation table
 # make test  : venv, install (Prism too), run the test suite
-# make bench : throughput benchmark (prints the CPU, tokens/s and ratios)
+# make bench : training throughput (default, naive and TRL recipes; ceilings) and generation speed
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -32,7 +32,9 @@ test: $(STAMP) $(PRISM)
 	$(PY) -m pytest -q -p no:cacheprovider test_finetune.py tests
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) bench/train_throughput.py
+	$(PY) bench/generation_speed.py
 
 clean:
 	rm -rf $(VENV) .prism echo-model
