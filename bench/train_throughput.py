@@ -308,9 +308,13 @@ def run_trl_recipe(settings: dict, base_path: str, tokenizer, rows: list[dict], 
     padded to its longest row) with the same batch size, for the same warm-up and timed steps.
     Precision: bf16 autocast where (a) uses it (native bf16), else fp32; SFTConfig's own default is bf16
     on any hardware, hundreds of times slower on a CPU without native bf16."""
+    import datasets
     import trl
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback
+
+    datasets.disable_progress_bars()  # TRL's dataset preparation bars
 
     by_tokens = {tuple(rows[i]["input_ids"]): i for order in example_order for i in order}
     dataset = Dataset.from_list([{"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]}
@@ -327,6 +331,7 @@ def run_trl_recipe(settings: dict, base_path: str, tokenizer, rows: list[dict], 
     timer = step_timer()
     trainer = trl.SFTTrainer(model=finetune.load_causal_lm(base_path), args=config, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=lora, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where the report goes
     batches, collate = [], trainer.data_collator
 
     def counting_collator(features):
