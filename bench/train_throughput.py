@@ -218,7 +218,7 @@ def run_default_recipe(settings: dict, examples: list[dict], steps: int) -> dict
         lengths[i] = len(row["input_ids"])
 
     timer = step_timer()
-    trainer = tuner.make_trainer(model, tokenizer, train, None, Path(tempfile.mkdtemp(prefix="bench-")), [timer])
+    trainer = tuner.make_trainer(model, tokenizer, train, None, Path(settings["output_dir"], "checkpoints"), [timer])
     batches, collate = [], trainer.data_collator
 
     def counting_collator(features):
