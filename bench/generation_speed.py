@@ -153,8 +153,7 @@ def run_batched(settings: dict, model_name: str) -> dict:
 def format_report(results: dict) -> str:
     i, ii, iii, cpu = results["command_line"], results["chat"], results["batched"], results["cpu"]
     lines = [
-        f"model: {results['model']}" + (" (a tiny model trained for this run: " + shlex.join(TINY_TRAINING) + ")"
-                                         if results["trained_here"] else ""),
+        f"model: {results['model']}",
         "| measure | figure |",
         "|---|---:|",
         f"| (i) example_usage.py --prompt, end to end (median of {len(i['seconds'])}) | {i['median_seconds']:.1f} s |",
@@ -206,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             batched = run_batched(settings, model)
         finetune.log(f"(iii) batched: {batched['tokens_per_second']:.1f} tok/s")
 
-    results = {"model": args.model if not trained_here else "a tiny model trained here", "trained_here": trained_here,
+    results = {"model": f"a tiny model trained for this run (finetune.py {shlex.join(TINY_TRAINING)}): no echo-model here"
+                        if trained_here else model, "trained_here": trained_here,
                "command_line": command_line, "chat": chat, "batched": batched, "cpu": cpu_description(),
                "device": settings["device"], "hardware": settings["hardware"], "parts": parts,
                "command": shlex.join(sys.argv)}

@@ -408,13 +408,15 @@ def machine_busy_seconds() -> float | None:
 @contextlib.contextmanager
 def part(name: str, parts: dict):
     """Times one part of the benchmark and measures the share of all CPUs that other processes used
-    meanwhile: the machine's busy time less this process's own CPU time (all its threads)."""
-    busy, own, start = machine_busy_seconds(), time.process_time(), time.perf_counter()
+    meanwhile: the machine's busy time less this process's own CPU time (all its threads, and the
+    subprocesses it ran and waited for)."""
+    own_seconds = lambda: time.process_time() + os.times().children_user + os.times().children_system  # noqa: E731
+    busy, own, start = machine_busy_seconds(), own_seconds(), time.perf_counter()
     yield
     seconds = time.perf_counter() - start
     others = None
     if busy is not None:
-        used = machine_busy_seconds() - busy - (time.process_time() - own)
+        used = machine_busy_seconds() - busy - (own_seconds() - own)
         others = max(0.0, used / (seconds * (os.cpu_count() or 1)))
     parts[name] = {"seconds": seconds, "others_busy": others}
 
