@@ -1,6 +1,6 @@
 # make demo  : venv, install, fine-tune the embedded model, chat with it, evaluation table
 # make test  : venv, install (Prism too), run the test suite
-# make bench : throughput benchmark (prints the CPU, tokens/s and ratios)
+# make bench : training throughput (default, naive and TRL recipes; ceilings) and generation speed
 # make test-export : build llama-cpp-python into the venv (minutes), then check llama.cpp runs the exported GGUF
 PYTHON ?= python3
 VENV   := .venv
@@ -50,7 +50,9 @@ test-export: $(LLAMA_CPP)
 	$(PY) -m pytest -q -p no:cacheprovider -m export tests/test_export.py
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) bench/train_throughput.py
+	$(PY) bench/generation_speed.py
 
 clean:
 	rm -rf $(VENV) .prism echo-model

@@ -1,21 +1,29 @@
 #!/usr/bin/env python3
-"""Training throughput: this tool's default recipe beside the naive one, and this machine's ceiling.
+"""Training throughput: this tool's default recipe beside the naive one and TRL's, and this machine's ceilings.
 
 Examples:
-  python bench/train_throughput.py                        # 6 timed steps of each recipe, a few minutes on 2 cores
+  python bench/train_throughput.py                        # 6 timed steps of each recipe, several minutes on 2 cores
   python bench/train_throughput.py --steps 3 --json bench.json
-  python bench/train_throughput.py --precision fp32       # the default recipe without bf16 autocast
+  python bench/train_throughput.py --precision fp32       # the default recipe (and TRL's) without bf16 autocast
+  pip install -r bench/requirements.txt                   # TRL, for (e); without it (e) is skipped
 
-In one process, on the same examples (consumed in the same order) and the same base model:
+In one process, on the same examples and the same base model:
   (a) the default recipe, through finetune.py's own code path (HuggingFaceFineTuner, Trainer):
       LoRA, chat template, loss on assistant tokens, batches grouped by length, precision from the hardware;
   (b) the naive recipe of older scripts: "User: ...\\n\\nAssistant: ..." padded to 512 tokens,
-      full fine-tune in fp32, AdamW lr 5e-5, loss on every token (padding included), a plain torch loop;
-  (c) the matmul rate of this machine (2048x2048, fp32, and bf16 where the CPU computes it natively).
-Both recipes count the same dataset tokens: each example's length as finetune.render makes it.
-Loss-bearing tokens are labels other than -100. The ceiling for (a) is the matmul rate in the
-precision (a) trains with, divided by 4 x parameters FLOPs per token (LoRA; 6 x for full).
-Targets: (a) at least 3x (b) in dataset tokens/s, and at least 60% of the ceiling.
+      full fine-tune in fp32, AdamW lr 5e-5, loss on every token (padding included), a plain torch loop,
+      the examples of (a) in the same order;
+  (e) TRL's SFTTrainer: LoRA r16 on all linear layers, bf16 autocast where native (fp32 otherwise),
+      no gradient checkpointing, no packing: the rows (a) trained on (rendered by finetune.render, same
+      length), in TRL's own random batches padded to their longest row, same batch size and steps;
+  (c) the matmul rate of this machine: 2048x2048 (fp32, and bf16 where the CPU computes it natively),
+      and at the model's own layer shapes (x @ W forward, dY @ W^T backward, tokens = batch x mean
+      length) in the precision (a) trains with, each shape weighted by the FLOPs it takes in a step.
+All recipes count the same dataset tokens: each example's length as finetune.render makes it.
+Loss-bearing tokens are labels other than -100. A ceiling in tokens/s is a matmul rate divided by
+4 x parameters FLOPs per token (LoRA: no gradients for frozen weights; 6 x for full fine-tuning).
+Targets: (a) at least 2x (e) and 4x (b) in dataset tokens/s on a CPU with native bf16 (1.5x and
+2.5x without), and at least 50% of the layer-shape ceiling.
 """
 from __future__ import annotations
 
@@ -45,8 +53,11 @@ NAIVE_LEARNING_RATE = 5e-5
 MATMUL_SIZE = 2048
 MATMUL_SECONDS = 2.0  # per precision
 FLOPS_PER_TOKEN = {"lora": 4, "full": 6}  # x parameters; LoRA computes no gradients for frozen weights
-TARGET_RATIO = 3.0
-TARGET_CEILING = 0.60
+LAYER_SHAPE_SECONDS = 0.4  # per distinct matmul shape
+TARGETS = {  # (a)/(b), (a)/(e) in dataset tokens/s, and (a)'s share of the layer-shape ceiling
+    "native bf16": {"naive": 4.0, "trl": 2.0, "layer_ceiling": 0.50},
+    "no native bf16": {"naive": 2.5, "trl": 1.5, "layer_ceiling": 0.50},
+}
 BUSY_WARNING = 0.20  # share of the CPUs other processes may use before the results are flagged
 
 
@@ -62,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the default recipe's precision, resolved by the tool (default auto: bf16 where native)")
     parser.add_argument("--seed", type=int, default=finetune.DEFAULT_SETTINGS["seed"])
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    parser.add_argument("--no-trl", action="store_true", help="skip (e), TRL's SFTTrainer")
     parser.add_argument("--no-processes", action="store_true",
                         help="skip (d), the 1-process vs 2-process comparison (about 2 minutes)")
     args = parser.parse_args(argv)
@@ -101,22 +113,23 @@ def synchronize(device: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# (c) The matmul rate: the ceiling.
+# (c) The matmul rates: the ceilings.
 # --------------------------------------------------------------------------------------------
-def matmul_rate(device: str, dtype, size: int = MATMUL_SIZE, seconds: float = MATMUL_SECONDS) -> float:
-    """GFLOP/s of repeated size x size matmuls for about `seconds`, after one untimed."""
+def matmul_rate(device: str, dtype, m: int = MATMUL_SIZE, k: int = MATMUL_SIZE, n: int = MATMUL_SIZE,
+                seconds: float = MATMUL_SECONDS) -> float:
+    """GFLOP/s of repeated [m, k] @ [k, n] matmuls for about `seconds`, after one untimed."""
     import torch
 
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
     torch.mm(a, b)
     synchronize(device)
-    n, start = 0, time.perf_counter()
+    count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.mm(a, b)
         synchronize(device)
-        n += 1
-    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+        count += 1
+    return 2 * m * k * n * count / (time.perf_counter() - start) / 1e9
 
 
 def measure_matmul(device: str, precision: str) -> dict:
@@ -132,6 +145,35 @@ def measure_matmul(device: str, precision: str) -> dict:
     ceiling_precision = precision if precision in rates else "fp32"
     return {"gflops": rates, "ceiling_precision": ceiling_precision,
             "note": None if ceiling_precision == precision else f"{precision} is not native here; ceiling from fp32"}
+
+
+def layer_shapes(config) -> list[tuple[str, int, int, int]]:
+    """(name, in, out, count) of every weight matrix a token goes through, from the model's config:
+    per layer q, k, v, o and the gated MLP; then the output projection (tied to the embedding or not,
+    it is one vocab-wide matmul per token; the embedding lookup itself is no matmul)."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return [("q_proj", hidden, q, layers), ("k_proj", hidden, kv, layers), ("v_proj", hidden, kv, layers),
+            ("o_proj", q, hidden, layers), ("gate_proj", hidden, inter, layers), ("up_proj", hidden, inter, layers),
+            ("down_proj", inter, hidden, layers), ("lm_head", hidden, config.vocab_size, 1)]
+
+
+def layer_shape_rate(device: str, dtype, config, tokens: int, seconds: float = LAYER_SHAPE_SECONDS) -> dict:
+    """The matmul rate at the shapes one LoRA step computes: per weight W (in x out), forward x @ W
+    ([tokens, in] @ [in, out]) and the gradient wrt the input dY @ W^T ([tokens, out] @ [out, in]),
+    2 x tokens x in x out FLOPs each (4 x parameters per token in all). Each distinct shape is timed
+    once; the rate is the FLOPs of a whole step over the time its matmuls take at the measured rates."""
+    shapes = {}  # (m, k, n) -> FLOPs per step
+    for _, fan_in, fan_out, count in layer_shapes(config):
+        for k, n in ((fan_in, fan_out), (fan_out, fan_in)):  # x @ W, dY @ W^T
+            shapes[(tokens, k, n)] = shapes.get((tokens, k, n), 0) + 2 * tokens * k * n * count
+    rates = {shape: matmul_rate(device, dtype, *shape, seconds=seconds) for shape in shapes}
+    flops = sum(shapes.values())
+    step_seconds = sum(f / (rates[shape] * 1e9) for shape, f in shapes.items())
+    return {"gflops": flops / step_seconds / 1e9, "tokens": tokens,
+            "shapes": [{"m": m, "k": k, "n": n, "flop_share": shapes[(m, k, n)] / flops, "gflops": rates[(m, k, n)]}
+                       for (m, k, n) in shapes]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +218,7 @@ def run_default_recipe(settings: dict, examples: list[dict], steps: int) -> dict
         lengths[i] = len(row["input_ids"])
 
     timer = step_timer()
-    trainer = tuner.make_trainer(model, tokenizer, train, None, Path(tempfile.mkdtemp(prefix="bench-")), [timer])
+    trainer = tuner.make_trainer(model, tokenizer, train, None, Path(settings["output_dir"], "checkpoints"), [timer])
     batches, collate = [], trainer.data_collator
 
     def counting_collator(features):
@@ -204,7 +246,7 @@ def run_default_recipe(settings: dict, examples: list[dict], steps: int) -> dict
     del trainer, model
     gc.collect()
     return {"result": result, "base_parameters": base_parameters, "base_path": base_path, "base_model": base_name,
-            "tokenizer": tokenizer, "lengths": lengths,
+            "tokenizer": tokenizer, "lengths": lengths, "rows": rows,
             "example_order": [[i for b in batches_of_step for i in b["examples"]] for batches_of_step in per_step]}
 
 
@@ -242,6 +284,78 @@ def run_naive_recipe(base_path: str, tokenizer, examples: list[dict], example_or
         recipe="(b) naive", method="full", precision="fp32", batch_size=len(example_order[0]), accumulation=1,
         step_batches=step_batches, ends=ends, begins=begins, losses=losses)
     del model, optimizer, inputs
+    gc.collect()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# (e) TRL's SFTTrainer: the usual library recipe, on the rows (a) trained on.
+# --------------------------------------------------------------------------------------------
+def trl_missing() -> str | None:
+    """Why (e) cannot run, or None: TRL is installed for the benchmark only (bench/requirements.txt)."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return f"TRL is not installed; install it with: {sys.executable} -m pip install -r bench/requirements.txt"
+    return None
+
+
+def run_trl_recipe(settings: dict, base_path: str, tokenizer, rows: list[dict], example_order: list[list[int]],
+                   steps: int, output_dir: str) -> dict:
+    """SFTTrainer with LoRA r16 on all linear layers, a fresh copy of the base model. Its dataset is the
+    rows (a) consumed, already tokenized (TRL keeps given input_ids and labels), so the examples, their
+    rendering and their length are those of (a); TRL batches them its own way (random order, each batch
+    padded to its longest row) with the same batch size, for the same warm-up and timed steps.
+    Precision: bf16 autocast where (a) uses it (native bf16), else fp32; SFTConfig's own default is bf16
+    on any hardware, hundreds of times slower on a CPU without native bf16."""
+    import datasets
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback
+
+    datasets.disable_progress_bars()  # TRL's dataset preparation bars
+
+    by_tokens = {tuple(rows[i]["input_ids"]): i for order in example_order for i in order}
+    dataset = Dataset.from_list([{"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]}
+                                 for order in example_order for i in order])
+    config = trl.SFTConfig(
+        output_dir=output_dir, max_steps=len(example_order), per_device_train_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation"], learning_rate=settings["learning_rate"],
+        bf16=settings["precision"] == "bf16", fp16=settings["precision"] == "fp16", use_cpu=settings["device"] == "cpu",
+        gradient_checkpointing=False, packing=False, padding_free=False, max_length=settings["max_length"],
+        logging_steps=1, save_strategy="no", report_to="none", seed=settings["seed"], data_seed=settings["seed"],
+        disable_tqdm=True)
+    lora = LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    timer = step_timer()
+    trainer = trl.SFTTrainer(model=finetune.load_causal_lm(base_path), args=config, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=lora, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where the report goes
+    batches, collate = [], trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        batches.append({
+            "examples": [by_tokens[tuple(f["input_ids"])] for f in features],
+            "dataset_tokens": sum(len(f["input_ids"]) for f in features),
+            "loss_tokens": int((batch["labels"] != -100).sum()),
+            "computed_tokens": int(batch["input_ids"].numel()),
+        })
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    if len(timer.ends) != WARMUP_STEPS + steps:
+        raise RuntimeError(f"expected {WARMUP_STEPS + steps} steps, TRL ran {len(timer.ends)}")
+    accumulation = settings["gradient_accumulation"]
+    per_step = [batches[k * accumulation:(k + 1) * accumulation] for k in range(WARMUP_STEPS + steps)]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result = summarise_steps(
+        recipe="(e) TRL", method="lora", precision=settings["precision"], batch_size=settings["batch_size"],
+        accumulation=accumulation, step_batches=per_step, ends=timer.ends, begins=timer.begins, losses=losses)
+    result["trl_version"] = trl.__version__
+    del trainer
     gc.collect()
     return result
 
@@ -294,13 +408,15 @@ def machine_busy_seconds() -> float | None:
 @contextlib.contextmanager
 def part(name: str, parts: dict):
     """Times one part of the benchmark and measures the share of all CPUs that other processes used
-    meanwhile: the machine's busy time less this process's own CPU time (all its threads)."""
-    busy, own, start = machine_busy_seconds(), time.process_time(), time.perf_counter()
+    meanwhile: the machine's busy time less this process's own CPU time (all its threads, and the
+    subprocesses it ran and waited for)."""
+    own_seconds = lambda: time.process_time() + os.times().children_user + os.times().children_system  # noqa: E731
+    busy, own, start = machine_busy_seconds(), own_seconds(), time.perf_counter()
     yield
     seconds = time.perf_counter() - start
     others = None
     if busy is not None:
-        used = machine_busy_seconds() - busy - (time.process_time() - own)
+        used = machine_busy_seconds() - busy - (own_seconds() - own)
         others = max(0.0, used / (seconds * (os.cpu_count() or 1)))
     parts[name] = {"seconds": seconds, "others_busy": others}
 
@@ -330,35 +446,44 @@ def run_process_comparison(steps: int, batch_size: int, seed: int) -> dict:
 
 
 def format_report(results: dict) -> str:
-    a, b, matmul, cpu = results["default"], results["naive"], results["matmul"], results["cpu"]
+    a, b, e, matmul, cpu = results["default"], results["naive"], results["trl"], results["matmul"], results["cpu"]
     lines = [
         "| recipe | precision | dataset tok/s | loss-bearing tok/s | s/step |",
         "|---|---|---:|---:|---:|",
     ]
-    for r in (a, b):
-        lines.append(f"| {r['recipe']}: {r['method']}, batch {r['batch_size']} | {r['precision']} | "
-                     f"{r['dataset_tokens_per_second']:.0f} | {r['loss_tokens_per_second']:.0f} | {r['seconds_per_step']:.2f} |")
-    ratio, ceiling = results["ratio"], results["ceiling"]
-    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    for r in (a, b, e):
+        if r:
+            lines.append(f"| {r['recipe']}: {r['method']}, batch {r['batch_size']} | {r['precision']} | "
+                         f"{r['dataset_tokens_per_second']:.0f} | {r['loss_tokens_per_second']:.0f} | {r['seconds_per_step']:.2f} |")
+    ratios, ceilings, targets = results["ratios"], results["ceilings"], results["targets"]
+    verdict = lambda value, target: f"target >= {target:.2g}x: {'met' if value >= target else 'NOT met'}"  # noqa: E731
+    share = lambda value, target: f"target >= {target:.0%}: {'met' if value >= target else 'NOT met'}"  # noqa: E731
     rates = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in matmul["gflops"].items())
+    square, layers = ceilings["square"], ceilings["layer_shapes"]
+    per_token = f"{FLOPS_PER_TOKEN[a['method']]} x {results['base_parameters'] / 1e6:.1f} M parameters per token"
     lines += [
         "",
-        f"ratio (a)/(b) dataset tok/s = {ratio:.2f}x (target >= {TARGET_RATIO:.0f}x: {verdict(ratio >= TARGET_RATIO)})",
-        f"(a) = {ceiling['fraction']:.0%} of the ceiling ({ceiling['tokens_per_second']:.0f} tok/s from "
-        f"{ceiling['gflops']:.0f} GFLOP/s {ceiling['precision']}, {FLOPS_PER_TOKEN[a['method']]} x "
-        f"{results['base_parameters'] / 1e6:.1f} M parameters per token) "
-        f"(target >= {TARGET_CEILING:.0%}: {verdict(ceiling['fraction'] >= TARGET_CEILING)})"
-        + (f"; {matmul['note']}" if matmul["note"] else ""),
-        f"matmul {MATMUL_SIZE}x{MATMUL_SIZE}: {rates}",
         f"CPU: {cpu['model'] or 'unknown'}, capability {cpu['capability']}, native bf16 "
         f"{'yes' if cpu['native_bf16'] else 'no'}, torch threads {cpu['threads']} of {cpu['cores']} cores"
-        + ("" if results["device"] == "cpu" else f"; device {results['device']} ({results['hardware']})"),
+        + ("" if results["device"] == "cpu" else f"; device {results['device']} ({results['hardware']})")
+        + f"; targets for {results['target_set']}",
+        f"default/naive (a)/(b) dataset tok/s = {ratios['naive']:.2f}x ({verdict(ratios['naive'], targets['naive'])})",
+        (f"default/TRL (a)/(e) dataset tok/s = {ratios['trl']:.2f}x ({verdict(ratios['trl'], targets['trl'])})"
+         if e else f"default/TRL (a)/(e): not measured ({results['trl_skipped']})"),
+        f"(a) = {layers['fraction']:.0%} of the layer-shape ceiling ({layers['tokens_per_second']:.0f} tok/s from "
+        f"{layers['gflops']:.0f} GFLOP/s {layers['precision']} at the model's shapes, {layers['tokens']} tokens per batch, "
+        f"{per_token}) ({share(layers['fraction'], targets['layer_ceiling'])})",
+        f"(a) = {square['fraction']:.0%} of the {MATMUL_SIZE}x{MATMUL_SIZE} ceiling ({square['tokens_per_second']:.0f} tok/s "
+        f"from {square['gflops']:.0f} GFLOP/s {square['precision']}) (no target)" + (f"; {matmul['note']}" if matmul["note"] else ""),
+        f"matmul {MATMUL_SIZE}x{MATMUL_SIZE}: {rates}; at the layer shapes ([tokens, k] @ [k, n], share of a step's FLOPs): "
+        + ", ".join(f"{s['k']}x{s['n']} {s['gflops']:.0f} ({s['flop_share']:.0%})" for s in matmul["layer_shapes"]["shapes"]),
         "other processes used (share of all CPUs): " + ", ".join(
             f"{name} {'?' if p['others_busy'] is None else format(p['others_busy'], '.0%')}"
             for name, p in results["parts"].items() if name not in ("total", "(d) processes")),
         f"timed: {a['timed_steps']} steps each after {WARMUP_STEPS} warm-up; same {sum(map(len, results['example_order']))} "
-        f"examples in the same order; dataset tokens {a['dataset_tokens']} per recipe, "
-        f"computed tokens (padding included) (a) {a['computed_tokens']}, (b) {b['computed_tokens']}",
+        f"examples; dataset tokens {a['dataset_tokens']} per recipe ((e) {e['dataset_tokens'] if e else '-'}: its own order), "
+        f"computed tokens (padding included) (a) {a['computed_tokens']}, (b) {b['computed_tokens']}, "
+        f"(e) {e['computed_tokens'] if e else '-'}" + (f"; TRL {e['trl_version']}" if e else ""),
         "command: python " + shlex.join(sys.argv),
     ]
     d = results["processes"]
@@ -377,7 +502,16 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def ceiling(gflops: float, precision: str, flops_per_token: float, achieved: float) -> dict:
+    tokens_per_second = gflops * 1e9 / flops_per_token
+    return {"precision": precision, "gflops": gflops, "tokens_per_second": tokens_per_second,
+            "fraction": achieved / tokens_per_second}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import torch
+    from transformers import AutoConfig
+
     args = parse_args(argv)
     finetune.quiet_libraries()
     parts = {}
@@ -406,11 +540,28 @@ def main(argv: list[str] | None = None) -> int:
         finetune.log(f"(a) default: {a['dataset_tokens_per_second']:.0f} dataset tok/s, {a['seconds_per_step']:.1f} s/step "
                      f"({parts['(a) default']['seconds']:.0f} s with loading)")
 
+        with part("(c) layer shapes", parts):  # tokens per batch: batch x the dataset's mean rendered length
+            tokens = round(settings["batch_size"] * sum(default["lengths"].values()) / len(default["lengths"]))
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[matmul["ceiling_precision"]]
+            matmul["layer_shapes"] = layer_shape_rate(settings["device"], dtype, AutoConfig.from_pretrained(default["base_path"]), tokens)
+        finetune.log(f"(c) layer shapes: {matmul['layer_shapes']['gflops']:.0f} GFLOP/s {matmul['ceiling_precision']} "
+                     f"({parts['(c) layer shapes']['seconds']:.0f} s)")
+
         with part("(b) naive", parts):
             b = run_naive_recipe(default["base_path"], default["tokenizer"], examples, default["example_order"],
                                  default["lengths"], settings["device"], args.seed)
         finetune.log(f"(b) naive: {b['dataset_tokens_per_second']:.0f} dataset tok/s, {b['seconds_per_step']:.1f} s/step "
                      f"({parts['(b) naive']['seconds']:.0f} s with loading)")
+
+        e, trl_skipped = None, "--no-trl" if args.no_trl else trl_missing()
+        if trl_skipped:
+            finetune.log(f"(e) TRL skipped: {trl_skipped}")
+        else:
+            with part("(e) TRL", parts), tempfile.TemporaryDirectory(prefix="bench-trl-") as folder:
+                e = run_trl_recipe(settings, default["base_path"], default["tokenizer"], default["rows"],
+                                   default["example_order"], args.steps, folder)
+            finetune.log(f"(e) TRL: {e['dataset_tokens_per_second']:.0f} dataset tok/s, {e['seconds_per_step']:.1f} s/step "
+                         f"({parts['(e) TRL']['seconds']:.0f} s with loading)")
 
         processes = None
         if not args.no_processes:
@@ -418,16 +569,22 @@ def main(argv: list[str] | None = None) -> int:
                 processes = run_process_comparison(8, 2 * settings["batch_size"], args.seed)
             finetune.log(f"(d) 2 processes / 1 process: {processes['ratio']:.2f}x ({parts['(d) processes']['seconds']:.0f} s)")
 
-    rate = matmul["gflops"][matmul["ceiling_precision"]]
-    ceiling_tokens = rate * 1e9 / (FLOPS_PER_TOKEN[a["method"]] * default["base_parameters"])
+    cpu = cpu_description()
+    target_set = "native bf16" if settings["device"] != "cpu" or cpu["native_bf16"] else "no native bf16"
+    flops_per_token = FLOPS_PER_TOKEN[a["method"]] * default["base_parameters"]
+    precision, achieved = matmul["ceiling_precision"], a["dataset_tokens_per_second"]
     results = {
-        "default": a, "naive": b, "matmul": matmul, "cpu": cpu_description(),
+        "default": a, "naive": b, "trl": e, "trl_skipped": trl_skipped, "matmul": matmul, "cpu": cpu,
         "device": settings["device"], "hardware": settings["hardware"],
         "base_model": default["base_model"], "base_parameters": default["base_parameters"],
-        "ratio": a["dataset_tokens_per_second"] / b["dataset_tokens_per_second"],
-        "ceiling": {"precision": matmul["ceiling_precision"], "gflops": rate, "tokens_per_second": ceiling_tokens,
-                    "fraction": a["dataset_tokens_per_second"] / ceiling_tokens},
-        "targets": {"ratio": TARGET_RATIO, "ceiling_fraction": TARGET_CEILING},
+        "ratios": {"naive": achieved / b["dataset_tokens_per_second"],
+                   "trl": achieved / e["dataset_tokens_per_second"] if e else None},
+        "ceilings": {
+            "square": ceiling(matmul["gflops"][precision], precision, flops_per_token, achieved),
+            "layer_shapes": dict(ceiling(matmul["layer_shapes"]["gflops"], precision, flops_per_token, achieved),
+                                 tokens=matmul["layer_shapes"]["tokens"]),
+        },
+        "target_set": target_set, "targets": TARGETS[target_set],
         "processes": processes,
         "example_order": default["example_order"],
         "parts": parts, "command": shlex.join(sys.argv), "examples_file": args.examples,

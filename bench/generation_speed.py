@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Generation speed of a fine-tuned model: the chat command, the chat in process, the evaluation's batches.
+
+Examples:
+  python bench/generation_speed.py                        # the model in ./echo-model (a tiny one is trained if absent)
+  python bench/generation_speed.py --model echo-model/merged --json gen.json
+
+Side by side, in one run, greedy decoding throughout:
+  (i)   the chat command end to end, in a subprocess: python example_usage.py --prompt "Who are you?"
+        --model DIR --max-new-tokens 64 --greedy; wall seconds (Python start-up, imports, loading the
+        model, one answer), the median of 3 runs;
+  (ii)  the chat in process, through example_usage.LocalChat (the model loaded once, merged): time to
+        first token, until the streaming reply's first write (the first text a user sees), and tokens/s
+        over an answer of exactly 64 new tokens (min_new_tokens), the median of 3 after one warm-up;
+  (iii) batched generation as the persona evaluation runs it (finetune.generate_answers: left-padded
+        batches of eval_batch_size, 64 new tokens at most, answers end at their end-of-turn token or
+        once they loop): generated tokens/s over one batch of the evaluation's English identity probes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import example_usage  # noqa: E402
+import finetune  # noqa: E402
+from train_throughput import BUSY_WARNING, cpu_description, part  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# Settings of the benchmark.
+# --------------------------------------------------------------------------------------------
+PROMPT = "Who are you?"
+MAX_NEW_TOKENS = 64
+RUNS = 3  # timed runs of (i) and (ii); the median is reported
+TINY_TRAINING = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--no-eval"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--model", default=str(ROOT / "echo-model"), metavar="DIR",
+                        help="a trained output folder or merged model (default: echo-model; if absent, a tiny model "
+                             "is trained into a temporary folder first)")
+    parser.add_argument("--runs", type=int, default=RUNS, help=f"timed runs of (i) and (ii) (default {RUNS})")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data: the model folder (trained here when there is none) and the questions.
+# --------------------------------------------------------------------------------------------
+def train_tiny_model(folder: Path) -> None:
+    """Two steps on short rows: a real output folder of this tool, in well under a minute of training.
+    Its answers are no good; the time per token is that of any model of this size."""
+    command = [sys.executable, str(ROOT / "finetune.py"), "--provider", "huggingface", "--output-dir", str(folder), *TINY_TRAINING]
+    finetune.log(f"no model given and no echo-model here; training a tiny one: {shlex.join(command)}")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise finetune.UserError(f"training the tiny model failed: {done.stderr.strip().splitlines()[-1:]}", 1)
+
+
+def evaluation_batch(settings: dict) -> list[list[dict]]:
+    """The first eval_batch_size English identity probes, asked with no system message (as in the evaluation)."""
+    probes = [p for p in finetune.load_probes(settings) if p["kind"] == "identity" and p["lang"] == "en"]
+    return [[{"role": "user", "content": p["probe"]}] for p in probes[: settings["eval_batch_size"]]]
+
+
+# --------------------------------------------------------------------------------------------
+# (i) The chat command, end to end.
+# --------------------------------------------------------------------------------------------
+def run_command_line(model: str, runs: int) -> dict:
+    command = [sys.executable, str(ROOT / "example_usage.py"), "--prompt", PROMPT, "--model", model,
+               "--max-new-tokens", str(MAX_NEW_TOKENS), "--greedy"]
+    seconds, answer = [], None
+    for _ in range(runs):
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            raise finetune.UserError(f"{shlex.join(command)} failed: {done.stderr.strip().splitlines()[-1:]}", 1)
+        answer = done.stdout.strip()
+    return {"command": shlex.join(command), "seconds": seconds, "median_seconds": statistics.median(seconds),
+            "answer": answer}
+
+
+# --------------------------------------------------------------------------------------------
+# (ii) The chat in process: time to first token and tokens/s of one streamed answer.
+# --------------------------------------------------------------------------------------------
+def run_chat(settings: dict, model: str, runs: int) -> dict:
+    chat = example_usage.LocalChat(settings, model, None, {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS})
+    chat.decoding["min_new_tokens"] = MAX_NEW_TOKENS  # exactly 64 new tokens: the count is known
+    messages = [{"role": "user", "content": PROMPT}]
+
+    def timed_reply() -> tuple[float, float, str]:
+        first = []
+        start = time.perf_counter()
+        answer = chat.reply(list(messages), lambda piece: first or first.append(time.perf_counter()))
+        return first[0] - start, time.perf_counter() - start, answer
+
+    timed_reply()  # warm-up: first-call allocations, autocast caches
+    replies = [timed_reply() for _ in range(runs)]
+    first_token = statistics.median(r[0] for r in replies)
+    total = statistics.median(r[1] for r in replies)
+    return {"precision": chat.settings["precision"], "first_token_seconds": [round(r[0], 3) for r in replies],
+            "reply_seconds": [round(r[1], 3) for r in replies], "median_first_token_seconds": first_token,
+            "median_reply_seconds": total, "new_tokens": MAX_NEW_TOKENS, "tokens_per_second": MAX_NEW_TOKENS / total,
+            "answer": replies[-1][2]}
+
+
+# --------------------------------------------------------------------------------------------
+# (iii) Batched generation, as the evaluation runs it.
+# --------------------------------------------------------------------------------------------
+def run_batched(settings: dict, model_name: str) -> dict:
+    """The model as the evaluation loads it (an adapter stays unmerged), one batch of probes; generated
+    tokens are counted from generate()'s output: the positions after the prompt that are not padding."""
+    model, tokenizer, _ = finetune.load_for_inference(model_name)
+    model.to(settings["device"])
+    conversations = evaluation_batch(settings)
+    generated, generate = [], model.generate
+
+    def counting_generate(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        generated.append(int((out[:, kwargs["input_ids"].shape[1]:] != tokenizer.pad_token_id).sum()))
+        return out
+
+    model.generate = counting_generate
+    finetune.generate_answers(model, tokenizer, conversations[:2], settings, max_new_tokens=8)  # warm-up
+    generated.clear()
+    start = time.perf_counter()
+    answers = finetune.generate_answers(model, tokenizer, conversations, settings, max_new_tokens=MAX_NEW_TOKENS)
+    seconds = time.perf_counter() - start
+    return {"precision": settings["precision"], "conversations": len(conversations), "batch_size": settings["eval_batch_size"],
+            "seconds": seconds, "generated_tokens": sum(generated), "tokens_per_second": sum(generated) / seconds,
+            "answer": answers[0]}
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting.
+# --------------------------------------------------------------------------------------------
+def format_report(results: dict) -> str:
+    i, ii, iii, cpu = results["command_line"], results["chat"], results["batched"], results["cpu"]
+    lines = [
+        f"model: {results['model']}",
+        "| measure | figure |",
+        "|---|---:|",
+        f"| (i) example_usage.py --prompt, end to end (median of {len(i['seconds'])}) | {i['median_seconds']:.1f} s |",
+        f"| (ii) chat in process, time to first token ({ii['precision']}) | {ii['median_first_token_seconds']:.2f} s |",
+        f"| (ii) chat in process, {ii['new_tokens']}-token answer | {ii['tokens_per_second']:.1f} tok/s |",
+        f"| (iii) evaluation batches, {iii['conversations']} probes, batch {iii['batch_size']} ({iii['precision']}) | "
+        f"{iii['tokens_per_second']:.1f} tok/s |",
+        "",
+        f"(i) runs: {', '.join(f'{s:.1f}' for s in i['seconds'])} s; (ii) first token: "
+        f"{', '.join(map(str, ii['first_token_seconds']))} s, replies: {', '.join(map(str, ii['reply_seconds']))} s; "
+        f"(iii) {iii['generated_tokens']} tokens in {iii['seconds']:.1f} s",
+        f"CPU: {cpu['model'] or 'unknown'}, capability {cpu['capability']}, native bf16 "
+        f"{'yes' if cpu['native_bf16'] else 'no'}, torch threads {cpu['threads']} of {cpu['cores']} cores"
+        + ("" if results["device"] == "cpu" else f"; device {results['device']} ({results['hardware']})"),
+        "other processes used (share of all CPUs): " + ", ".join(
+            f"{name} {'?' if p['others_busy'] is None else format(p['others_busy'], '.0%')}"
+            for name, p in results["parts"].items() if name != "total"),
+        "command: python " + shlex.join(sys.argv),
+    ]
+    busy = [p["others_busy"] for name, p in results["parts"].items() if name != "total" and p["others_busy"] is not None]
+    if busy and max(busy) > BUSY_WARNING:
+        lines.append(f"WARNING: other processes used up to {max(busy):.0%} of the CPUs; these rates understate this machine")
+    lines.append("time: " + ", ".join(f"{name} {p['seconds']:.0f} s" for name, p in results["parts"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    finetune.quiet_libraries()
+    parts = {}
+    with part("total", parts), tempfile.TemporaryDirectory(prefix="bench-gen-") as scratch:
+        model, trained_here = str(Path(args.model).resolve()), False
+        if not Path(model).exists():
+            if model != str(ROOT / "echo-model"):
+                raise finetune.UserError(f"--model {model} does not exist")
+            with part("training a tiny model", parts):
+                model, trained_here = str(Path(scratch, "tiny-model")), True
+                train_tiny_model(Path(model))
+        settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, eval_dataset=str(ROOT / "persona_eval.jsonl")),
+                                             training=False)
+
+        with part("(i) command line", parts):
+            command_line = run_command_line(model, args.runs)
+        finetune.log(f"(i) command line: median {command_line['median_seconds']:.1f} s")
+        with part("(ii) chat", parts):
+            chat = run_chat(dict(finetune.DEFAULT_SETTINGS), model, args.runs)
+        finetune.log(f"(ii) chat: first token {chat['median_first_token_seconds']:.2f} s, {chat['tokens_per_second']:.1f} tok/s")
+        with part("(iii) batched", parts):
+            batched = run_batched(settings, model)
+        finetune.log(f"(iii) batched: {batched['tokens_per_second']:.1f} tok/s")
+
+    results = {"model": f"a tiny model trained for this run (finetune.py {shlex.join(TINY_TRAINING)}): no echo-model here"
+                        if trained_here else model, "trained_here": trained_here,
+               "command_line": command_line, "chat": chat, "batched": batched, "cpu": cpu_description(),
+               "device": settings["device"], "hardware": settings["hardware"], "parts": parts,
+               "command": shlex.join(sys.argv)}
+    print(format_report(results))
+    if args.json:
+        finetune.write_atomic(args.json, json.dumps(results, indent=2, ensure_ascii=False) + "\n", overwrite=True)
+        finetune.log(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except finetune.UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
