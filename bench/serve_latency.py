@@ -8,7 +8,8 @@ Examples:
 One run, the same model folder (the merged one --serve serves), the same prompts, greedy decoding with
 exactly --tokens new tokens (min = max, so both sides count the same tokens), fp32, one request at a time:
   server:   the openai client, streaming, against `example_usage.py --serve --port 0` (started here, then stopped);
-  generate: model.generate() in this process, after the server is gone (they never share the CPU).
+  generate: model.generate() in this process, after the server is gone (they never share the CPU);
+  llama.cpp: the exported F16 GGUF in MODEL/gguf/, where there is one and llama-cpp-python is installed.
 Latency is per request (first token: time to the first streamed text); tokens/s is new tokens over the
 summed request time. One warm-up request on each side is not counted.
 """
@@ -102,6 +103,24 @@ def time_generate(folder: str, prompts: list[str], tokens: int) -> list[tuple[fl
     return rows
 
 
+def time_llama_cpp(gguf: Path, prompts: list[str], tokens: int) -> list[tuple[float, float, int]]:
+    """llama.cpp on the exported F16 GGUF (python finetune.py --export gguf), its own chat template,
+    the end-of-turn token biased away so that every answer has exactly `tokens` tokens."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+    rows = []
+    for prompt in prompts:
+        start, first, count = time.perf_counter(), None, 0
+        for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0,
+                                                repeat_penalty=1.0, logit_bias={llm.token_eos(): -1000.0}, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                first, count = first or time.perf_counter(), count + 1  # one token per streamed piece
+        end = time.perf_counter()
+        rows.append((end - start, (first or end) - start, count))
+    return rows
+
+
 def summary(name: str, rows: list[tuple[float, float, int]]) -> str:
     latencies, firsts = [r[0] for r in rows], [r[1] for r in rows]
     rate = sum(r[2] for r in rows) / sum(latencies)
@@ -134,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':<9} {'p50':>9} {'p95':>9} {'1st token':>11} {'tokens/s':>9}")
     print(summary("server", served))
     print(summary("generate", generated))
+    ggufs = sorted(Path(args.model).glob("gguf/*-F16.gguf"))
+    try:
+        import llama_cpp  # noqa: F401  (make test-export installs it)
+    except ImportError:
+        print("llama.cpp  skipped: llama-cpp-python is not installed (make test-export builds it)")
+        return 0
+    if not ggufs:
+        print(f"llama.cpp  skipped: no {args.model}/gguf/*-F16.gguf (python finetune.py --export gguf --model {args.model})")
+        return 0
+    print(summary("llama.cpp", time_llama_cpp(ggufs[0], prompts, args.tokens)[1:]) + f"   ({ggufs[0].name}, F16)")
     return 0
 
 
