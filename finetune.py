@@ -2129,9 +2129,12 @@ class HuggingFaceFineTuner:
         s = self.settings
         persona = Persona(s["persona_name"], s["persona_full_name"])
         naming = [ex for ex in examples if any(persona.judge(m["content"])["adopted"] for m in ex["messages"] if m["role"] == "assistant")]
-        if s["persona_repeats"] > 1:
+        if s["persona_repeats"] > 1 and naming:
             log(f"{len(naming)} of {len(examples)} examples name the persona {s['persona_name']!r}: "
                 f"each trained on {s['persona_repeats']} times (--persona-repeats)")
+        elif s["persona_repeats"] > 1:
+            log(f"warning: no example names the persona {s['persona_name']!r} in the first person, so none is repeated; "
+                f"give your persona's names with --persona-name and --persona-full-name")
         return examples + naming * (max(s["persona_repeats"], 1) - 1)
 
     def rows(self, examples: list[dict], tokenizer) -> list[dict]:

@@ -598,6 +598,13 @@ def test_examples_that_name_the_persona_are_repeated_and_the_rest_once():
     assert once == examples
 
 
+def test_a_persona_no_example_names_is_a_warning_that_says_which_flags(capsys):
+    examples = [{"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I'm Aria."}]}]
+    assert finetune.HuggingFaceFineTuner(dict(finetune.DEFAULT_SETTINGS)).with_persona_repeats(examples) == examples
+    err = capsys.readouterr().err
+    assert "no example names the persona 'Echo'" in err and "--persona-name" in err
+
+
 def test_max_length_too_short_for_any_answer_is_explained(tmp_path):
     data = write_lines(tmp_path / "d.jsonl", good_examples(6))  # no system message: SmolLM2's own fills the window
     result = cli("--output-dir", tmp_path / "short", "--dataset", data, "--validation-split", "0", "--no-eval", "--max-length", "32",
