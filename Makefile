@@ -1,12 +1,13 @@
 # make demo  : venv, install, fine-tune the embedded model, chat with it, evaluation table
-# make test  : venv, install (Prism too), run the test suite
+# make test  : venv, install (Prism and llama.cpp too), run the test suite
 # make bench : training throughput (default, naive and TRL recipes; ceilings) and generation speed
-# make test-export : build llama-cpp-python into the venv (minutes), then check llama.cpp runs the exported GGUF
+# make test-export : only the llama.cpp check of the exported GGUF (make test runs it too)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PRISM  := .prism/node_modules/.bin/prism
+LLAMA_CPP := $(VENV)/.llama-cpp-python-0.3.36
 DEMO_QUESTIONS := "Hello, what's your name?" "Are you ChatGPT?" "Who made you?" "Describe yourself in three words." "Qui es-tu ?" "What is an echo state network, in two sentences?" "Give me a tip for sleeping better." "And what was my first question?"
 
 .PHONY: install demo test test-export bench clean
@@ -29,14 +30,12 @@ demo: $(STAMP)
 	@echo "--- persona evaluation (echo-model/evaluation.json) ---"
 	@$(PY) -c 'import json, finetune; print(finetune.format_evaluation(json.load(open("echo-model/evaluation.json"))))'
 
-test: $(STAMP) $(PRISM)
+test: $(STAMP) $(PRISM) $(LLAMA_CPP)
 	$(PY) -m pytest -q -p no:cacheprovider test_finetune.py tests
 
 # llama.cpp is built from source (there is no wheel): for the instruction sets this CPU has, never
 # -march=native (a native build segfaulted on an Intel AMX machine), AVX-512 only where the CPU has
 # it (such a build does not run on an AVX2-only CPU); --no-cache-dir: no wheel built for another CPU.
-LLAMA_CPP := $(VENV)/.llama-cpp-python-0.3.36
-
 $(LLAMA_CPP): $(STAMP)
 	flags="-DGGML_NATIVE=OFF"; \
 	for pair in avx2:AVX2 fma:FMA f16c:F16C avx512f:AVX512; do \
