@@ -196,6 +196,34 @@ def step_timer():
     return StepTimer()
 
 
+def train_counting_tokens(trainer, timer, by_tokens: dict, steps: int, settings: dict, who: str, recipe: str,
+                          method: str) -> tuple[dict, list[list[dict]]]:
+    """Runs warm-up + steps of `trainer`, counting the tokens of every batch its collator builds
+    (`by_tokens` names each row's example); the summary of the timed steps, and each step's batches."""
+    batches, collate = [], trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        batches.append({
+            "examples": [by_tokens[tuple(f["input_ids"])] for f in features],
+            "dataset_tokens": sum(len(f["input_ids"]) for f in features),
+            "loss_tokens": int((batch["labels"] != -100).sum()),
+            "computed_tokens": int(batch["input_ids"].numel()),  # padding included
+        })
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    if len(timer.ends) != WARMUP_STEPS + steps:
+        raise RuntimeError(f"expected {WARMUP_STEPS + steps} steps, {who} ran {len(timer.ends)}")
+    accumulation = settings["gradient_accumulation"]
+    per_step = [batches[k * accumulation:(k + 1) * accumulation] for k in range(WARMUP_STEPS + steps)]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return summarise_steps(recipe=recipe, method=method, precision=settings["precision"], batch_size=settings["batch_size"],
+                           accumulation=accumulation, step_batches=per_step, ends=timer.ends, begins=timer.begins,
+                           losses=losses), per_step
+
+
 def run_default_recipe(settings: dict, examples: list[dict], steps: int) -> dict:
     """Trains warm-up + steps with the tool's Trainer; counts tokens from the batches it consumed."""
     from datasets import Dataset
@@ -219,29 +247,8 @@ def run_default_recipe(settings: dict, examples: list[dict], steps: int) -> dict
 
     timer = step_timer()
     trainer = tuner.make_trainer(model, tokenizer, train, None, Path(settings["output_dir"], "checkpoints"), [timer])
-    batches, collate = [], trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        batches.append({
-            "examples": [by_tokens[tuple(f["input_ids"])] for f in features],
-            "dataset_tokens": sum(len(f["input_ids"]) for f in features),
-            "loss_tokens": int((batch["labels"] != -100).sum()),
-            "computed_tokens": int(batch["input_ids"].numel()),  # padding included
-        })
-        return batch
-
-    trainer.data_collator = counting_collator
-    trainer.train()
-    if len(timer.ends) != WARMUP_STEPS + steps:
-        raise RuntimeError(f"expected {WARMUP_STEPS + steps} steps, the Trainer ran {len(timer.ends)}")
-    accumulation = settings["gradient_accumulation"]
-    per_step = [batches[k * accumulation:(k + 1) * accumulation] for k in range(WARMUP_STEPS + steps)]
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    result = summarise_steps(
-        recipe="(a) default", method=settings["method"], precision=settings["precision"],
-        batch_size=settings["batch_size"], accumulation=accumulation, step_batches=per_step,
-        ends=timer.ends, begins=timer.begins, losses=losses)
+    result, per_step = train_counting_tokens(trainer, timer, by_tokens, steps, settings, "the Trainer",
+                                             recipe="(a) default", method=settings["method"])
     result["trainable_parameters"] = trainable
     del trainer, model
     gc.collect()
@@ -332,28 +339,7 @@ def run_trl_recipe(settings: dict, base_path: str, tokenizer, rows: list[dict], 
     trainer = trl.SFTTrainer(model=finetune.load_causal_lm(base_path), args=config, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=lora, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where the report goes
-    batches, collate = [], trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        batches.append({
-            "examples": [by_tokens[tuple(f["input_ids"])] for f in features],
-            "dataset_tokens": sum(len(f["input_ids"]) for f in features),
-            "loss_tokens": int((batch["labels"] != -100).sum()),
-            "computed_tokens": int(batch["input_ids"].numel()),
-        })
-        return batch
-
-    trainer.data_collator = counting_collator
-    trainer.train()
-    if len(timer.ends) != WARMUP_STEPS + steps:
-        raise RuntimeError(f"expected {WARMUP_STEPS + steps} steps, TRL ran {len(timer.ends)}")
-    accumulation = settings["gradient_accumulation"]
-    per_step = [batches[k * accumulation:(k + 1) * accumulation] for k in range(WARMUP_STEPS + steps)]
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    result = summarise_steps(
-        recipe="(e) TRL", method="lora", precision=settings["precision"], batch_size=settings["batch_size"],
-        accumulation=accumulation, step_batches=per_step, ends=timer.ends, begins=timer.begins, losses=losses)
+    result, _ = train_counting_tokens(trainer, timer, by_tokens, steps, settings, "TRL", recipe="(e) TRL", method="lora")
     result["trl_version"] = trl.__version__
     del trainer
     gc.collect()
