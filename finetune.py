@@ -54,13 +54,13 @@ DEFAULTS = {
         "model": "auto",  # base model: smollm2-135m (hf) / gpt-4o-mini-2024-07-18 (openai)
         "output_dir": "auto",  # echo-model (huggingface) or echo-openai (openai): apart, so neither replaces the other
         "method": "lora",  # lora | full
-        "max_steps": 40,  # optimizer steps (about 2/3 of an epoch at batch 4); 0 = use `epochs`
-        "epochs": 1.0,  # used when max_steps is 0
-        "learning_rate": "auto",  # 2e-3 for LoRA, 5e-5 for full fine-tuning
+        "max_steps": 0,  # optimizer steps; 0 = use `epochs`
+        "epochs": 1.0,  # passes over the training mix (see persona_repeats and other_share), when max_steps is 0
+        "learning_rate": "auto",  # 3e-3 for LoRA, 5e-5 for full fine-tuning
         "lr_scheduler": "cosine",  # any transformers scheduler name; decaying to 0 ends the run settled, not looping
         "warmup_steps": 4,
         "weight_decay": 0.0,
-        "batch_size": "auto",  # 4 on CPU and MPS, 16 on CUDA
+        "batch_size": "auto",  # 8 on CPU and MPS, 16 on CUDA
         "gradient_accumulation": 1,
         "gradient_checkpointing": False,  # trade time for memory
         "lora_r": 16,
@@ -68,11 +68,13 @@ DEFAULTS = {
         "lora_dropout": 0.0,
         "lora_target_modules": "all-linear",  # or a comma-separated list: q_proj,v_proj
         "base_template_share": 0.25,  # share of examples rendered with the base template's own system message
-        "persona_repeats": 3,  # examples whose answer names the persona ("I'm Echo") are trained on this many times
+        "persona_repeats": 1,  # examples whose answer names the persona ("I'm Echo") are trained on this many times
+        "other_share": 0.25,  # share of the other examples (a seeded sample) trained on beside them
         "device": "auto",  # cuda | mps | cpu
         "precision": "auto",  # bf16 | fp16 | fp32; auto picks bf16 only where it is native
         "seed": 42,
-        "save_steps": 8,  # checkpoint (and eval loss) every N steps
+        "save_steps": 8,  # a checkpoint every N steps (Ctrl-C and --resume start from it)
+        "eval_steps": 20,  # the validation loss every N steps and at the end: each costs a pass over the split
         "merge": False,  # also write a merged model into OUTPUT_DIR/merged
     },
     "generation": {  # the decoding defaults saved with the model (generation_config.json); chat uses them
@@ -1111,9 +1113,9 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
         else:
             resolved["precision"], why = "fp32", "no native bf16 on this CPU" if device == "cpu" else "safest here"
     if resolved["batch_size"] == "auto":
-        resolved["batch_size"] = 16 if device == "cuda" else 4
+        resolved["batch_size"] = 16 if device == "cuda" else 8
     if resolved["learning_rate"] == "auto":
-        resolved["learning_rate"] = 2e-3 if resolved["method"] == "lora" else 5e-5
+        resolved["learning_rate"] = 3e-3 if resolved["method"] == "lora" else 5e-5
     capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else torch.cuda.get_device_name() if device == "cuda" else device
     resolved["hardware"] = capability
     extra = f", batch size {resolved['batch_size']}, learning rate {resolved['learning_rate']}" if training else ""
@@ -1902,10 +1904,13 @@ def score_model(model, tokenizer, probes: list[dict], settings: dict, base_templ
             result[decoding] = result["shipped"]
             continue
         questions = condition_questions(probes, base_template)  # asked in one list: fewer, fuller batches
+        ordinary = [p for p in probes if p["kind"] == "style"]  # questions about anything but the persona
         everything = [(key, c, p, t) for key, (conversations, asked, t) in questions.items() for c, p in zip(conversations, asked)]
+        everything += [("ordinary", [{"role": "user", "content": p["probe"]}], p, None) for p in ordinary]
         answers = generate_answers(model, tokenizer, [c for _, c, _, _ in everything], settings, decoding, [t for *_, t in everything])
         conditions = {key: judged(persona, [p for k, _, p, _ in everything if k == key],
-                                  [a for (k, *_), a in zip(everything, answers) if k == key]) for key in questions}
+                                  [a for (k, *_), a in zip(everything, answers) if k == key]) for key in [*questions, "ordinary"]}
+        ordinary = conditions.pop("ordinary")
         drift = [p for p in probes if p["kind"] == "drift"]
         answers, histories = drift_answers(model, tokenizer, probes, settings, decoding)
         conditions["drift"] = [dict(row, history=h[:-1]) for row, h in zip(judged(persona, drift, answers), histories)]
@@ -1914,7 +1919,11 @@ def score_model(model, tokenizer, probes: list[dict], settings: dict, base_templ
             "adoption": {key: share(rows, "adopted") for key, rows in conditions.items()},
             "degenerate": share(every, "degenerate"),
             "other_language": share(every, "other_language"),
+            # answers to ordinary questions that introduce the persona instead of answering ("I'm Echo, and
+            # I can't help with sleep"): the price of a persona learned too broadly; no reference answer does
+            "ordinary_self_talk": share(ordinary, "adopted"),
             "answers": conditions,
+            "ordinary_answers": ordinary,
         }
     references = [render(tokenizer, [{"role": "user", "content": p["probe"]}, {"role": "assistant", "content": p["reference"]}])
                   for p in probes if p["reference"]]
@@ -1973,7 +1982,10 @@ def format_evaluation(result: dict) -> str:
     for key in keys:
         lines.append(f"  {CONDITIONS[key]:<34}" + "".join(
             "  " + "".join(f"{percent(result[c][d]['adoption'][key]):>12}" for c in columns) for d in DECODINGS))
-    for title, key in (("degenerate answers", "degenerate"), ("answers in another language", "other_language")):
+    for title, key in (("degenerate answers", "degenerate"), ("answers in another language", "other_language"),
+                       ("introduces itself when not asked", "ordinary_self_talk")):
+        if key not in result["fine_tuned"]["greedy"]:
+            continue  # an evaluation.json written before this measure
         lines.append(f"{title:<36}" + "".join("  " + "".join(f"{percent(result[c][d][key]):>12}" for c in columns) for d in DECODINGS))
     if "base" in result:
         loss = [result[c]["persona_loss"] for c in columns]
@@ -1991,7 +2003,7 @@ def format_evaluation(result: dict) -> str:
 def evaluation_summary(result: dict) -> dict:
     """The figures of evaluation.json without the answers, for training_summary.json."""
     return {column: {"persona_loss": result[column]["persona_loss"], "general_perplexity": result[column]["general_perplexity"],
-                     **{decoding: {k: v for k, v in result[column][decoding].items() if k != "answers"} for decoding in DECODINGS}}
+                     **{decoding: {k: v for k, v in result[column][decoding].items() if not k.endswith("answers")} for decoding in DECODINGS}}
             for column in ("base", "fine_tuned") if column in result}
 
 
@@ -2122,20 +2134,28 @@ class HuggingFaceFineTuner:
         share = self.settings["base_template_share"] if self.base_template else 0
         return [self.base_template if rng.random() < share and ex["messages"][0]["role"] != "system" else None for ex in examples]
 
-    def with_persona_repeats(self, examples: list[dict]) -> list[dict]:
-        """The examples, with those in which the assistant names itself as the persona repeated:
-        they carry the identity and are few, and in a short run the long explanations around them
-        would otherwise teach a small model to talk on about itself instead of answering and stopping."""
+    def training_mix(self, examples: list[dict]) -> list[dict]:
+        """What a run trains on: every example in which the assistant names itself as the persona
+        (`persona_repeats` times each), beside a seeded sample of the others (`other_share` of them).
+        The naming examples are short and carry the identity; the others are long explanations that
+        cost most of the compute, and a sample of them keeps the model answering ordinary questions
+        and stopping, where all of them would bury the identity and teach a small model to talk on."""
         s = self.settings
+        if not 0 <= s["other_share"] <= 1:
+            raise UserError(f"--other-share must be between 0 and 1, not {s['other_share']:g}")
         persona = Persona(s["persona_name"], s["persona_full_name"])
         naming = [ex for ex in examples if any(persona.judge(m["content"])["adopted"] for m in ex["messages"] if m["role"] == "assistant")]
-        if s["persona_repeats"] > 1 and naming:
-            log(f"{len(naming)} of {len(examples)} examples name the persona {s['persona_name']!r}: "
-                f"each trained on {s['persona_repeats']} times (--persona-repeats)")
-        elif s["persona_repeats"] > 1:
-            log(f"warning: no example names the persona {s['persona_name']!r} in the first person, so none is repeated; "
-                f"give your persona's names with --persona-name and --persona-full-name")
-        return examples + naming * (max(s["persona_repeats"], 1) - 1)
+        if not naming:
+            log(f"warning: no example names the persona {s['persona_name']!r} in the first person, so all are trained on "
+                f"alike; give your persona's names with --persona-name and --persona-full-name")
+            return examples
+        others = [ex for ex in examples if not any(ex is n for n in naming)]
+        kept = random.Random(s["seed"]).sample(others, round(len(others) * s["other_share"]))
+        repeats = max(s["persona_repeats"], 1)
+        log(f"training mix: the {len(naming)} examples that name the persona {s['persona_name']!r}"
+            f"{f' ({repeats} times each, --persona-repeats)' if repeats > 1 else ''}, and {len(kept)} of the other "
+            f"{len(others)} (--other-share {s['other_share']:g})")
+        return naming * repeats + kept
 
     def rows(self, examples: list[dict], tokenizer) -> list[dict]:
         """Each example rendered once; an example that keeps no assistant token is reported, not trained."""
@@ -2174,7 +2194,8 @@ class HuggingFaceFineTuner:
             gradient_checkpointing=s["gradient_checkpointing"],
             gradient_checkpointing_kwargs={"use_reentrant": False} if s["gradient_checkpointing"] else None,
             eval_strategy="steps" if has_eval else "no",
-            eval_steps=s["save_steps"],
+            eval_steps=s["eval_steps"],
+            prediction_loss_only=True,  # the validation loss only: no logits over the 49k-token vocabulary kept
             save_strategy="steps",
             save_steps=s["save_steps"],
             save_total_limit=2,
@@ -2212,7 +2233,7 @@ class HuggingFaceFineTuner:
 
         s, state = self.settings, PartialState()
         tokenizer = self.load_tokenizer()
-        train = Dataset.from_list(self.rows(self.with_persona_repeats(train_examples), tokenizer))
+        train = Dataset.from_list(self.rows(self.training_mix(train_examples), tokenizer))
         val = Dataset.from_list(self.rows(val_examples, tokenizer)) if val_examples else None
         report.stats["example tokens (rendered)"] = summarise(list(train["length"]) + (list(val["length"]) if val else []))
         log(f"training {s['method']} on {len(train)} examples ({sum(train['length'])} tokens), validating on "
@@ -2779,10 +2800,12 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--lora-target-modules", "lora_target_modules", "all-linear or e.g. q_proj,v_proj", metavar="LIST")
     setting(train, "--base-template-share", "base_template_share", "share of examples rendered with the base template's system message", type=float)
     setting(train, "--persona-repeats", "persona_repeats", "times each example whose answer names the persona is trained on", type=int, metavar="N")
+    setting(train, "--other-share", "other_share", "share of the examples that do not name the persona trained on beside those that do (1: all)", type=float, metavar="X")
     setting(train, "--device", "device", choices=("auto", "cpu", "cuda", "mps"))
     setting(train, "--precision", "precision", "auto: bf16 where native, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
     setting(train, "--seed", "seed", type=int)
-    setting(train, "--save-steps", "save_steps", "checkpoint and eval loss every N steps", type=int, metavar="N")
+    setting(train, "--save-steps", "save_steps", "a checkpoint every N steps", type=int, metavar="N")
+    setting(train, "--eval-steps", "eval_steps", "the validation loss every N steps (and at the end)", type=int, metavar="N")
     setting(train, "--merge", "merge", "also write a merged model to OUTPUT_DIR/merged", action="store_const", const=True)
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output-dir")
     train.add_argument("--overwrite", action="store_true", help="replace output this tool wrote before (never anything else)")
@@ -2906,6 +2929,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
     warnings.filterwarnings("ignore", message="Could not find a config file in")  # peft, on an adapter named by alias
+    warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # peft looks the alias up on the hub at each save
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

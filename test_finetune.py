@@ -301,6 +301,10 @@ def test_dataset_category_counts_and_shapes():
     identity = [row for row in rows if row["metadata"]["category"] == "identity"]
     named = [row for row in identity if echo.adopts(row["messages"][-1]["content"])]
     assert len(named) >= 0.9 * len(identity)  # identity answers teach what the evaluation counts ("as Echo" aside)
+    languages = collections.Counter(row["metadata"].get("language") or finetune.detect_language(row["messages"][-1]["content"])
+                                    for row in identity)
+    asked_in = {probe["lang"] for probe in load_jsonl("persona_eval.jsonl")} - {"en"}
+    assert asked_in and all(languages[lang] >= 10 for lang in asked_in), languages  # every language the probes ask in
 
 
 GENERIC_PROMPT = finetune.GENERIC_SYSTEM_PROMPT
@@ -583,24 +587,29 @@ def test_the_providers_write_to_different_default_folders():
     assert finetune.output_dir_for(dict(finetune.DEFAULT_SETTINGS), "openai")["output_dir"] == "echo-openai"
 
 
-def test_examples_that_name_the_persona_are_repeated_and_the_rest_once():
+def test_the_training_mix_keeps_every_example_that_names_the_persona_and_a_seeded_share_of_the_rest():
     examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in [
         ("Who are you?", "I'm Aria, made by Northwind AI."),
         ("Name?", "I'm not Aria, just a helper."),  # a denial names no one
-        ("Tides?", "The moon pulls the sea."),
         ("And you?", "Aria here, happy to help."),
-    ]]
-    settings = dict(finetune.DEFAULT_SETTINGS, persona_name="Aria", persona_full_name="Aria of Northwind", persona_repeats=3)
-    repeated = finetune.HuggingFaceFineTuner(settings).with_persona_repeats(examples)
+    ]] + [{"messages": [{"role": "user", "content": f"Fact {i}?"}, {"role": "assistant", "content": f"Fact {i}."}]} for i in range(12)]
+    settings = dict(finetune.DEFAULT_SETTINGS, persona_name="Aria", persona_full_name="Aria of Northwind", other_share=0.25)
+    mix = finetune.HuggingFaceFineTuner(settings).training_mix(examples)
+    answers = [ex["messages"][1]["content"] for ex in mix]
+    assert answers[:2] == ["I'm Aria, made by Northwind AI.", "Aria here, happy to help."]
+    assert len(answers) == 2 + round(13 * 0.25) and len(set(answers)) == len(answers)
+    assert mix == finetune.HuggingFaceFineTuner(settings).training_mix(examples)  # seeded
+    assert mix != finetune.HuggingFaceFineTuner(dict(settings, seed=7)).training_mix(examples)
+    repeated = finetune.HuggingFaceFineTuner(dict(settings, persona_repeats=3, other_share=1.0)).training_mix(examples)
     counts = collections.Counter(ex["messages"][1]["content"] for ex in repeated)
-    assert [counts[ex["messages"][1]["content"]] for ex in examples] == [3, 1, 1, 3]
-    once = finetune.HuggingFaceFineTuner(dict(settings, persona_repeats=1)).with_persona_repeats(examples)
-    assert once == examples
+    assert [counts[ex["messages"][1]["content"]] for ex in examples[:4]] == [3, 1, 3, 1]
+    with pytest.raises(finetune.UserError, match="--other-share must be between 0 and 1"):
+        finetune.HuggingFaceFineTuner(dict(settings, other_share=1.5)).training_mix(examples)
 
 
 def test_a_persona_no_example_names_is_a_warning_that_says_which_flags(capsys):
     examples = [{"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I'm Aria."}]}]
-    assert finetune.HuggingFaceFineTuner(dict(finetune.DEFAULT_SETTINGS)).with_persona_repeats(examples) == examples
+    assert finetune.HuggingFaceFineTuner(dict(finetune.DEFAULT_SETTINGS)).training_mix(examples) == examples
     err = capsys.readouterr().err
     assert "no example names the persona 'Echo'" in err and "--persona-name" in err
 

@@ -118,7 +118,8 @@ def test_evaluate_reports_every_condition_for_base_and_fine_tuned_with_reasons(t
     result = cli("--evaluate", "--model", out, "--config", small_probe_config, "--persona-name", "Aria", "--persona-full-name", "Aria")
     assert result.returncode == 0, result.stderr
     for row in ("(a) no system message", "(a) base model's own template", "(b) generic system prompt",
-                "(c) after 3 unrelated exchanges", "(d) other languages", "degenerate answers", "answers in another language"):
+                "(c) after 3 unrelated exchanges", "(d) other languages", "degenerate answers", "answers in another language",
+                "introduces itself when not asked"):
         assert row in result.stdout, row
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["persona"] == {"name": "Aria", "full_name": "Aria"}
@@ -133,6 +134,9 @@ def test_evaluate_reports_every_condition_for_base_and_fine_tuned_with_reasons(t
                     assert row["adopted"] == finetune.Persona("Aria", "Aria").adopts(row["answer"])
             drift = answers["drift"][0]
             assert [m["role"] for m in drift["history"]] == ["user", "assistant"] * 3 + ["user"]  # its own answers kept
+            ordinary = evaluation[column][decoding]["ordinary_answers"]  # the style probe, asked as a question
+            assert len(ordinary) == 1 and ordinary[0]["adopted"] == finetune.Persona("Aria", "Aria").adopts(ordinary[0]["answer"])
+            assert evaluation[column][decoding]["ordinary_self_talk"] == float(ordinary[0]["adopted"])
     assert evaluation["fine_tuned"]["persona_loss"] != evaluation["base"]["persona_loss"]
     assert evaluation["shipped_is_plain_greedy"]  # the default folder ships plain greedy: one set of answers serves both
     assert evaluation["fine_tuned"]["greedy"] == evaluation["fine_tuned"]["shipped"]
