@@ -2144,12 +2144,13 @@ class HuggingFaceFineTuner:
         if not 0 <= s["other_share"] <= 1:
             raise UserError(f"--other-share must be between 0 and 1, not {s['other_share']:g}")
         persona = Persona(s["persona_name"], s["persona_full_name"])
-        naming = [ex for ex in examples if any(persona.judge(m["content"])["adopted"] for m in ex["messages"] if m["role"] == "assistant")]
+        names = [any(persona.judge(m["content"])["adopted"] for m in ex["messages"] if m["role"] == "assistant") for ex in examples]
+        naming = [ex for ex, named in zip(examples, names) if named]
         if not naming:
             log(f"warning: no example names the persona {s['persona_name']!r} in the first person, so all are trained on "
                 f"alike; give your persona's names with --persona-name and --persona-full-name")
             return examples
-        others = [ex for ex in examples if not any(ex is n for n in naming)]
+        others = [ex for ex, named in zip(examples, names) if not named]
         kept = random.Random(s["seed"]).sample(others, round(len(others) * s["other_share"]))
         repeats = max(s["persona_repeats"], 1)
         log(f"training mix: the {len(naming)} examples that name the persona {s['persona_name']!r}"
