@@ -1948,21 +1948,60 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
               "probes": dict(kinds), "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
               "shipped_decoding": shipped_decoding_summary(model), "shipped_is_plain_greedy": ships_plain_greedy(model),
               "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0]}
+    score = lambda m: score_model(m, tokenizer, probes, settings, base_template)  # noqa: E731
     if hasattr(model, "merge_adapter"):  # LoRA: the base is the same model with the adapter switched off
         with model.disable_adapter():
-            result["base"] = score_model(model, tokenizer, probes, settings, base_template)
+            result["base"] = cached_base_score(model, lambda: score(model), tokenizer, probes, settings, base_template)
         model.merge_adapter()  # generation with the adapter merged in skips LoRA's extra products
         try:
-            result["fine_tuned"] = score_model(model, tokenizer, probes, settings, base_template)
+            result["fine_tuned"] = score(model)
         finally:
             model.unmerge_adapter()
     else:
-        result["fine_tuned"] = score_model(model, tokenizer, probes, settings, base_template)
+        result["fine_tuned"] = score(model)
         if base_model is not None:
-            result["base"] = score_model(base_model, tokenizer, probes, settings, base_template)
+            result["base"] = cached_base_score(base_model, lambda: score(base_model), tokenizer, probes, settings, base_template)
+    result["base_from_cache"] = bool(result.get("base", {}).pop("from_cache", False))
     if "base" in result:
         result["perplexity_change"] = result["fine_tuned"]["general_perplexity"] / result["base"]["general_perplexity"] - 1
     result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict, base_template: str | None) -> dict:
+    """The base model's scores, computed once for a given base, probes, rendering, settings and tool.
+
+    They are the same at every run that changes only the training (about half of the evaluation's
+    time), so they are kept in the cache under a hash of everything they depend on: the base
+    weights (a sample of each tensor), the probes and general text, the chat templates, the shipped
+    decoding, the evaluation settings, device and precision, the library versions and this file.
+    Change any of them and the base is scored again."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in base.named_parameters():
+            if "lora_" not in name:
+                flat = tensor.detach().reshape(-1)
+                digest.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())
+                digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    inputs = {key: settings[key] for key in ("device", "precision", "eval_max_new_tokens", "eval_batch_size", "persona_name", "persona_full_name")}
+    digest.update(json.dumps([inputs, probes, Path(settings["general_text"]).read_text(encoding="utf-8"), tokenizer.chat_template,
+                              base_template, base.generation_config.to_json_string(), torch.__version__, transformers.__version__],
+                             sort_keys=True, default=str).encode())
+    digest.update(Path(__file__).read_bytes())
+    path = cache_root() / "base-scores" / f"{digest.hexdigest()[:32]}.json"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            log(f"base model's scores from the cache ({path.name}: same base, probes, settings and tool as when they were computed)")
+            return dict(cached, from_cache=True)
+    result = score()
+    with contextlib.suppress(OSError):  # a cache that cannot be written costs time next run, nothing else
+        write_atomic(path, json.dumps(result, ensure_ascii=False) + "\n", overwrite=True)
     return result
 
 
@@ -1996,7 +2035,8 @@ def format_evaluation(result: dict) -> str:
     shipped = result["shipped_decoding"]
     same = " (plain greedy: one set of answers fills both columns)" if result.get("shipped_is_plain_greedy") else ""
     lines.append(f"shipped decoding: {'sampling' if shipped['do_sample'] else 'greedy'}, repetition penalty "
-                 f"{shipped['repetition_penalty']}{same}; {sum(result['probes'].values())} probes, {result['seconds']} s")
+                 f"{shipped['repetition_penalty']}{same}; {sum(result['probes'].values())} probes, {result['seconds']} s"
+                 f"{' (the base scores from the cache)' if result.get('base_from_cache') else ''}")
     return "\n".join(lines)
 
 

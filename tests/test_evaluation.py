@@ -3,6 +3,7 @@ guess, and the evaluation command on a tiny fine-tune."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
@@ -140,6 +141,20 @@ def test_evaluate_reports_every_condition_for_base_and_fine_tuned_with_reasons(t
     assert evaluation["fine_tuned"]["persona_loss"] != evaluation["base"]["persona_loss"]
     assert evaluation["shipped_is_plain_greedy"]  # the default folder ships plain greedy: one set of answers serves both
     assert evaluation["fine_tuned"]["greedy"] == evaluation["fine_tuned"]["shipped"]
+
+
+def test_the_base_scores_are_reused_only_for_the_same_base_probes_and_settings(tiny_model, small_probe_config):
+    out, _ = tiny_model
+    name = f"Zed{uuid.uuid4().hex[:8]}"  # a persona no earlier run scored the base for
+    runs = []
+    for _ in range(2):
+        result = cli("--evaluate", "--model", out, "--config", small_probe_config, "--persona-name", name, "--persona-full-name", name)
+        assert result.returncode == 0, result.stderr
+        runs.append((result, json.loads((out / "evaluation.json").read_text())))
+    (first, fresh), (second, cached) = runs
+    assert not fresh["base_from_cache"] and "from the cache" not in first.stderr
+    assert cached["base_from_cache"] and "base model's scores from the cache" in second.stderr
+    assert cached["base"] == fresh["base"] and "the base scores from the cache" in second.stdout
 
 
 @pytest.mark.parametrize("options,plain", [
