@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--greedy", action=argparse.BooleanOptionalAction, help="greedy decoding; --no-greedy samples (default: the model folder's generation_config.json)")
     parser.add_argument("--seed", type=int, help="makes sampled answers repeatable")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                        help="auto: bf16 where native, else fp32; int8: int8 linear weights, bf16 compute (about 1.7x faster "
+                             "answers on a CPU with native bf16; slightly different answers from the bf16 model)")
     parser.add_argument("--max-context", type=int, metavar="TOKENS", help="trim the oldest turns beyond this (default: the model's)")
     parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible API (transformers serve); "
                         "an adapter is merged into MODEL/merged first")
@@ -530,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
 def chat_command(args) -> int:
     if args.serve and (args.interactive or args.prompt is not None or args.base_url):
         raise UserError("--serve runs a server; chat with it from another terminal with --base-url")
+    if args.serve and args.precision == "int8":
+        raise UserError("--serve runs transformers serve, which takes --precision fp32, bf16 or fp16; int8 is for the chat")
     if args.serve and args.provider == "openai":
         raise UserError("--serve serves a local model (--provider huggingface)")
     if not args.serve and not args.interactive and args.prompt is None:

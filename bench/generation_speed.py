@@ -7,14 +7,16 @@ Examples:
 
 Side by side, in one run, greedy decoding throughout:
   (i)   the chat command end to end, in a subprocess: python example_usage.py --prompt "Who are you?"
-        --model DIR --max-new-tokens 64 --greedy; wall seconds (Python start-up, imports, loading the
-        model, one answer), the median of 3 runs;
+        --model DIR --max-new-tokens 64 --greedy --precision P; wall seconds (Python start-up, imports,
+        loading the model, one answer), the median of 3 runs;
   (ii)  the chat in process, through example_usage.LocalChat (the model loaded once, merged): time to
         first token, until the streaming reply's first write (the first text a user sees), and tokens/s
         over an answer of exactly 64 new tokens (min_new_tokens), the median of 3 after one warm-up;
   (iii) batched generation as the persona evaluation runs it (finetune.generate_answers: left-padded
         batches of eval_batch_size, 64 new tokens at most, answers end at their end-of-turn token or
         once they loop): generated tokens/s over one batch of the evaluation's English identity probes.
+(i) and (ii) run with --precision auto, and, on a CPU that computes bf16 natively, again with
+--precision int8 (int8 linear weights): the ratio of their tokens/s is printed.
 """
 from __future__ import annotations
 
@@ -81,9 +83,9 @@ def evaluation_batch(settings: dict) -> list[list[dict]]:
 # --------------------------------------------------------------------------------------------
 # (i) The chat command, end to end.
 # --------------------------------------------------------------------------------------------
-def run_command_line(model: str, runs: int) -> dict:
+def run_command_line(model: str, runs: int, precision: str) -> dict:
     command = [sys.executable, str(ROOT / "example_usage.py"), "--prompt", PROMPT, "--model", model,
-               "--max-new-tokens", str(MAX_NEW_TOKENS), "--greedy"]
+               "--max-new-tokens", str(MAX_NEW_TOKENS), "--greedy", "--precision", precision]
     seconds, answer = [], None
     for _ in range(runs):
         start = time.perf_counter()
@@ -151,19 +153,27 @@ def run_batched(settings: dict, model_name: str) -> dict:
 # Reporting.
 # --------------------------------------------------------------------------------------------
 def format_report(results: dict) -> str:
-    i, ii, iii, cpu = results["command_line"], results["chat"], results["batched"], results["cpu"]
-    lines = [
-        f"model: {results['model']}",
-        "| measure | figure |",
-        "|---|---:|",
-        f"| (i) example_usage.py --prompt, end to end (median of {len(i['seconds'])}) | {i['median_seconds']:.1f} s |",
-        f"| (ii) chat in process, time to first token ({ii['precision']}) | {ii['median_first_token_seconds']:.2f} s |",
-        f"| (ii) chat in process, {ii['new_tokens']}-token answer | {ii['tokens_per_second']:.1f} tok/s |",
-        f"| (iii) evaluation batches, {iii['conversations']} probes, batch {iii['batch_size']} ({iii['precision']}) | "
-        f"{iii['tokens_per_second']:.1f} tok/s |",
-        "",
-        f"(i) runs: {', '.join(f'{s:.1f}' for s in i['seconds'])} s; (ii) first token: "
-        f"{', '.join(map(str, ii['first_token_seconds']))} s, replies: {', '.join(map(str, ii['reply_seconds']))} s; "
+    iii, cpu = results["batched"], results["cpu"]
+    lines = [f"model: {results['model']}", "| measure | figure |", "|---|---:|"]
+    for precision, i in results["command_line"].items():
+        ii = results["chat"][precision]
+        lines += [
+            f"| (i) example_usage.py --prompt --precision {precision}, end to end (median of {len(i['seconds'])}) | "
+            f"{i['median_seconds']:.1f} s |",
+            f"| (ii) chat in process, time to first token ({ii['precision']}) | {ii['median_first_token_seconds']:.2f} s |",
+            f"| (ii) chat in process, {ii['new_tokens']}-token answer ({ii['precision']}) | {ii['tokens_per_second']:.1f} tok/s |",
+        ]
+    lines.append(f"| (iii) evaluation batches, {iii['conversations']} probes, batch {iii['batch_size']} ({iii['precision']}) | "
+                 f"{iii['tokens_per_second']:.1f} tok/s |")
+    if "int8" in results["chat"]:
+        auto, int8 = results["chat"]["auto"], results["chat"]["int8"]
+        lines.append(f"chat tok/s, int8 / {auto['precision']}: {int8['tokens_per_second'] / auto['tokens_per_second']:.2f}x")
+    lines.append("")
+    for precision, i in results["command_line"].items():
+        ii = results["chat"][precision]
+        lines.append(f"{precision}: (i) runs: {', '.join(f'{s:.1f}' for s in i['seconds'])} s; (ii) first token: "
+                     f"{', '.join(map(str, ii['first_token_seconds']))} s, replies: {', '.join(map(str, ii['reply_seconds']))} s")
+    lines += [
         f"(iii) {iii['generated_tokens']} tokens in {iii['seconds']:.1f} s",
         f"CPU: {cpu['model'] or 'unknown'}, capability {cpu['capability']}, native bf16 "
         f"{'yes' if cpu['native_bf16'] else 'no'}, torch threads {cpu['threads']} of {cpu['cores']} cores"
@@ -195,12 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, eval_dataset=str(ROOT / "persona_eval.jsonl")),
                                              training=False)
 
-        with part("(i) command line", parts):
-            command_line = run_command_line(model, args.runs)
-        finetune.log(f"(i) command line: median {command_line['median_seconds']:.1f} s")
-        with part("(ii) chat", parts):
-            chat = run_chat(dict(finetune.DEFAULT_SETTINGS), model, args.runs)
-        finetune.log(f"(ii) chat: first token {chat['median_first_token_seconds']:.2f} s, {chat['tokens_per_second']:.1f} tok/s")
+        # int8 weights (--precision int8) where the CPU computes bf16 natively, beside the automatic choice
+        precisions = ["auto", "int8"] if settings["device"] == "cpu" and finetune.cpu_has_native_bf16() else ["auto"]
+        command_line, chat = {}, {}
+        for precision in precisions:
+            with part(f"(i) command line, {precision}", parts):
+                command_line[precision] = run_command_line(model, args.runs, precision)
+            finetune.log(f"(i) command line, {precision}: median {command_line[precision]['median_seconds']:.1f} s")
+            with part(f"(ii) chat, {precision}", parts):
+                chat[precision] = run_chat(dict(finetune.DEFAULT_SETTINGS, precision=precision), model, args.runs)
+            finetune.log(f"(ii) chat, {precision}: first token {chat[precision]['median_first_token_seconds']:.2f} s, "
+                         f"{chat[precision]['tokens_per_second']:.1f} tok/s")
         with part("(iii) batched", parts):
             batched = run_batched(settings, model)
         finetune.log(f"(iii) batched: {batched['tokens_per_second']:.1f} tok/s")

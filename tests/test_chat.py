@@ -99,3 +99,29 @@ def test_ctrl_c_in_chat_stops_the_answer_not_the_program(tiny_model, small_probe
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_int8_weights_are_for_answering_on_a_cpu_with_native_bf16(tiny_model, small_probe_config):
+    import pytest
+    import torch
+
+    out, _ = tiny_model
+    training = cli("--output-dir", out.parent / "int8", "--precision", "int8", "--no-eval")
+    assert training.returncode == 2 and "--precision int8 is for answering" in training.stderr
+    answer = cli("--model", out, "--prompt", "Who are you?", "--precision", "int8", "--config", small_probe_config,
+                 script="example_usage.py")
+    if not finetune.cpu_has_native_bf16():
+        assert answer.returncode == 2 and "needs a CPU that computes bf16 natively" in answer.stderr
+        pytest.skip("this CPU has no native bf16: int8 weights are refused, as checked")
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
+    assert "precision int8" in answer.stderr
+    model, _, _ = finetune.load_for_inference(str(out))
+    settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, precision="int8"), training=False)
+    model = finetune.answering(model.merge_and_unload(), settings)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    layer = model.model.layers[0].mlp.down_proj
+    weight = layer.weight_int8.to(torch.bfloat16) * layer.scale[:, None]
+    for rows in (1, 5):  # one token (the int8 kernel) and a prompt (the weights dequantized): the same weights
+        x = torch.randn(rows, weight.shape[1], dtype=torch.bfloat16)
+        expected = (x.float() @ weight.float().T)
+        assert torch.allclose(layer(x).float(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
