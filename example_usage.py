@@ -278,10 +278,11 @@ MERGED_STAMP = "merged_from.json"  # in MODEL/merged when --serve wrote it: what
 
 
 def adapter_state(folder: Path) -> dict:
-    """What a merge is made of: the adapter folder's files (sizes and times), its base model's name."""
+    """What a merge is made of: the adapter folder's files (sizes and times), its base model's name.
+    evaluation.json is left out: --evaluate rewrites it without changing the model."""
     files = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
+        if path.is_file() and not path.name.startswith(".") and path.name != "evaluation.json":
             stat = path.stat()
             files[path.name] = [stat.st_size, stat.st_mtime_ns]
     return {"base_model": finetune.read_summary(folder).get("base_model"), "files": files}

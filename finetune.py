@@ -1139,6 +1139,8 @@ def answering(model, settings: dict):
     import torch
 
     dtype = {"bf16": torch.bfloat16, "int8": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"], torch.float32)
+    if settings["precision"] == "int8" and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # int8 weights hold no adapter: merged first, as the chat merges
     model = model.eval().to(device=settings["device"], dtype=dtype)
     return int8_linear_weights(model) if settings["precision"] == "int8" else model
 
@@ -2028,7 +2030,7 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
 
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, tensor in base.named_parameters():
+        for name, tensor in base.state_dict().items():  # weights and buffers (int8 weights are buffers)
             if "lora_" not in name:
                 flat = tensor.detach().reshape(-1)
                 digest.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())

@@ -119,6 +119,13 @@ def test_int8_weights_are_for_answering_on_a_cpu_with_native_bf16(tiny_model, sm
     settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, precision="int8"), training=False)
     model = finetune.answering(model.merge_and_unload(), settings)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    merged = (out / "merged" / "config.json").stat().st_mtime_ns
+    evaluation = cli("--evaluate", "--model", out, "--config", small_probe_config, "--precision", "int8")
+    assert evaluation.returncode == 0 and "(d) other languages" in evaluation.stdout, evaluation.stderr
+    again = cli("--model", out, "--prompt", "Who are you?", "--precision", "int8", "--config", small_probe_config,
+                script="example_usage.py")
+    assert again.stdout == answer.stdout and "using the merged model" in again.stderr  # evaluation.json changed, the model did not
+    assert (out / "merged" / "config.json").stat().st_mtime_ns == merged
     layer = model.model.layers[0].mlp.down_proj
     weight = layer.weight_int8.to(torch.bfloat16) * layer.scale[:, None]
     for rows in (1, 5):  # one token (the int8 kernel) and a prompt (the weights dequantized): the same weights
