@@ -6,9 +6,10 @@ Examples:
   python bench/generation_speed.py --model echo-model/merged --json gen.json
 
 Side by side, in one run, greedy decoding throughout:
-  (i)   the chat command end to end, in a subprocess: python example_usage.py --prompt "Who are you?"
-        --model DIR --max-new-tokens 64 --greedy --precision P; wall seconds (Python start-up, imports,
-        loading the model, one answer), the median of 3 runs;
+  (i)   the chat command end to end, in a subprocess: python example_usage.py --prompt "Explain how an
+        echo state network learns, step by step." --model DIR --max-new-tokens 64 --greedy --precision P;
+        wall seconds (Python start-up, imports, loading the model, one answer of up to 64 tokens; the
+        report gives its length), the median of 3 runs;
   (ii)  the chat in process, through example_usage.LocalChat (the model loaded once, merged): time to
         first token, until the streaming reply's first write (the first text a user sees), and tokens/s
         over an answer of exactly 64 new tokens (min_new_tokens), the median of 3 after one warm-up;
@@ -41,6 +42,7 @@ from train_throughput import BUSY_WARNING, cpu_description, part  # noqa: E402
 # Settings of the benchmark.
 # --------------------------------------------------------------------------------------------
 PROMPT = "Who are you?"
+LONG_PROMPT = "Explain how an echo state network learns, step by step."  # (i): asks for more than PROMPT (the report says how many tokens came)
 MAX_NEW_TOKENS = 64
 RUNS = 3  # timed runs of (i) and (ii); the median is reported
 TINY_TRAINING = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--no-eval"]
@@ -84,7 +86,7 @@ def evaluation_batch(settings: dict) -> list[list[dict]]:
 # (i) The chat command, end to end.
 # --------------------------------------------------------------------------------------------
 def run_command_line(model: str, runs: int, precision: str) -> dict:
-    command = [sys.executable, str(ROOT / "example_usage.py"), "--prompt", PROMPT, "--model", model,
+    command = [sys.executable, str(ROOT / "example_usage.py"), "--prompt", LONG_PROMPT, "--model", model,
                "--max-new-tokens", str(MAX_NEW_TOKENS), "--greedy", "--precision", precision]
     seconds, answer = [], None
     for _ in range(runs):
@@ -94,8 +96,9 @@ def run_command_line(model: str, runs: int, precision: str) -> dict:
         if done.returncode != 0:
             raise finetune.UserError(f"{shlex.join(command)} failed: {done.stderr.strip().splitlines()[-1:]}", 1)
         answer = done.stdout.strip()
+    tokens = len(finetune.load_tokenizer(model)(answer, add_special_tokens=False)["input_ids"])
     return {"command": shlex.join(command), "seconds": seconds, "median_seconds": statistics.median(seconds),
-            "answer": answer}
+            "answer": answer, "answer_tokens": tokens}
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +161,8 @@ def format_report(results: dict) -> str:
     for precision, i in results["command_line"].items():
         ii = results["chat"][precision]
         lines += [
-            f"| (i) example_usage.py --prompt --precision {precision}, end to end (median of {len(i['seconds'])}) | "
-            f"{i['median_seconds']:.1f} s |",
+            f"| (i) example_usage.py --prompt --precision {precision}, end to end, a {i['answer_tokens']}-token answer "
+            f"(median of {len(i['seconds'])}) | {i['median_seconds']:.1f} s |",
             f"| (ii) chat in process, time to first token ({ii['precision']}) | {ii['median_first_token_seconds']:.2f} s |",
             f"| (ii) chat in process, {ii['new_tokens']}-token answer ({ii['precision']}) | {ii['tokens_per_second']:.1f} tok/s |",
         ]
