@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="makes sampled answers repeatable")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"),
-                        help="auto: bf16 where native, else fp32; int8: int8 linear weights, bf16 compute (about 1.7x faster "
+                        help="auto: bf16 where native, else fp32; int8: int8 linear weights, bf16 compute (about 1.5x faster "
                              "answers on a CPU with native bf16; slightly different answers from the bf16 model)")
     parser.add_argument("--max-context", type=int, metavar="TOKENS", help="trim the oldest turns beyond this (default: the model's)")
     parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible API (transformers serve); "

@@ -1149,8 +1149,8 @@ def int8_linear_weights(model):
     """--precision int8: every linear layer's weight stored as int8 with one bf16 scale per output row.
 
     Answering one token at a time reads every weight once per token, so on a CPU it waits on memory:
-    torch's weight-only int8 kernel (the one torchao calls) reads half the bytes of bf16, and on a
-    Zen 4 CPU a chat answers about 1.7x faster. A prompt, or a batch of answers, multiplies the
+    torch's weight-only int8 kernel (torch._weight_int8pack_mm) reads half the bytes of bf16, and on
+    a Zen 4 CPU a chat answers about 1.5x faster. A prompt, or a batch of answers, multiplies the
     weights dequantized once per call, so every token sees the same int8 weights. The answers are
     those of a slightly different model than the bf16 one the evaluation after training judges;
     `--evaluate --precision int8` judges this one. torchao's own int8 tensors do the same through
