@@ -167,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(finetune.run_command(main, verbose=True))  # a UserError is one line; anything else keeps its traceback
