@@ -71,10 +71,10 @@ class LocalChat:
     def __init__(self, settings: dict, name: str, max_context: int | None, decoding: dict | None = None):
         import torch
 
-        self.settings = finetune.resolve_hardware(settings, training=False)  # first: a precision refused costs no loading
         self.model, self.tokenizer, _ = finetune.load_for_inference(chat_model(name))
         if hasattr(self.model, "merge_and_unload"):  # the chat never needs the base alone: merged, each token costs less
             self.model = self.model.merge_and_unload()
+        self.settings = finetune.resolve_hardware(settings, training=False)
         torch.manual_seed(settings["seed"])  # what sampling draws from; transformers.set_seed would import peft, 2.5 s
         self.model = finetune.answering(self.model, self.settings)
         self.max_context = max_context or getattr(self.model.config, "max_position_embeddings", 2048)
