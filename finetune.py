@@ -2044,8 +2044,9 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
     if path.is_file():
         with contextlib.suppress(OSError, ValueError):
             cached = json.loads(path.read_text(encoding="utf-8"))
-            log(f"base model's scores from the cache ({path.name}: same base, probes, settings and tool as when they were computed)")
-            return dict(cached, from_cache=True)
+            if isinstance(cached, dict) and {"shipped", "greedy", "general_perplexity"} <= cached.keys():  # else: scored again
+                log(f"base model's scores from the cache ({path.name}: same base, probes, settings and tool as when they were computed)")
+                return dict(cached, from_cache=True)
     result = score()
     with contextlib.suppress(OSError):  # a cache that cannot be written costs time next run, nothing else
         write_atomic(path, json.dumps(result, ensure_ascii=False) + "\n", overwrite=True)

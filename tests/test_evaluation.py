@@ -3,9 +3,13 @@ guess, and the evaluation command on a tiny fine-tune."""
 from __future__ import annotations
 
 import json
+import types
 import uuid
+from pathlib import Path
 
 import pytest
+import torch
+from transformers import GenerationConfig
 
 import finetune
 from conftest import cli
@@ -155,6 +159,30 @@ def test_the_base_scores_are_reused_only_for_the_same_base_probes_and_settings(t
     assert not fresh["base_from_cache"] and "from the cache" not in first.stderr
     assert cached["base_from_cache"] and "base model's scores from the cache" in second.stderr
     assert cached["base"] == fresh["base"] and "the base scores from the cache" in second.stdout
+
+
+def test_a_damaged_base_score_cache_is_scored_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    base = torch.nn.Linear(2, 2)  # stands in for a base model: weights and a generation config
+    base.generation_config = GenerationConfig()
+    tokenizer = types.SimpleNamespace(chat_template="{{ messages }}")
+    scores = {"shipped": {}, "greedy": {}, "general_perplexity": 30.0}
+    calls = []
+
+    def score():
+        calls.append(1)
+        return dict(scores)
+
+    settings = dict(finetune.DEFAULT_SETTINGS, general_text=str(Path(finetune.__file__).parent / "general_text.txt"))
+    args = (score, tokenizer, [], settings, None)
+    assert finetune.cached_base_score(base, *args) == scores and len(calls) == 1
+    [path] = (tmp_path / "echo-finetune" / "base-scores").iterdir()
+    assert finetune.cached_base_score(base, *args) == dict(scores, from_cache=True) and len(calls) == 1
+    for damage in ("[]", "{not json", '{"shipped": {}}'):
+        path.write_text(damage)
+        before = len(calls)
+        assert finetune.cached_base_score(base, *args) == scores and len(calls) == before + 1  # scored again, not read
+        assert json.loads(path.read_text()) == scores  # and the cache repaired
 
 
 @pytest.mark.parametrize("options,plain", [
