@@ -71,7 +71,7 @@ DEFAULTS = {
         "persona_repeats": 1,  # examples whose answer names the persona ("I'm Echo") are trained on this many times
         "other_share": 0.25,  # share of the other examples (a seeded sample) trained on beside them
         "device": "auto",  # cuda | mps | cpu
-        "precision": "auto",  # bf16 | fp16 | fp32; auto picks bf16 only where it is native
+        "precision": "auto",  # bf16 | fp16 | fp32 (int8 for answering only); auto picks bf16 only where it is native
         "seed": 42,
         "save_steps": 8,  # a checkpoint every N steps (Ctrl-C and --resume start from it)
         "eval_steps": 20,  # the validation loss every N steps and at the end: each costs a pass over the split
@@ -1996,9 +1996,11 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
               "shipped_decoding": shipped_decoding_summary(model), "shipped_is_plain_greedy": ships_plain_greedy(model),
               "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0]}
     score = lambda m: score_model(m, tokenizer, probes, settings, base_template)  # noqa: E731
+    result["base_from_cache"] = False
     if hasattr(model, "merge_adapter"):  # LoRA: the base is the same model with the adapter switched off
         with model.disable_adapter():
-            result["base"] = cached_base_score(model, lambda: score(model), tokenizer, probes, settings, base_template)
+            result["base"], result["base_from_cache"] = cached_base_score(model, lambda: score(model), tokenizer, probes,
+                                                                          settings, base_template)
         model.merge_adapter()  # generation with the adapter merged in skips LoRA's extra products
         try:
             result["fine_tuned"] = score(model)
@@ -2007,16 +2009,17 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
     else:
         result["fine_tuned"] = score(model)
         if base_model is not None:
-            result["base"] = cached_base_score(base_model, lambda: score(base_model), tokenizer, probes, settings, base_template)
-    result["base_from_cache"] = bool(result.get("base", {}).pop("from_cache", False))
+            result["base"], result["base_from_cache"] = cached_base_score(base_model, lambda: score(base_model), tokenizer,
+                                                                          probes, settings, base_template)
     if "base" in result:
         result["perplexity_change"] = result["fine_tuned"]["general_perplexity"] / result["base"]["general_perplexity"] - 1
     result["seconds"] = round(time.time() - start, 1)
     return result
 
 
-def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict, base_template: str | None) -> dict:
-    """The base model's scores, computed once for a given base, probes, rendering, settings and tool.
+def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict, base_template: str | None) -> tuple[dict, bool]:
+    """(the base model's scores, whether they came from the cache): computed once for a given base,
+    probes, rendering, settings and tool.
 
     They are the same at every run that changes only the training (about half of the evaluation's
     time), so they are kept in the cache under a hash of everything they depend on: the base
@@ -2046,11 +2049,11 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
             cached = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(cached, dict) and {"shipped", "greedy", "general_perplexity"} <= cached.keys():  # else: scored again
                 log(f"base model's scores from the cache ({path.name}: same base, probes, settings and tool as when they were computed)")
-                return dict(cached, from_cache=True)
+                return cached, True
     result = score()
     with contextlib.suppress(OSError):  # a cache that cannot be written costs time next run, nothing else
         write_atomic(path, json.dumps(result, ensure_ascii=False) + "\n", overwrite=True)
-    return result
+    return result, False
 
 
 def shipped_decoding_summary(model) -> dict:

@@ -175,13 +175,13 @@ def test_a_damaged_base_score_cache_is_scored_again(tmp_path, monkeypatch):
 
     settings = dict(finetune.DEFAULT_SETTINGS, general_text=str(Path(finetune.__file__).parent / "general_text.txt"))
     args = (score, tokenizer, [], settings, None)
-    assert finetune.cached_base_score(base, *args) == scores and len(calls) == 1
+    assert finetune.cached_base_score(base, *args) == (scores, False) and len(calls) == 1
     [path] = (tmp_path / "echo-finetune" / "base-scores").iterdir()
-    assert finetune.cached_base_score(base, *args) == dict(scores, from_cache=True) and len(calls) == 1
+    assert finetune.cached_base_score(base, *args) == (scores, True) and len(calls) == 1
     for damage in ("[]", "{not json", '{"shipped": {}}'):
         path.write_text(damage)
         before = len(calls)
-        assert finetune.cached_base_score(base, *args) == scores and len(calls) == before + 1  # scored again, not read
+        assert finetune.cached_base_score(base, *args) == (scores, False) and len(calls) == before + 1  # scored again, not read
         assert json.loads(path.read_text()) == scores  # and the cache repaired
 
 
