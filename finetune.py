@@ -60,7 +60,7 @@ DEFAULTS = {
         "lr_scheduler": "cosine",  # any transformers scheduler name; decaying to 0 ends the run settled, not looping
         "warmup_steps": 4,
         "weight_decay": 0.0,
-        "batch_size": "auto",  # 8 on CPU and MPS, 16 on CUDA
+        "batch_size": "auto",  # 8 on every device: the recipe (steps, learning rate) is tuned for it
         "gradient_accumulation": 1,
         "gradient_checkpointing": False,  # trade time for memory
         "lora_r": 16,
@@ -1120,7 +1120,10 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
         else:
             resolved["precision"], why = "fp32", "no native bf16 on this CPU" if device == "cpu" else "safest here"
     if resolved["batch_size"] == "auto":
-        resolved["batch_size"] = 16 if device == "cuda" else 8
+        # 8 on a GPU too: at 16 an epoch is half the optimizer steps, and on an H200 the persona
+        # held less (other languages 0-25% against 19-44%, loops 12-24% against 6-12%, 3 seeds
+        # each) for 6 s of training saved.
+        resolved["batch_size"] = 8
     if resolved["learning_rate"] == "auto":
         resolved["learning_rate"] = 3e-3 if resolved["method"] == "lora" else 5e-5
     capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else torch.cuda.get_device_name() if device == "cuda" else device
