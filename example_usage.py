@@ -446,9 +446,8 @@ def serve_command(args, settings: dict) -> int:
         raise UserError('--serve needs FastAPI and uvicorn: pip install "transformers[serving]==5.24.0"')
     validate_chat_requests()
     hardware = finetune.resolve_hardware(settings, training=False)
-    # The merged weights are fp32; on a CPU they stay so unless --precision asks (no autocast in the server).
-    explicit = args.precision not in (None, "auto")
-    dtype = SERVE_DTYPES[hardware["precision"]] if explicit or hardware["device"] != "cpu" else "float32"
+    # The weights in the precision the chat and the evaluation answer in: bf16 where it is native.
+    dtype = SERVE_DTYPES[hardware["precision"]]
     log(f"loading {model} into transformers serve ({hardware['device']}, {dtype})")
     serve = Serve(force_model=model, host=args.host, port=args.port, device=hardware["device"], dtype=dtype,
                   log_level="warning" if args.verbose else "error", default_seed=settings["seed"], non_blocking=True)
