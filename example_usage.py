@@ -552,6 +552,8 @@ def chat_command(args) -> int:
         name = args.model or settings["output_dir"]
         if not Path(name).exists() and name == settings["output_dir"]:
             raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
+        if settings["precision"] == "int8":
+            finetune.check_int8(finetune.resolve_device(settings["device"]))
         chat = LocalChat(settings, name, args.max_context, flags)
     if args.interactive:
         interactive(chat, args.system)

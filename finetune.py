@@ -1089,26 +1089,38 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def resolve_device(device: str) -> str:
+    """"auto": CUDA, then MPS, then the CPU."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def check_int8(device: str, training: bool = False) -> None:
+    """--precision int8 answers on a CPU that computes bf16 natively, and nowhere else: checked before
+    any model is loaded, so a user does not wait for a refusal."""
+    if training:
+        raise UserError("--precision int8 is for answering (chat, --prompt, --evaluate); train in auto, fp32, bf16 or fp16")
+    if device != "cpu" or not cpu_has_native_bf16():
+        raise UserError("--precision int8 needs a CPU that computes bf16 natively (its int8 kernel works in bf16); "
+                        "use --precision auto here")
+
+
 def resolve_hardware(settings: dict, training: bool = True) -> dict:
     """Resolves the "auto" device, precision, batch size and learning rate; prints the choice."""
     import torch
 
     resolved = dict(settings)
-    if resolved["device"] == "auto":
-        if torch.cuda.is_available():
-            resolved["device"] = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            resolved["device"] = "mps"
-        else:
-            resolved["device"] = "cpu"
-    device = resolved["device"]
+    device = resolved["device"] = resolve_device(resolved["device"])
     why = "set by you"
     if resolved["precision"] == "int8":
-        if training:
-            raise UserError("--precision int8 is for answering (chat, --prompt, --evaluate); train in auto, fp32, bf16 or fp16")
-        if device != "cpu" or not cpu_has_native_bf16():
-            raise UserError("--precision int8 needs a CPU that computes bf16 natively (its int8 kernel works in bf16); "
-                            "use --precision auto here")
+        check_int8(device, training)
         why = "set by you: int8 linear weights, bf16 compute"
     if resolved["precision"] == "auto":
         if device == "cuda":

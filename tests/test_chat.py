@@ -108,6 +108,10 @@ def test_int8_weights_are_for_answering_on_a_cpu_with_native_bf16(tiny_model, sm
     out, _ = tiny_model
     training = cli("--output-dir", out.parent / "int8", "--precision", "int8", "--no-eval")
     assert training.returncode == 2 and "--precision int8 is for answering" in training.stderr
+    # Refused on a device without its kernel before the model is loaded (or merged): one line, at once.
+    elsewhere = cli("--model", out, "--prompt", "hi", "--precision", "int8", "--device", "mps", script="example_usage.py")
+    assert elsewhere.returncode == 2 and elsewhere.stderr.count("\n") == 1, elsewhere.stderr
+    assert "needs a CPU that computes bf16 natively" in elsewhere.stderr
     answer = cli("--model", out, "--prompt", "Who are you?", "--precision", "int8", "--config", small_probe_config,
                  script="example_usage.py")
     if not finetune.cpu_has_native_bf16():
