@@ -71,9 +71,8 @@ class LocalChat:
     def __init__(self, settings: dict, name: str, max_context: int | None, decoding: dict | None = None):
         import torch
 
-        self.model, self.tokenizer, _ = finetune.load_for_inference(chat_model(name))
-        if hasattr(self.model, "merge_and_unload"):  # the chat never needs the base alone: merged, each token costs less
-            self.model = self.model.merge_and_unload()
+        model, self.tokenizer, _ = finetune.load_for_inference(chat_model(name))
+        self.model = finetune.merged(model)  # the chat never needs the base alone: merged, each token costs less
         self.settings = finetune.resolve_hardware(settings, training=False)
         torch.manual_seed(settings["seed"])  # what sampling draws from; transformers.set_seed would import peft, 2.5 s
         self.model = finetune.answering(self.model, self.settings)
@@ -319,7 +318,7 @@ def merged_model(folder: Path) -> Path:
                 return target
             log(f"merging the adapter into {target} (once; reused until the adapter changes)")
             model, tokenizer, _ = finetune.load_for_inference(str(folder))
-            merged = model.merge_and_unload()
+            merged = finetune.merged(model)
             finetune.load_generation_config(merged, folder)
             partial = Path(tempfile.mkdtemp(dir=folder, prefix=f".partial-{MERGED}-"))
             try:

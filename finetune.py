@@ -1057,6 +1057,12 @@ def load_for_inference(name: str):
     return load_causal_lm(path).eval(), load_tokenizer(path), read_summary(folder).get("base_model")
 
 
+def merged(model):
+    """An adapter merged into its base's weights (peft's merge_and_unload, which changes the base in
+    place); any other model as it is. What the chat, --serve, int8, --merge and the export answer with."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def adapter_base(folder: Path) -> str:
     """The base model an adapter folder was trained on, by the name this tool resolves."""
     return read_summary(folder).get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -1154,8 +1160,8 @@ def answering(model, settings: dict):
     import torch
 
     dtype = {"bf16": torch.bfloat16, "int8": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"], torch.float32)
-    if settings["precision"] == "int8" and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()  # int8 weights hold no adapter: merged first, as the chat merges
+    if settings["precision"] == "int8":
+        model = merged(model)  # int8 weights hold no adapter: merged first, as the chat merges
     model = model.eval().to(device=settings["device"], dtype=dtype)
     return int8_linear_weights(model) if settings["precision"] == "int8" else model
 
@@ -2396,9 +2402,9 @@ class HuggingFaceFineTuner:
         shipped_generation_config(tokenizer, self.settings).save_pretrained(str(staging))
         mark(staging)
         if self.settings["merge"]:
-            merged = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
-            merged.generation_config = shipped_generation_config(tokenizer, self.settings)
-            merged.save_pretrained(staging / "merged")
+            whole = merged(trainer.model)
+            whole.generation_config = shipped_generation_config(tokenizer, self.settings)
+            whole.save_pretrained(staging / "merged")
             tokenizer.save_pretrained(staging / "merged")
             if hasattr(trainer.model, "merge_and_unload"):
                 trainer.model = load_for_inference(str(staging))[0]  # merge_and_unload changed the weights in place
@@ -2584,7 +2590,7 @@ def export_gguf(folder: Path, overwrite: bool = False) -> list[Path]:
     target = folder / GGUF_FOLDER
     check_export(folder, target, overwrite)
     model, tokenizer, _ = load_for_inference(str(folder))
-    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    model = merged(model)
     name = folder.resolve().name
     for old in folder.glob(f".{GGUF_FOLDER}.partial-*"):  # left by an export that was killed
         shutil.rmtree(old, ignore_errors=True)
