@@ -69,6 +69,7 @@ DEFAULTS = {
         "lora_target_modules": "all-linear",  # or a comma-separated list: q_proj,v_proj
         "base_template_share": 0.25,  # share of examples rendered with the base template's own system message
         "persona_repeats": 1,  # examples whose answer names the persona ("I'm Echo") are trained on this many times
+        "language_repeats": 1,  # those of them asked in a language other than the most common one: this many times
         "other_share": 0.25,  # share of the other examples (a seeded sample) trained on beside them
         "device": "auto",  # cuda | mps | cpu
         "precision": "auto",  # bf16 | fp16 | fp32 (int8 for answering only); auto picks bf16 only where it is native
@@ -2265,10 +2266,20 @@ class HuggingFaceFineTuner:
         others = [ex for ex, named in zip(examples, names) if not named]
         kept = random.Random(s["seed"]).sample(others, round(len(others) * s["other_share"]))
         repeats = max(s["persona_repeats"], 1)
+        # A small model learns the identity slowest in the languages it sees least: --language-repeats
+        # trains the naming examples asked in a language other than the most common one more often.
+        languages = [detect_language(next((m["content"] for m in ex["messages"] if m["role"] == "user"), "")) for ex in naming]
+        common = collections.Counter(lang for lang in languages if lang).most_common(1)
+        minority = [ex for ex, lang in zip(naming, languages) if lang and common and lang != common[0][0]]
+        extra = minority * (max(s["language_repeats"], 1) - 1)
         log(f"training mix: the {len(naming)} examples that name the persona {s['persona_name']!r}"
             f"{f' ({repeats} times each, --persona-repeats)' if repeats > 1 else ''}, and {len(kept)} of the other "
             f"{len(others)} (--other-share {s['other_share']:g})")
-        return naming * repeats + kept
+        if extra:
+            more = len(extra) // len(minority)
+            log(f"training mix: the {len(minority)} naming examples asked in a language other than {common[0][0]!r} "
+                f"{'once more' if more == 1 else f'{more} more times'} each (--language-repeats {s['language_repeats']})")
+        return naming * repeats + extra + kept
 
     def rows(self, examples: list[dict], tokenizer) -> list[dict]:
         """Each example rendered once; an example that keeps no assistant token is reported, not trained."""
@@ -2913,6 +2924,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--lora-target-modules", "lora_target_modules", "all-linear or e.g. q_proj,v_proj", metavar="LIST")
     setting(train, "--base-template-share", "base_template_share", "share of examples rendered with the base template's system message", type=float)
     setting(train, "--persona-repeats", "persona_repeats", "times each example whose answer names the persona is trained on", type=int, metavar="N")
+    setting(train, "--language-repeats", "language_repeats", "times each example that names the persona and is asked in a language "
+            "other than the most common one is trained on", type=int, metavar="N")
     setting(train, "--other-share", "other_share", "share of the examples that do not name the persona trained on beside those that do (1: all)", type=float, metavar="X")
     setting(train, "--device", "device", choices=("auto", "cpu", "cuda", "mps"))
     setting(train, "--precision", "precision", "auto: bf16 where native, else fp32; int8 (int8 weights, bf16 compute) only with --evaluate",

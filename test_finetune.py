@@ -607,6 +607,20 @@ def test_the_training_mix_keeps_every_example_that_names_the_persona_and_a_seede
         finetune.HuggingFaceFineTuner(dict(settings, other_share=1.5)).training_mix(examples)
 
 
+def test_language_repeats_trains_the_naming_examples_in_the_less_common_languages_more_often(capsys):
+    pairs = [("Who are you, then?", "I'm Aria, made by Northwind AI."), ("What is your name?", "I'm Aria."),
+             ("¿Quién eres tú y cómo te llamas?", "Soy Aria."), ("Wer bist du und wie heißt du?", "Ich bin Aria."),
+             ("Tell me about the weather in a few words.", "It is sunny and mild.")]
+    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+    settings = dict(finetune.DEFAULT_SETTINGS, persona_name="Aria", persona_full_name="Aria of Northwind", other_share=1.0)
+    plain = finetune.HuggingFaceFineTuner(settings).training_mix(examples)
+    assert len(plain) == 5 and "--language-repeats" not in capsys.readouterr().err  # 1: nothing repeated
+    mix = finetune.HuggingFaceFineTuner(dict(settings, language_repeats=3)).training_mix(examples)
+    counts = collections.Counter(ex["messages"][1]["content"] for ex in mix)
+    assert [counts[a] for _, a in pairs] == [1, 1, 3, 3, 1]  # English is the most common: the others thrice
+    assert "the 2 naming examples asked in a language other than 'en' 2 more times each" in capsys.readouterr().err
+
+
 def test_a_persona_no_example_names_is_a_warning_that_says_which_flags(capsys):
     examples = [{"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I'm Aria."}]}]
     assert finetune.HuggingFaceFineTuner(dict(finetune.DEFAULT_SETTINGS)).training_mix(examples) == examples
