@@ -2266,20 +2266,24 @@ class HuggingFaceFineTuner:
         others = [ex for ex, named in zip(examples, names) if not named]
         kept = random.Random(s["seed"]).sample(others, round(len(others) * s["other_share"]))
         repeats = max(s["persona_repeats"], 1)
-        # A small model learns the identity slowest in the languages it sees least: --language-repeats
-        # trains the naming examples asked in a language other than the most common one more often.
-        languages = [detect_language(next((m["content"] for m in ex["messages"] if m["role"] == "user"), "")) for ex in naming]
-        common = collections.Counter(lang for lang in languages if lang).most_common(1)
-        minority = [ex for ex, lang in zip(naming, languages) if lang and common and lang != common[0][0]]
-        extra = minority * (max(s["language_repeats"], 1) - 1)
         log(f"training mix: the {len(naming)} examples that name the persona {s['persona_name']!r}"
             f"{f' ({repeats} times each, --persona-repeats)' if repeats > 1 else ''}, and {len(kept)} of the other "
             f"{len(others)} (--other-share {s['other_share']:g})")
-        if extra:
-            more = len(extra) // len(minority)
+        return naming * repeats + self.language_extra(naming) + kept
+
+    def language_extra(self, naming: list[dict]) -> list[dict]:
+        """--language-repeats: a small model learns the identity slowest in the languages it sees least,
+        so the naming examples asked in a language other than the most common one are trained more often."""
+        more = max(self.settings["language_repeats"], 1) - 1
+        if not more:
+            return []
+        languages = [detect_language(next((m["content"] for m in ex["messages"] if m["role"] == "user"), "")) for ex in naming]
+        common = collections.Counter(lang for lang in languages if lang).most_common(1)
+        minority = [ex for ex, lang in zip(naming, languages) if lang and lang != common[0][0]] if common else []
+        if minority:
             log(f"training mix: the {len(minority)} naming examples asked in a language other than {common[0][0]!r} "
-                f"{'once more' if more == 1 else f'{more} more times'} each (--language-repeats {s['language_repeats']})")
-        return naming * repeats + extra + kept
+                f"{'once more' if more == 1 else f'{more} more times'} each (--language-repeats {self.settings['language_repeats']})")
+        return minority * more
 
     def rows(self, examples: list[dict], tokenizer) -> list[dict]:
         """Each example rendered once; an example that keeps no assistant token is reported, not trained."""
