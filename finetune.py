@@ -62,6 +62,7 @@ DEFAULTS = {
         "weight_decay": 0.0,
         "batch_size": "auto",  # 8 on every device: the recipe (steps, learning rate) is tuned for it
         "gradient_accumulation": 1,
+        "max_batch_tokens": "auto",  # tokens computed at once; a longer batch runs in pieces (same step, less memory)
         "gradient_checkpointing": False,  # trade time for memory
         "lora_r": 16,
         "lora_alpha": 32,
@@ -1007,12 +1008,13 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str):
+def load_causal_lm(name_or_path: str, dtype=None):
+    """The model's weights in fp32, or `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         raise UserError(cannot_load(name_or_path, "a model", exc)) from None
 
@@ -1143,6 +1145,10 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
         # held less (other languages 0-25% against 19-44%, loops 12-24% against 6-12%, 3 seeds
         # each) for 6 s of training saved.
         resolved["batch_size"] = 8
+    if resolved["max_batch_tokens"] == "auto":
+        # Off CUDA, a LoRA step holds about 1.3 MB of activations per token in bf16 (twice that in fp32):
+        # pieces of 384 tokens (192) keep the main job under 2 GB, and train faster than whole batches.
+        resolved["max_batch_tokens"] = (0 if device == "cuda" else 384 if resolved["precision"] in ("bf16", "fp16") else 192)
     if resolved["learning_rate"] == "auto":
         resolved["learning_rate"] = 3e-3 if resolved["method"] == "lora" else 5e-5
     capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else torch.cuda.get_device_name() if device == "cuda" else device
@@ -1164,6 +1170,11 @@ def answering(model, settings: dict):
     if settings["precision"] == "int8":
         model = merged(model)  # int8 weights hold no adapter: merged first, as the chat merges
     model = model.eval().to(device=settings["device"], dtype=dtype)
+    if settings["device"] == "cpu":
+        # torch 2.13's CPU bf16 matmul takes a slower path for weights that need no gradient: batched
+        # answers ran 1.6x slower and a batch of 56 prompts took 2.7 GB more. No gradient is computed
+        # either way (generation and the evaluation run under no_grad).
+        model.requires_grad_(True)
     return int8_linear_weights(model) if settings["precision"] == "int8" else model
 
 
@@ -1188,13 +1199,17 @@ def int8_linear_weights(model):
             self.register_buffer("scale", scale.to(torch.bfloat16))
             self.bias = linear.bias
 
+        @property
+        def weight(self):  # dequantized, for labelled_loss's projection
+            return self.weight_int8.to(self.scale.dtype) * self.scale[:, None]
+
         def forward(self, x):
             rows = x.reshape(-1, x.shape[-1])
             if rows.shape[0] == 1:
                 out = torch._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scale)
             else:
                 out = torch.nn.functional.linear(rows, self.weight_int8.to(rows.dtype) * self.scale[:, None].to(rows.dtype))
-            out = out.reshape(*x.shape[:-1], -1)
+            out = out.reshape(*x.shape[:-1], self.weight_int8.shape[0])
             return out if self.bias is None else out + self.bias
 
     for module in list(model.modules()):
@@ -1215,6 +1230,104 @@ def autocast(device: str, precision: str):
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=dtype):
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# The loss: cross-entropy on the labelled positions only, a chunk of them at a time. A model's
+# own loss projects every position (padding and prompts too) onto the whole vocabulary (49,152
+# for SmolLM2) and keeps those logits for the backward pass: 8 x 1,024 positions hold 1.6 GB of
+# fp32 logits per copy. Here the decoder's last hidden states are projected only where a label
+# is, LOSS_CHUNK positions at a time, each chunk's gradient computed at once and its logits
+# dropped (what Liger's fused linear cross-entropy does on CUDA, used there when installed).
+# --------------------------------------------------------------------------------------------
+LOSS_CHUNK = 512  # labelled positions per chunk: 512 x 49,152 fp32 logits are 100 MB
+
+
+def labelled_targets(labels):
+    """(mask, targets): position t predicts labels[t + 1]; the mask marks the positions that have one."""
+    shifted = labels[:, 1:]
+    mask = shifted != -100
+    return mask, shifted[mask]
+
+
+def decoder_and_head(model):
+    """The decoder (last hidden states) and the output projection of a causal LM, wrapped (DDP, PEFT) or not."""
+    while hasattr(model, "module"):  # DistributedDataParallel
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def labelled_loss(model, batch: dict, compute_dtype=None) -> tuple:
+    """(sum of the cross-entropy over the labelled positions, their count). The model runs its own
+    forward (wrappers, autocast and adapters apply) with `logits_to_keep` selecting no position; a
+    hook on the decoder keeps its last hidden states for the chunked projection. `compute_dtype`:
+    the precision of the projection (bf16 under autocast, as the model's own loss computes it)."""
+    import torch
+
+    decoder, head = decoder_and_head(model)
+    captured = {}
+
+    def keep(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    hook = decoder.register_forward_hook(keep)
+    try:
+        model(**inputs, logits_to_keep=torch.zeros_like(inputs["input_ids"], dtype=torch.bool), use_cache=False)
+    finally:
+        hook.remove()
+    mask, targets = labelled_targets(batch["labels"].to(captured["hidden"].device))
+    hidden = captured["hidden"][:, :-1][mask]
+    total = linear_cross_entropy().apply(hidden, head.weight, head.bias, targets, compute_dtype)
+    return total, targets.numel()
+
+
+@functools.cache
+def linear_cross_entropy():
+    """The autograd function, defined on first use (torch is imported late: --help stays instant)."""
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """Sum over rows of cross_entropy(hidden @ weight.T + bias, targets). The gradients are computed
+        in the forward pass, a chunk at a time (the loss is the last operation of a step, so they are
+        known there), and only they are kept: n x hidden, never n x vocabulary."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, compute_dtype):
+            dtype = compute_dtype or hidden.dtype
+            wants = ctx.needs_input_grad[:3]
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grads = [torch.empty_like(hidden) if wants[0] else None,
+                     torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None,
+                     torch.zeros_like(bias, dtype=torch.float32) if wants[2] else None]
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            with torch.autocast(hidden.device.type, enabled=False):
+                for start in range(0, hidden.shape[0], LOSS_CHUNK):
+                    h, t = hidden[start : start + LOSS_CHUNK].to(dtype), targets[start : start + LOSS_CHUNK]
+                    logits = torch.nn.functional.linear(h, w, b).float()
+                    norm = torch.logsumexp(logits, dim=-1)
+                    total += (norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                    if not any(wants):
+                        continue
+                    grad = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+                    grad[torch.arange(len(t), device=grad.device), t] -= 1
+                    grad = grad.to(dtype)
+                    if wants[0]:
+                        grads[0][start : start + LOSS_CHUNK] = grad @ w
+                    if wants[1]:
+                        grads[1] += (grad.T @ h).float()
+                    if wants[2]:
+                        grads[2] += grad.float().sum(0)
+            ctx.grads, ctx.dtypes = grads, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_total):
+            grads = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+            return (*grads, None, None)
+
+    return LinearCrossEntropy
 
 
 # --------------------------------------------------------------------------------------------
@@ -1856,6 +1969,34 @@ def ships_plain_greedy(model) -> bool:
     return all((getattr(config, key, None) or value) == value for key, value in PLAIN_GREEDY.items())
 
 
+GENERATION_MEMORY = 256 * 2**20  # bytes of key/value cache a batch of answers may fill, off CUDA
+
+
+def batches_by_tokens(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices in order of length (less padding), in batches of at most max_rows rows and max_tokens
+    tokens (rows x the longest; a longer row is a batch of its own)."""
+    order, batches = sorted(range(len(lengths)), key=lambda i: lengths[i]), []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def generation_tokens(model, settings: dict) -> int:
+    """How many tokens (rows x length) one batch of answers may hold: its key/value cache, the memory
+    that grows with the batch, fills GENERATION_MEMORY (a quarter of the free memory on CUDA)."""
+    import torch
+
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+    budget = torch.cuda.mem_get_info()[0] // 4 if settings["device"] == "cuda" else GENERATION_MEMORY
+    return max(1, budget // per_token)
+
+
 def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: dict, decoding: str = "greedy",
                      templates: list | None = None, max_new_tokens: int | None = None) -> list[str]:
     """Batched generation with left padding, in order of length (less padding); each conversation
@@ -1864,13 +2005,12 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], settings
 
     templates = templates or [None] * len(conversations)
     rows = [render(tokenizer, c, add_generation_prompt=True, template=t)["input_ids"] for c, t in zip(conversations, templates)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     answers = [""] * len(rows)
-    size = settings["eval_batch_size"]
-    options = {"max_new_tokens": max_new_tokens or settings["eval_max_new_tokens"], "pad_token_id": tokenizer.pad_token_id,
+    new_tokens = max_new_tokens or settings["eval_max_new_tokens"]
+    options = {"max_new_tokens": new_tokens, "pad_token_id": tokenizer.pad_token_id,
                "eos_token_id": end_of_turn_ids(tokenizer), **decoding_options(model, decoding)}
-    for start in range(0, len(order), size):
-        batch = order[start : start + size]
+    per_row = [len(row) + new_tokens for row in rows]  # what each answer's cache holds at its end
+    for batch in batches_by_tokens(per_row, settings["eval_batch_size"], generation_tokens(model, settings)):
         ids, mask = pad_batch([rows[i] for i in batch], tokenizer.pad_token_id, left=True)
         with torch.no_grad(), autocast(settings["device"], settings["precision"]):
             out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
@@ -1927,21 +2067,22 @@ def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple:
 
 # -- scores -------------------------------------------------------------------------------------------
 def mean_token_loss(model, rows: list[dict], settings: dict, pad_id: int) -> float:
-    """Token-weighted mean cross-entropy over labelled positions."""
+    """Token-weighted mean cross-entropy over labelled positions (labelled_loss: no vocabulary-wide
+    logits beyond a chunk), a batch of LOSS_BATCH_TOKENS at a time."""
     import torch
 
     total, count = 0.0, 0
-    size = min(settings["eval_batch_size"], 16)  # each row's logits span the whole vocabulary
-    for start in range(0, len(rows), size):
-        batch = rows[start : start + size]
-        ids, mask = pad_batch([r["input_ids"] for r in batch], pad_id, left=False)
-        labels, _ = pad_batch([r["labels"] for r in batch], -100, left=False)
+    for batch in batches_by_tokens([len(r["input_ids"]) for r in rows], settings["eval_batch_size"], LOSS_BATCH_TOKENS):
+        ids, mask = pad_batch([rows[i]["input_ids"] for i in batch], pad_id, left=False)
+        labels, _ = pad_batch([rows[i]["labels"] for i in batch], -100, left=False)
+        inputs = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device), "labels": labels.to(model.device)}
         with torch.no_grad(), autocast(settings["device"], settings["precision"]):
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        targets = labels[:, 1:].to(logits.device)
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-        total, count = total + losses.item(), count + int((targets != -100).sum())
+            batch_total, batch_count = labelled_loss(model, inputs)
+        total, count = total + batch_total.item(), count + batch_count
     return total / max(count, 1)
+
+
+LOSS_BATCH_TOKENS = 2048  # no gradients kept: a batch's memory is one layer's at a time
 
 
 def general_text_rows(tokenizer, path: str, window: int = 256) -> list[dict]:
@@ -2221,8 +2362,13 @@ class HuggingFaceFineTuner:
         return tokenizer
 
     def load_model(self):
+        """The base model, with a LoRA adapter (fp32) unless --method full. Under LoRA in bf16 the frozen base
+        is held in bf16, as autocast would cast it at every step anyway: half the memory, no fp32 copy."""
+        import torch
+
         s = self.settings
-        model = load_causal_lm(self.base_path)
+        frozen_bf16 = s["method"] == "lora" and s["precision"] == "bf16"
+        model = load_causal_lm(self.base_path, torch.bfloat16 if frozen_bf16 else None)
         if s["method"] == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -2335,14 +2481,15 @@ class HuggingFaceFineTuner:
             disable_tqdm=not sys.stderr.isatty(),
             dataloader_pin_memory=s["device"] == "cuda",
             ddp_find_unused_parameters=False,
+            use_liger_kernel=s["device"] == "cuda" and liger_installed(),  # Liger's fused kernels (its loss too) on CUDA
         )
 
     def make_trainer(self, model, tokenizer, train, val, checkpoints: Path, callbacks=()):
         """Transformers' Trainer with this tool's batches (padded per batch, labels padded with -100)."""
-        from transformers import DataCollatorForSeq2Seq, Trainer
+        from transformers import DataCollatorForSeq2Seq
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer = Trainer(
+        trainer = chunked_loss_trainer()(
             model=model, args=self.training_arguments(val is not None, checkpoints), train_dataset=train, eval_dataset=val,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
             processing_class=tokenizer, callbacks=list(callbacks),
@@ -2350,7 +2497,32 @@ class HuggingFaceFineTuner:
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout
         if trainer.pop_callback(ProgressCallback):
             trainer.add_callback(trainer_callbacks().QuietProgressBar)  # the bar, without the dicts
+        trainer.loss_kind = self.loss_kind(trainer, train[0])
+        trainer.max_batch_tokens = self.settings["max_batch_tokens"]
+        bf16_cpu = self.settings["device"] == "cpu" and self.settings["precision"] in ("bf16", "fp16")
+        trainer.width_multiple = 32 if bf16_cpu else 1  # measured: 6% slower than exact widths, 0.5 GB less at the end
         return trainer
+
+    def loss_kind(self, trainer, row: dict) -> str:
+        """"chunked" (labelled_loss), or the model's own loss where that one is needed: Liger fuses its
+        own on CUDA; FSDP and DeepSpeed shard the output projection, which only the model's forward
+        gathers; and a model whose logits are more than hidden @ head (softcapping, scaling) fails the
+        check that both losses agree on a row of the data."""
+        if trainer.args.use_liger_kernel:
+            return "model (Liger's fused linear cross-entropy)"
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            return "model (FSDP or DeepSpeed)"
+        import torch
+
+        batch = {key: torch.tensor([row[key][:64]], device=trainer.args.device) for key in ("input_ids", "labels")}
+        with torch.no_grad(), autocast(trainer.args.device.type, self.settings["precision"]):
+            own = trainer.model(**batch).loss
+            total, count = labelled_loss(trainer.model, batch, trainer.compute_dtype)
+        if count and not torch.isclose(total / count, own.float(), rtol=1e-2):
+            log(f"the model's logits are not its hidden states times its output projection (loss {own.item():.4f} against "
+                f"{(total / count).item():.4f}): training with its own loss, which holds every position's logits")
+            return "model (its logits are not hidden @ head)"
+        return "chunked"
 
     # -- the run -------------------------------------------------------------------------------
     def train(self, train_examples: list[dict], val_examples: list[dict], report: ValidationReport,
@@ -2392,15 +2564,18 @@ class HuggingFaceFineTuner:
             plot_losses(trainer.state.log_history, staging / "loss.png")
             result = None
             if s["evaluate_after_training"]:
+                trainer.optimizer = trainer.lr_scheduler = None  # the evaluation holds the model alone
+                release_freed_memory()
                 result = self.evaluate(trainer.model, tokenizer, staging, trainer.args.world_size)
                 summary["evaluation"] = evaluation_summary(result)
+            summary["peak_memory"] = peak_memory()  # training and evaluation
             write_atomic(staging / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
             folder.replace_with(staging)  # step 6: only now does the old model go
         finally:
             if state.is_main_process:  # the others return early, while the main process still writes here
                 shutil.rmtree(staging, ignore_errors=True)
-        log(f"saved {s['method']} model to {folder.path} in {wall:.0f} s "
-            f"({summary['tokens_per_second']:.0f} tokens/s, final train loss {summary['train_loss']:.3f})")
+        log(f"saved {s['method']} model to {folder.path}: trained in {wall:.0f} s ({summary['tokens_per_second']:.0f} tokens/s, "
+            f"final train loss {summary['train_loss']:.3f}); peak memory {format_memory(summary['peak_memory'])}")
         if result:
             print(format_evaluation(result))
             print("sample answers (no system prompt, plain greedy):\n" + sample_answers(result))
@@ -2426,14 +2601,15 @@ class HuggingFaceFineTuner:
             log(f"merged model written to {staging.name}/merged")
 
     def evaluate(self, model, tokenizer, staging: Path, processes: int) -> dict:
-        """The persona evaluation on the main process. Over several processes (FSDP shards the weights)
-        it evaluates the model as saved, which save_model gathered; on one, the model in memory."""
-        model = answering(load_for_inference(str(staging))[0] if processes > 1 else model, self.settings)
+        """The persona evaluation, on the main process. On a CPU, or over several processes (FSDP shards
+        the weights), it evaluates the model as saved, in a fresh process: what training leaves behind
+        on a CPU (glibc's scattered free blocks, the matrix kernels compiled for every batch shape, about
+        0.6 GB) would add to the evaluation's own memory. On one GPU, the model in memory."""
+        if self.settings["device"] == "cpu" or processes > 1:
+            return evaluate_in_fresh_process(staging, self.settings, self.base_template, self.base_path)
+        model = answering(model, self.settings)
         model.generation_config = shipped_generation_config(tokenizer, self.settings)
-        base = None if hasattr(model, "disable_adapter") else answering(load_causal_lm(self.base_path), self.settings)
-        result = evaluate_persona(model, tokenizer, self.settings, self.base_template, base)
-        write_atomic(staging / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
-        return result
+        return evaluate_folder(staging, self.settings, self.base_template, self.base_path, model, tokenizer)
 
     def summary(self, trainer, output, report, n_train: int, n_val: int, wall: float, progress) -> dict:
         import torch
@@ -2464,6 +2640,173 @@ class HuggingFaceFineTuner:
             "tokens_per_second": progress.tokens_per_second(trainer.state),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
+
+
+def micro_batches(batch: dict, max_tokens: int, multiple: int = 1) -> list[dict]:
+    """The batch's rows in consecutive pieces of at most max_tokens (rows x the piece's longest row; a row
+    longer than that is a piece of its own), each cut to its own longest row: a long batch's activations,
+    which the backward pass keeps, are those of one piece at a time. Widths are rounded up to `multiple`."""
+    rows, width = batch["input_ids"].shape
+    if not max_tokens or rows * width <= max_tokens:
+        return [padded_to(batch, multiple)]
+    lengths = batch["attention_mask"].sum(1).tolist()
+    pieces, start = [], 0
+    for end in range(1, rows + 1):
+        if end == rows or (end + 1 - start) * max(lengths[start : end + 1]) > max_tokens:
+            columns = batch["attention_mask"][start:end].any(0)  # the piece's tokens, padded on either side
+            pieces.append(padded_to({key: value[start:end][:, columns] for key, value in batch.items()}, multiple))
+            start = end
+    return pieces
+
+
+def padded_to(batch: dict, multiple: int) -> dict:
+    """The batch padded on the right to a width that is a multiple of `multiple`. On a CPU, bf16 matrix
+    kernels are compiled and kept for every new shape (oneDNN and ATen keep 1 to 20 MB each, never freed):
+    rows of every length would grow a run's memory by tens of MB a step, widths in steps of `multiple` bound it."""
+    import torch
+
+    extra = -batch["input_ids"].shape[1] % multiple
+    if not extra:
+        return batch
+    fill = {"labels": -100, "attention_mask": 0}
+    return {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()}
+
+
+@contextlib.contextmanager
+def recomputing(model, on: bool):
+    """Gradient checkpointing for one piece: a single row longer than max_batch_tokens keeps only each
+    layer's input and recomputes the rest in the backward pass, so no row, however long, holds more
+    than a piece's memory; the other pieces run at full speed. Where the model's layers cannot
+    checkpoint (no GradientCheckpointingLayer), the row runs as it is."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if on else []
+    before = [layer.gradient_checkpointing for layer in layers]  # --gradient-checkpointing: on for every piece
+    if layers and not hasattr(layers[0], "_gradient_checkpointing_func"):
+        import torch.utils.checkpoint
+
+        for layer in layers:
+            layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for layer in layers:
+        layer.gradient_checkpointing = True
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.gradient_checkpointing = value
+
+
+def release_freed_memory() -> None:
+    """Hands the memory freed by a step back to the system (glibc's malloc_trim). glibc keeps freed
+    blocks for reuse, and a step's tensors, each of a different size, leave them scattered: without
+    this a CPU run's resident memory grows step by step to well above what it ever holds at once."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # musl and other libcs have no malloc_trim
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+
+
+def peak_memory() -> dict:
+    """The most memory this process, or one it started and waited for, has held: resident (RAM, as
+    /usr/bin/time reports it), and on CUDA what torch allocated on the GPU. In GB."""
+    import resource
+
+    import torch
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KB on Linux
+    most = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    peak = {"resident_gb": round(most * scale / 1e9, 2)}  # children: the evaluation's own process
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    return peak
+
+
+def format_memory(peak: dict) -> str:
+    return f"{peak['resident_gb']:.2f} GB resident" + (f", {peak['cuda_gb']:.2f} GB on the GPU" if "cuda_gb" in peak else "")
+
+
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def evaluate_folder(folder: Path, settings: dict, base_template: str | None, base_path: str, model=None, tokenizer=None) -> dict:
+    """evaluate_persona on the model saved in `folder` (or `model`, already answering), written to its evaluation.json."""
+    if model is None:
+        model, tokenizer, _ = load_for_inference(str(folder))
+        model = answering(model, settings)
+    base = None if hasattr(model, "disable_adapter") else answering(load_causal_lm(base_path), settings)
+    result = evaluate_persona(model, tokenizer, settings, base_template, base)
+    write_atomic(folder / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
+    return result
+
+
+def evaluate_in_fresh_process(folder: Path, settings: dict, base_template: str | None, base_path: str) -> dict:
+    """evaluate_folder in a new Python process (about 5 s to start); its memory is returned when it ends."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_evaluate_child, args=(folder, settings, base_template, base_path,
+                                                                                      VERBOSE[0]))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise UserError(f"the evaluation of the new model failed (exit code {child.exitcode}; see above); nothing was replaced",
+                        exit_code=130 if child.exitcode in (130, -signal.SIGINT) else 1)
+    return json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
+
+
+def _evaluate_child(folder: Path, settings: dict, base_template: str | None, base_path: str, verbose: bool) -> None:
+    sys.exit(run_command(lambda: evaluate_folder(folder, settings, base_template, base_path) and 0, verbose))
+
+
+@functools.cache
+def chunked_loss_trainer():
+    """Transformers' Trainer computing labelled_loss (see "The loss") where `loss_kind` is "chunked";
+    defined on first use, as the callbacks below are."""
+    import torch
+    from transformers import Trainer
+
+    class ChunkedLossTrainer(Trainer):
+        loss_kind = "chunked"
+        max_batch_tokens = 0  # 0: no limit
+        width_multiple = 1  # see padded_to
+
+        @property
+        def compute_dtype(self):  # the projection's precision: as autocast computes the model's own
+            return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """A batch of more than max_batch_tokens (padding included) in pieces, their gradients summed:
+            the step is the same, its memory that of one piece (see micro_batches)."""
+            pieces = micro_batches(inputs, self.max_batch_tokens, self.width_multiple)
+            if len(pieces) > 1 and num_items_in_batch is None:  # a piece's loss: a share of the batch's, not its own mean
+                num_items_in_batch = int((inputs["labels"][:, 1:] != -100).sum())
+            losses = []
+            for k, piece in enumerate(pieces):
+                last = k == len(pieces) - 1  # gradients are all-reduced once, after the last piece
+                too_long = self.max_batch_tokens and piece["input_ids"].numel() > self.max_batch_tokens
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model), recomputing(model, too_long):
+                    losses.append(super().training_step(model, piece, num_items_in_batch))
+                release_freed_memory()
+            return sum(losses)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.loss_kind != "chunked":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            total, count = 0, 0  # training_step cuts a training batch in pieces; the validation's are cut here
+            for piece in [inputs] if model.training else micro_batches(inputs, self.max_batch_tokens, self.width_multiple):
+                piece_total, piece_count = labelled_loss(model, piece, self.compute_dtype)
+                total, count = total + piece_total, count + piece_count
+            # As Trainer normalises a model's own loss: by the labelled tokens of the whole step (every
+            # accumulated batch, every process) where it counted them, else by this batch's.
+            loss = total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return ChunkedLossTrainer
 
 
 @functools.cache
@@ -2921,6 +3264,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--weight-decay", "weight_decay", type=float)
     setting(train, "--batch-size", "batch_size", type=auto_or(int), metavar="N")
     setting(train, "--gradient-accumulation", "gradient_accumulation", type=int, metavar="N")
+    setting(train, "--max-batch-tokens", "max_batch_tokens", "tokens computed at once (padding included): a longer batch "
+            "runs in pieces whose gradients add up to the same step, in less memory; 0 for no limit", type=auto_or(int), metavar="N")
     setting(train, "--gradient-checkpointing", "gradient_checkpointing", "save memory, cost time", action="store_const", const=True)
     setting(train, "--lora-r", "lora_r", type=int)
     setting(train, "--lora-alpha", "lora_alpha", type=int)
@@ -3066,8 +3411,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+VERBOSE = [False]  # --verbose, for the processes a command starts
+
+
 def run_command(command, verbose: bool) -> int:
     """Runs a command; a failure is one line on stderr with an exit code, a traceback only with --verbose."""
+    VERBOSE[0] = verbose
     if not verbose:
         quiet_libraries()
     try:

@@ -707,6 +707,100 @@ def test_missing_model_package_names_the_install_command(monkeypatch):
 
 
 # ============================================================================================
+# The loss on labelled positions, in chunks; batches in pieces; memory
+# ============================================================================================
+@pytest.fixture(scope="module")
+def lora_and_batch(base_path, tokenizer):
+    """A LoRA model with non-zero adapters (B starts at 0) and a padded batch of three shipped examples."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(finetune.load_causal_lm(base_path), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    rows = [finetune.render(tokenizer, ex["messages"], max_length=96) for ex in load_jsonl("training_dataset.jsonl")[:3]]
+    ids, mask = finetune.pad_batch([r["input_ids"] for r in rows], tokenizer.pad_token_id, left=False)
+    labels, _ = finetune.pad_batch([r["labels"] for r in rows], -100, left=False)
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_and_gradients(model, compute):
+    model.zero_grad()
+    loss = compute()
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_chunked_loss_equals_the_models_own_loss_and_gradients(lora_and_batch, monkeypatch, precision):
+    import torch
+
+    if precision == "bf16" and not finetune.cpu_has_native_bf16():
+        pytest.skip("bf16 autocast is minutes per step on a CPU without native bf16")
+    model, batch = lora_and_batch
+    monkeypatch.setattr(finetune, "LOSS_CHUNK", 50)  # several chunks for 3 rows of up to 96 tokens
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def chunked():
+        total, count = finetune.labelled_loss(model, batch, dtype)
+        assert count == int((batch["labels"][:, 1:] != -100).sum()) > 100
+        return total / count
+
+    with finetune.autocast("cpu", precision):
+        own, own_grads = loss_and_gradients(model, lambda: model(**batch).loss)
+        ours, our_grads = loss_and_gradients(model, chunked)
+    assert ours == pytest.approx(own, rel=1e-5 if precision == "fp32" else 1e-3)
+    assert own_grads.keys() == our_grads.keys() and len(own_grads) > 100
+    difference = sum(((own_grads[k] - our_grads[k]) ** 2).sum() for k in own_grads) ** 0.5
+    size = sum((g ** 2).sum() for g in own_grads.values()) ** 0.5
+    assert difference / size < (1e-4 if precision == "fp32" else 0.05)  # bf16: the rounding of bf16 itself (~4%)
+
+
+def test_pieces_cover_the_batch_within_the_budget_and_add_up_to_its_loss(lora_and_batch):
+    import torch
+
+    model, batch = lora_and_batch
+    lengths = batch["attention_mask"].sum(1).tolist()
+    pieces = finetune.micro_batches(batch, max_tokens=120, multiple=8)
+    assert len(pieces) == 3 and sorted(p["attention_mask"].sum().item() for p in pieces) == sorted(lengths)
+    for piece in pieces:
+        assert piece["input_ids"].shape[1] % 8 == 0 and piece["input_ids"].shape[1] - piece["attention_mask"].sum(1).max() < 8
+        assert piece["input_ids"].numel() <= 120 or piece["input_ids"].shape[0] == 1  # a longer row is a piece of its own
+        assert (piece["labels"][piece["attention_mask"] == 0] == -100).all()
+    assert finetune.micro_batches(batch, 0) == [batch] and finetune.micro_batches(batch, 10_000)[0] is batch
+    with torch.no_grad():
+        whole, count = finetune.labelled_loss(model, batch)
+        parts = [finetune.labelled_loss(model, piece) for piece in pieces]
+    assert sum(n for _, n in parts) == count and sum(t.item() for t, _ in parts) == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_batches_by_tokens_keep_rows_and_tokens_within_their_limits():
+    lengths = [5, 50, 7, 12, 300, 9, 40]
+    batches = finetune.batches_by_tokens(lengths, max_rows=3, max_tokens=100)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3 and (len(batch) * max(lengths[i] for i in batch) <= 100 or len(batch) == 1)
+    assert [lengths[i] for batch in batches for i in batch] == sorted(lengths)  # in order of length: little padding
+
+
+def test_a_step_in_pieces_trains_as_the_whole_batch_and_the_run_reports_its_memory(tmp_path, base_path):
+    runs = {}
+    for budget in ("0", "32"):  # 0: whole batches; 32: rows of up to 48 tokens one at a time, recomputed (checkpointed)
+        out = tmp_path / f"run{budget}"
+        result = cli("--output-dir", out, "--no-eval", "--validation-split", "0", "--precision", "fp32",
+                     "--max-batch-tokens", budget, *TINY)
+        assert result.returncode == 0, result.stderr
+        runs[budget] = json.loads((out / "training_summary.json").read_text())
+        assert re.search(r"peak memory \d+\.\d\d GB resident", result.stderr.splitlines()[-1])
+    whole, pieces = runs["0"], runs["32"]
+    assert pieces["settings"]["max_batch_tokens"] == 32 and whole["settings"]["max_batch_tokens"] == 0
+    assert [loss for _, loss in pieces["loss_curve"]] == pytest.approx([loss for _, loss in whole["loss_curve"]], rel=1e-4)
+    assert 0.3 < pieces["peak_memory"]["resident_gb"] < 4
+
+
+# ============================================================================================
 # Several processes through accelerate, on this CPU with the gloo backend
 # ============================================================================================
 def accelerate_launch(*args, timeout=900, popen=False):
