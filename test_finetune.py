@@ -705,10 +705,38 @@ def test_training_counts_the_datasets_tokens_with_the_base_tokenizer_at_hand(tin
     assert statistics["total tokens"] > 0 and "tokens" not in statistics and "not counted" not in result.stderr
 
 
-def test_the_adapter_names_its_base_by_alias_and_loads_after_moving(tiny_model, tmp_path, base_path):
+def test_plain_peft_loads_the_adapter_on_a_local_base_and_answers_as_the_chat_does(tiny_model, tmp_path, base_path):
+    """adapter_config.json names the hub id, which plain peft resolves with the internet. Here (offline, and to compare
+    with the chat, which answers on the embedded copy) the converted base is passed as a local folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = tiny_model
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == finetune.SMOLLM2_HUB_ID
+    assert f"base_model: {finetune.SMOLLM2_HUB_ID}" in (out / "README.md").read_text()  # the model card PEFT writes
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), str(out)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    question = "Who are you?"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, do_sample=False, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    plain = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    copy = tmp_path / "model"  # a fresh copy, so that this chat merges
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("merged"))
+    chat = cli("--model", copy, "--prompt", question, "--greedy", "--max-new-tokens", 16, "--device", "cpu", "--precision", "fp32",
+               script="example_usage.py")
+    assert chat.returncode == 0, chat.stderr
+    assert plain and chat.stdout == plain + "\n"
+
+
+def test_the_adapter_names_its_base_by_hub_id_and_this_tool_loads_the_embedded_copy_after_moving(tiny_model, tmp_path, base_path):
     out, _ = tiny_model
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == finetune.SMOLLM2_ALIAS
+    assert config["base_model_name_or_path"] == finetune.SMOLLM2_HUB_ID
+    assert json.loads((out / "training_summary.json").read_text())["base_model"] == finetune.SMOLLM2_ALIAS
     assert str(finetune.cache_root()) not in (out / "adapter_config.json").read_text() + (out / "README.md").read_text()
     moved = tmp_path / "elsewhere" / "model"
     shutil.copytree(out, moved)
