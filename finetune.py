@@ -2157,6 +2157,42 @@ def ships_plain_greedy(model) -> bool:
     return all((getattr(config, key, None) or value) == value for key, value in PLAIN_GREEDY.items())
 
 
+# The bar of the scoring under way: generate_answers advances whichever is open, so the functions between
+# them (score_model, drift_answers) need not pass it along.
+ANSWER_BARS: list = []
+
+
+@contextlib.contextmanager
+def answers_progress(total: int, what: str = "answers"):
+    """A bar on stderr of the answers generated inside the block, with the time left, as training shows its
+    steps; on a terminal only, so logs and tests see nothing of it."""
+    if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit=" answers", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        ANSWER_BARS.append(bar)
+        try:
+            yield
+        finally:
+            ANSWER_BARS.remove(bar)
+
+
+def advance_answers(n: int) -> None:
+    for bar in ANSWER_BARS[-1:]:
+        bar.total = max(bar.total, bar.n + n)  # a count that fell short grows, rather than overflowing
+        bar.update(n)
+
+
+def answers_to_give(model, probes: list[dict], base_template: str | None) -> int:
+    """The answers score_model generates for `model`, for the bar: every condition's questions, the ordinary ones
+    and each drift turn, under one decoding or two."""
+    asked = sum(len(conversations) for conversations, _, _ in condition_questions(probes, base_template).values())
+    asked += sum(p["kind"] == "style" for p in probes) + sum(len(p["turns"]) + 1 for p in probes if p["kind"] == "drift")
+    return asked * (1 if ships_plain_greedy(model) else 2)
+
+
 def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: dict, decoding: str = "greedy",
                      templates: list | None = None, max_new_tokens: int | None = None) -> list[str]:
     """Batched generation with left padding, in order of length (less padding); each conversation
@@ -2178,6 +2214,7 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], settings
                                  stopping_criteria=[stop_when_looping(tokenizer, ids.shape[1])], **options)
         for i, row in zip(batch, out):
             answers[i] = tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip()
+        advance_answers(len(batch))
     return answers
 
 
@@ -2318,7 +2355,10 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
               "probes": dict(kinds), "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
               "shipped_decoding": shipped_decoding_summary(model), "shipped_is_plain_greedy": ships_plain_greedy(model),
               "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0]}
-    score = lambda m: score_model(m, tokenizer, probes, settings, base_template)  # noqa: E731
+    def score(m):
+        with answers_progress(answers_to_give(m, probes, base_template), "evaluating"):
+            return score_model(m, tokenizer, probes, settings, base_template)
+
     result["base_from_cache"] = False
     if hasattr(model, "merge_adapter"):  # LoRA: the base is the same model with the adapter switched off
         with model.disable_adapter():
@@ -2719,13 +2759,15 @@ class HuggingFaceFineTuner:
         shipped_generation_config(tokenizer, self.settings).save_pretrained(str(staging))
         mark(staging)
         if self.settings["merge"]:
+            started = time.time()
+            log("--merge: merging the adapter into its base model's weights and writing merged/")
             whole = merged(trainer.model)
             whole.generation_config = shipped_generation_config(tokenizer, self.settings)
             whole.save_pretrained(staging / "merged")
             tokenizer.save_pretrained(staging / "merged")
             if hasattr(trainer.model, "merge_and_unload"):
                 trainer.model = load_for_inference(str(staging))[0]  # merge_and_unload changed the weights in place
-            log(f"merged model written to {staging.name}/merged")
+            log(f"merged model written in {time.time() - started:.1f} s")
 
     def evaluate(self, model, tokenizer, staging: Path, processes: int) -> dict:
         """The persona evaluation on the main process. Over several processes (FSDP shards the weights)

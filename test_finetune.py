@@ -730,6 +730,8 @@ def test_plain_peft_loads_the_adapter_on_a_local_base_and_answers_as_the_chat_do
                script="example_usage.py")
     assert chat.returncode == 0, chat.stderr
     assert plain and chat.stdout == plain + "\n"
+    assert "merging the adapter into its base model's weights" in chat.stderr and re.search(r"merged in \d+\.\d s", chat.stderr)
+    assert "\r" not in chat.stderr  # no bar when stderr is not a terminal
 
 
 def test_the_adapter_names_its_base_by_hub_id_and_this_tool_loads_the_embedded_copy_after_moving(tiny_model, tmp_path, base_path):
