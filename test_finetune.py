@@ -14,6 +14,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -102,6 +103,23 @@ def test_help_shows_real_examples():
     for script in ("finetune.py", "example_usage.py"):
         result = cli("--help", script=script)
         assert result.returncode == 0 and "python " + script in result.stdout
+
+
+SUITE = ["-q", "-p", "no:cacheprovider", "test_finetune.py", "tests"]  # make test's pytest line, after "-m pytest"
+
+
+def suite_command(extra: list[str]) -> list[str]:
+    """`python test_finetune.py [pytest flags]`: the whole suite as make test runs it (extra flags go to pytest)."""
+    return [PY, "-m", "pytest", *SUITE, *extra]
+
+
+def test_python_test_finetune_py_runs_make_tests_suite_and_exits_with_its_status():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^\t\$\(PY\) -m pytest (.*)$", makefile, re.M).group(1).split() == SUITE
+    result = subprocess.run([PY, str(ROOT / "test_finetune.py"), "-k", "no_test_is_called_this"], cwd="/", capture_output=True,
+                            text=True, timeout=300)  # collects the whole suite from anywhere, runs nothing
+    assert result.returncode == 5, result.stdout[-2000:] + result.stderr[-2000:]  # pytest's status: no test selected
+    assert int(re.search(r"(\d+) deselected", result.stdout).group(1)) > 200
 
 
 def test_nothing_in_the_repository_points_outside_it():
@@ -1020,3 +1038,6 @@ def test_shipped_accelerate_configs_parse():
              for name in ("multi_gpu", "deepspeed_zero2", "fsdp")}
     assert kinds == {"multi_gpu": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}
 
+
+if __name__ == "__main__":
+    sys.exit(subprocess.call(suite_command(sys.argv[1:]), cwd=ROOT))
