@@ -277,6 +277,7 @@ MAX_LINE_BYTES = 1_000_000  # one example's JSON line; a longer one is reported 
 MAX_NESTING = 100  # arrays and objects inside one another; a real example needs 3 or 4
 SPECIAL_TOKEN_PATTERN = r"<\|[^|<>\s]{1,64}\|>"  # chat-control markers typed as text: <|im_end|>, <|eot_id|>
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+JSON_HOLDER = re.compile(r'\{\s*"(?:[^"\\]|\\.)*"\s*:\s*(?=\[)')  # '{"train": [': a .json object holding its records
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half a UTF-16 pair: parses as JSON, cannot be written as UTF-8
 CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc but tab, LF, CR
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -564,7 +565,7 @@ class DatasetValidator:
         start = JSON_WHITESPACE.match(text).end()
         if text.startswith("[", start):
             return start, ""
-        holder = re.compile(r'\{\s*"(?:[^"\\]|\\.)*"\s*:\s*(?=\[)').match(text, start)
+        holder = JSON_HOLDER.match(text, start)
         try:
             whole = json.loads(text) if holder else None
         except (ValueError, RecursionError):  # JSON lines, or broken: read line by line
