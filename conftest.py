@@ -26,6 +26,7 @@ TINY = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--save-s
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "export: needs llama-cpp-python, which make test-export builds and installs")
+    config.addinivalue_line("markers", "slow: loads a model and generates (a server, say); -m 'not slow' leaves it out")
 
 
 def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"):
@@ -63,8 +64,6 @@ def load_jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in (ROOT / name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads a model and generates (a server, say); -m 'not slow' leaves it out")
 
 
 @pytest.fixture(scope="session")

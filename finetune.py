@@ -1335,8 +1335,9 @@ def read_summary(folder: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def load_for_inference(name: str):
-    """(model, tokenizer, base_name) for chat and evaluation.
+def load_for_inference(name: str, base: str | None = None):
+    """(model, tokenizer, base_name) for chat and evaluation; `base`: an adapter's base, where its folder
+    does not say it yet (a run evaluates its model before it writes the summary).
 
     A LoRA output folder loads its base (re-resolved from the summary, so a cleared cache is rebuilt)
     with the adapter attached; `with model.disable_adapter()` then answers as the base model. Not
@@ -1347,10 +1348,10 @@ def load_for_inference(name: str):
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_name = adapter_base(folder)
-        base = load_causal_lm(resolve_base(base_name))
-        load_generation_config(base, folder)  # on the base: generate() and merge_and_unload() use the base's
-        model = PeftModel.from_pretrained(base, str(folder))
+        base_name = base or adapter_base(folder)
+        base_model = load_causal_lm(resolve_base(base_name))
+        load_generation_config(base_model, folder)  # on the base: generate() and merge_and_unload() use the base's
+        model = PeftModel.from_pretrained(base_model, str(folder))
         return model.eval(), load_tokenizer(str(folder)), base_name
     if folder.is_dir() and not (folder / "config.json").is_file():
         if (folder / "merged" / "config.json").is_file():
@@ -2937,12 +2938,11 @@ class HuggingFaceFineTuner:
         if self.settings["merge"]:
             started = time.time()
             log("--merge: merging the adapter into its base model's weights and writing merged/")
-            whole = merged(trainer.model)
+            # the adapter as saved, on the base in fp32 (training may hold it in bf16): the merge rounds nothing
+            whole = merged(load_for_inference(str(staging), self.base_path)[0]) if self.settings["method"] == "lora" else trainer.model
             whole.generation_config = shipped_generation_config(tokenizer, self.settings)
             whole.save_pretrained(staging / "merged")
             tokenizer.save_pretrained(staging / "merged")
-            if hasattr(trainer.model, "merge_and_unload"):
-                trainer.model = load_for_inference(str(staging))[0]  # merge_and_unload changed the weights in place
             log(f"merged model written in {time.time() - started:.1f} s")
 
     def evaluate(self, model, tokenizer, staging: Path, processes: int) -> dict:
@@ -3080,7 +3080,7 @@ def liger_installed() -> bool:
 def evaluate_folder(folder: Path, settings: dict, base_template: str | None, base_path: str, model=None, tokenizer=None) -> dict:
     """evaluate_persona on the model saved in `folder` (or `model`, already answering), written to its evaluation.json."""
     if model is None:
-        model, tokenizer, _ = load_for_inference(str(folder))
+        model, tokenizer, _ = load_for_inference(str(folder), base_path)
         model = answering(model, settings)
     base = None if hasattr(model, "disable_adapter") else answering(load_causal_lm(base_path), settings)
     result = evaluate_persona(model, tokenizer, settings, base_template, base)

@@ -6,7 +6,6 @@ import io
 import json
 import re
 import sys
-import time
 import types
 import uuid
 from pathlib import Path
@@ -210,30 +209,15 @@ class Terminal(io.StringIO):
         return True
 
 
-class Answering(torch.nn.Module):
-    """Stands in for a model: every answer is the same few tokens, a little slowly, so that the bar redraws."""
-
-    generation_config = GenerationConfig()
-
-    def generate(self, input_ids, attention_mask, **options):
-        time.sleep(0.15)
-        return torch.cat([input_ids, torch.full((len(input_ids), 3), 314)], dim=1)
-
-    def forward(self, input_ids, attention_mask):
-        return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, 49152))
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-
-def test_the_evaluation_shows_answers_generated_of_the_total_on_a_terminal_only(monkeypatch, tmp_path, tokenizer, small_probe_config):
+def test_the_evaluation_shows_answers_generated_of_the_total_on_a_terminal_only(monkeypatch, tmp_path, base_path, tokenizer,
+                                                                              small_probe_config):
     (tmp_path / "general.txt").write_text("The tide comes in twice a day. " * 4)
     settings, _ = finetune.load_settings(str(small_probe_config), {})
     settings.update(device="cpu", precision="fp32", eval_batch_size=2, general_text=str(tmp_path / "general.txt"))
+    model = finetune.answering(finetune.load_causal_lm(base_path), settings)  # the real base: batches of 2, redrawn as each ends
     for stream in (Terminal(), io.StringIO()):
         monkeypatch.setattr(sys, "stderr", stream)
-        finetune.evaluate_persona(Answering(), tokenizer, settings, None)
+        finetune.evaluate_persona(model, tokenizer, settings, None)
         shown = stream.getvalue()
         if stream.isatty():
             counts = re.findall(r"evaluating: +\d+%\|[^|]*\| (\d+)/(\d+) \[\d\d:\d\d<\d\d:\d\d", shown)  # with the time left
