@@ -257,7 +257,15 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 # --------------------------------------------------------------------------------------------
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
-PROBE_KINDS = ("identity", "drift", "style")
+PROBE_KEYS = {  # each kind of held-out probe: the keys it must have ("reference" may go on any)
+    "identity": ("probe", "lang"),
+    "drift": ("probe", "lang", "turns"),  # the unrelated questions asked before the probe
+    "style": ("probe", "lang", "reference"),
+    "character": ("probe", "lang", "key_facts"),  # may also name the "persona" it is for
+    "ordinary": ("probe", "lang", "key_facts"),
+    "switch": ("probe", "lang", "follow_ups"),  # follow-ups: ordinary probes asked after it, in order
+}
+PROBE_KINDS = tuple(PROBE_KEYS)
 MAX_LINE_BYTES = 1_000_000  # one example's JSON line; a longer one is reported ("line too long"), not parsed
 MAX_NESTING = 100  # arrays and objects inside one another; a real example needs 3 or 4
 SPECIAL_TOKEN_PATTERN = r"<\|[^|<>\s]{1,64}\|>"  # chat-control markers typed as text: <|im_end|>, <|eot_id|>
@@ -669,8 +677,10 @@ class DatasetValidator:
 
     # -- the held-out probe file (persona_eval.jsonl) ---------------------------------------
     def validate_probes(self, path: str | Path) -> ValidationReport:
-        """Probes: {"kind": "identity" | "drift" | "style", "lang": "en", "probe": str}; style probes
-        carry a "reference" answer, drift probes the unrelated "turns" asked before the probe."""
+        """Probes: {"kind": one of PROBE_KEYS, "lang": "en", "probe": str} and the keys their kind needs;
+        style probes carry a "reference" answer, drift probes the unrelated "turns" asked before the
+        probe, character and ordinary probes the "key_facts" a good answer states (any one of them),
+        switch probes the ordinary "follow_ups" asked after them."""
         report = ValidationReport(str(path))
         for number, text, problem in self.read_lines(path):
             problems = [problem] if problem else []
@@ -686,21 +696,41 @@ class DatasetValidator:
                 report.line_numbers.append(number)
         return report
 
-    @staticmethod
-    def check_probe(obj: dict) -> list[tuple[str, str]]:
+    @classmethod
+    def check_probe(cls, obj: dict, where: str = "") -> list[tuple[str, str]]:
         kind = obj.get("kind")
-        if kind not in PROBE_KINDS:
-            return [("unknown kind", f"{json.dumps(kind)} (use {', '.join(PROBE_KINDS)})")]
-        required = {"identity": ("probe", "lang"), "drift": ("probe", "lang", "turns"), "style": ("probe", "lang", "reference")}[kind]
-        problems = [("unknown key", f"'{shown(key)}'") for key in sorted(set(obj) - {"kind", *required, "reference"})]
-        for key in required:
-            value = obj.get(key)
-            values = value if key == "turns" and isinstance(value, list) and value else [value]
-            if key not in obj:
-                problems.append(("missing key", f"'{key}'"))
-            elif not all(isinstance(v, str) and v.strip() for v in values):
-                problems.append(("empty text", f"'{key}' must be non-empty text" + (" (a list of them)" if key == "turns" else "")))
+        if kind not in PROBE_KEYS:
+            return [("unknown kind", f"{where}{json.dumps(kind)} (use {', '.join(PROBE_KINDS)})")]
+        required = PROBE_KEYS[kind]
+        allowed = {"kind", *required, "reference", *(["persona"] if kind == "character" else [])}
+        problems = [("unknown key", f"{where}'{shown(key)}'") for key in sorted(set(obj) - allowed)]
+        problems += [("missing key", f"{where}'{key}'") for key in required if key not in obj]
+        for key in sorted(allowed & set(obj) - {"kind", "follow_ups"}):
+            problem = cls.probe_value_problem(key, obj[key])
+            if problem:
+                problems.append((problem[0], f"{where}{problem[1]}"))
+        if "follow_ups" in obj:
+            follow_ups = obj["follow_ups"]
+            if not isinstance(follow_ups, list) or not follow_ups or not all(isinstance(f, dict) for f in follow_ups):
+                problems.append(("bad follow_ups", f"{where}'follow_ups' must be a non-empty list of ordinary probes, "
+                                                   '{"probe": ..., "lang": ..., "key_facts": [...]}'))
+            else:
+                for i, follow_up in enumerate(follow_ups):
+                    problems += cls.check_probe({"kind": "ordinary", **follow_up}, f"{where}follow_ups[{i}] ")
         return problems
+
+    @staticmethod
+    def probe_value_problem(key: str, value) -> tuple[str, str] | None:
+        """(kind, detail) when a probe's value is not what its key needs."""
+        if key == "key_facts":  # matched by their words: a phrase with none could never be stated
+            if isinstance(value, list) and value and all(isinstance(v, str) and re.search(r"[^\W_]", v) for v in value):
+                return None
+            return "bad key_facts", f"'key_facts' must be a non-empty list of phrases (got {shown(json.dumps(value, ensure_ascii=False)[:60])})"
+        if key == "turns":
+            if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+                return None
+            return "empty text", "'turns' must be non-empty text (a list of them)"
+        return None if isinstance(value, str) and value.strip() else ("empty text", f"'{key}' must be non-empty text")
 
 
 def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -118,6 +118,34 @@ def test_probe_schema_problems_are_reported(tmp_path):
     assert [line for line, _ in report.problems["missing key"]] == [2, 3] and report.problems["unknown kind"][0][0] == 4
 
 
+def write_probes(path: Path, probes: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("probe,problem", [
+    ({"kind": "character", "lang": "en", "probe": "How do you think?"}, ("missing key", "'key_facts'")),
+    ({"kind": "ordinary", "lang": "en", "probe": "2+2?", "key_facts": []}, ("bad key_facts", "'key_facts' must be a non-empty list")),
+    ({"kind": "ordinary", "lang": "en", "probe": "2+2?", "key_facts": "4"}, ("bad key_facts", "'key_facts' must be a non-empty list")),
+    ({"kind": "ordinary", "lang": "en", "probe": "2+2?", "key_facts": ["4", " "]}, ("bad key_facts", "(got [\"4\", \" \"])")),
+    ({"kind": "character", "lang": "en", "probe": "Who?", "key_facts": ["?!"]}, ("bad key_facts", "'key_facts' must be")),
+    ({"kind": "ordinary", "lang": "en", "probe": "2+2?", "key_facts": ["4"], "persona": "Echo"}, ("unknown key", "'persona'")),
+    ({"kind": "switch", "lang": "fr", "probe": "Qui ?"}, ("missing key", "'follow_ups'")),
+    ({"kind": "switch", "lang": "fr", "probe": "Qui ?", "follow_ups": []}, ("bad follow_ups", "'follow_ups' must be a non-empty list")),
+    ({"kind": "switch", "lang": "fr", "probe": "Qui ?", "follow_ups": ["2+2?"]}, ("bad follow_ups", "'follow_ups' must be")),
+    ({"kind": "switch", "lang": "fr", "probe": "Qui ?", "follow_ups": [{"lang": "en", "probe": "2+2?", "key_facts": ["4"]},
+                                                                      {"lang": "en", "probe": "3+3?"}]}, ("missing key", "follow_ups[1] 'key_facts'")),
+    ({"kind": "switch", "lang": "fr", "probe": "Qui ?", "follow_ups": [{"lang": "", "probe": "2+2?", "key_facts": ["4"]}]},
+     ("empty text", "follow_ups[0] 'lang' must be non-empty text")),
+])
+def test_bad_key_facts_and_follow_ups_are_reported_on_their_line(tmp_path, probe, problem):
+    good = {"kind": "ordinary", "lang": "en", "probe": "What is 2 plus 2?", "key_facts": ["4", "four"]}
+    report = finetune.DatasetValidator().validate_probes(write_probes(tmp_path / "p.jsonl", [good, probe]))
+    kind, detail = problem
+    assert report.line_numbers == [1] and list(report.problems) == [kind], dict(report.problems)
+    assert report.problems[kind][0][0] == 2 and detail in report.problems[kind][0][1], report.problems[kind]
+
+
 def test_evaluate_reports_every_condition_for_base_and_fine_tuned_with_reasons(tiny_model, small_probe_config):
     out, _ = tiny_model
     result = cli("--evaluate", "--model", out, "--config", small_probe_config, "--persona-name", "Aria", "--persona-full-name", "Aria")
