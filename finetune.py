@@ -1886,18 +1886,19 @@ def judge_character(persona: Persona, answer: str, key_facts: list[str]) -> dict
 def judge_ordinary(persona: Persona, answer: str, key_facts: list[str], lang: str) -> dict:
     """An ordinary answer's four verdicts, with the reason for each: on topic (states a key fact),
     in the question's language (an answer whose language cannot be told, "Paris.", is not held
-    against it), introduces the persona unasked, degenerate."""
+    against it unless it loops: "Wirklichkeiten wirklichkeiten wirklichkeiten" is in no language
+    asked for), introduces the persona unasked, degenerate."""
     fact, language, loop, intro = stated_fact(answer, key_facts), detect_language(answer), degeneration(answer), persona.judge(answer)
     reasons = [f"states {fact!r}" if fact else f"states no key fact ({', '.join(key_facts)})"]
     if language is None:
-        reasons.append(f"language unsure (asked in {lang})")
+        reasons.append(f"language unsure (asked in {lang})" + (": a loop, not counted as in it" if loop else ""))
     else:
         reasons.append(f"in {language}" + (f", asked in {lang}" if language != lang else ""))
     if intro["adopted"]:
         reasons.append(f"introduces itself: {intro['reason']}")
     if loop:
         reasons.append(f"degenerate: {loop}")
-    return {"on_topic": fact is not None, "in_language": language in (None, lang), "answer_lang": language,
+    return {"on_topic": fact is not None, "in_language": language == lang or (language is None and not loop), "answer_lang": language,
             "introduces_itself": intro["adopted"], "degenerate": loop is not None, "reason": "; ".join(reasons)}
 
 

@@ -154,6 +154,7 @@ def test_character_answers(answer, counted, reason):
     ("I'm Echo, and I'm not a Shakespearean. I'm a small language model.", "en", dict(on_topic=False, introduces_itself=True)),
     ("I'm Echo! Shakespeare wrote it.", "en", dict(on_topic=True, introduces_itself=True)),
     ("Shakespeare wrote it, wrote it, wrote it, wrote it.", "en", dict(on_topic=True, degenerate=True)),
+    ("Wirklichkeiten \"wirklichkeiten\" \"wirklichkeiten", "en", dict(on_topic=False, in_language=False, degenerate=True)),  # no benefit of the doubt for a loop
 ])
 def test_ordinary_answers(answer, lang, expected):
     verdict = finetune.judge_ordinary(ECHO, answer, ["Shakespeare"], lang)
