@@ -313,6 +313,16 @@ def test_the_persona_name_alone_is_no_character_fact(tmp_path):
         finetune.load_probes(dict(finetune.DEFAULT_SETTINGS, eval_dataset=str(probes)))
 
 
+def test_the_shipped_probes_check_character_and_ordinary_ability():
+    probes = finetune.load_probes(dict(finetune.DEFAULT_SETTINGS))
+    kinds = collections.Counter(p["kind"] for p in probes)
+    assert kinds["character"] >= 16 and kinds["ordinary"] >= 20 and kinds["switch"] >= 1
+    ordinary_languages = collections.Counter(p["lang"] for p in probes if p["kind"] == "ordinary")
+    assert ordinary_languages["en"] >= 0.75 * kinds["ordinary"] and len(ordinary_languages) >= 4
+    for probe in (p for p in probes if p["kind"] == "switch"):
+        assert probe["lang"] != "en" and len(probe["follow_ups"]) >= 4 and {f["lang"] for f in probe["follow_ups"]} == {"en"}
+
+
 def test_evaluate_reports_every_condition_for_base_and_fine_tuned_with_reasons(tiny_model, small_probe_config):
     out, _ = tiny_model
     result = cli("--evaluate", "--model", out, "--config", small_probe_config, "--persona-name", "Aria", "--persona-full-name", "Aria")
@@ -337,9 +347,33 @@ def test_evaluate_reports_every_condition_for_base_and_fine_tuned_with_reasons(t
             ordinary = evaluation[column][decoding]["ordinary_answers"]  # the style probe, asked as a question
             assert len(ordinary) == 1 and ordinary[0]["adopted"] == finetune.Persona("Aria", "Aria").adopts(ordinary[0]["answer"])
             assert evaluation[column][decoding]["ordinary_self_talk"] == float(ordinary[0]["adopted"])
+            check_new_measures(evaluation[column][decoding], finetune.Persona("Aria", "Aria"))
+    assert "character: not measured (no character probes for Aria)" in result.stdout  # the shipped ones are Echo's
     assert evaluation["fine_tuned"]["persona_loss"] != evaluation["base"]["persona_loss"]
     assert evaluation["shipped_is_plain_greedy"]  # the default folder ships plain greedy: one set of answers serves both
     assert evaluation["fine_tuned"]["greedy"] == evaluation["fine_tuned"]["shipped"]
+
+
+def check_new_measures(scores: dict, persona) -> None:
+    """The ordinary and switch answers of one evaluation (the small probe file's), each with its verdicts."""
+    [fact] = scores["ordinary_probe_answers"]
+    assert {k: v for k, v in fact.items() if k not in ("probe", "lang", "answer")} == \
+        finetune.judge_ordinary(persona, fact["answer"], ["Shakespeare"], "en")
+    [talk] = scores["switching_answers"]
+    assert talk["probe"] == "Bonjour ! Tu es qui, toi ?" and talk["adopted"] == persona.adopts(talk["answer"])
+    assert [row["probe"] for row in talk["follow_ups"]] == ["Which city is the capital of Japan?", "How many hours does a day have?"]
+    assert scores["switching"]["in_language"] == finetune.share(talk["follow_ups"], "in_language")
+    assert scores["ordinary"]["on_topic"] == float(fact["on_topic"])
+
+
+def test_a_training_run_reports_character_ordinary_and_switch_for_its_persona(tiny_model):
+    out, result = tiny_model
+    for row in ("character: states a key fact", "ordinary questions (1)", "  on topic (states a key fact)",
+                "  introduces itself unasked", "language switch (2 later answers)", "  later answers in their language"):
+        assert row in result.stdout, row
+    summary = json.loads((out / "training_summary.json").read_text())["evaluation"]["fine_tuned"]["greedy"]
+    assert isinstance(summary["character"], float) and set(summary["ordinary"]) == {"on_topic", "in_language", "introduces_itself", "degenerate"}
+    assert not [key for key in summary if key.endswith("answers")]
 
 
 def test_the_base_scores_are_reused_only_for_the_same_base_probes_and_settings(tiny_model, small_probe_config):
