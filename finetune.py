@@ -273,7 +273,15 @@ PLACEHOLDERS = {"{{name}}": "persona_name", "{{author}}": "persona_author"}  # L
 TABLE_SUFFIXES = (".csv", ".parquet")  # read by `datasets`; JSON and JSON lines are read here, by the strict rules below
 JSON_COLUMNS = ("messages", "conversations", "history", "metadata")  # a CSV holds these as JSON text
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
-PROBE_KINDS = ("identity", "drift", "style")
+PROBE_KEYS = {  # each kind of held-out probe: the keys it must have ("reference" may go on any)
+    "identity": ("probe", "lang"),
+    "drift": ("probe", "lang", "turns"),  # the unrelated questions asked before the probe
+    "style": ("probe", "lang", "reference"),
+    "character": ("probe", "lang", "key_facts"),  # may also name the "persona" it is for
+    "ordinary": ("probe", "lang", "key_facts"),
+    "switch": ("probe", "lang", "follow_ups"),  # follow-ups: ordinary probes asked after it, in order
+}
+PROBE_KINDS = tuple(PROBE_KEYS)
 MAX_LINE_BYTES = 1_000_000  # one example's JSON line; a longer one is reported ("line too long"), not parsed
 MAX_NESTING = 100  # arrays and objects inside one another; a real example needs 3 or 4
 SPECIAL_TOKEN_PATTERN = r"<\|[^|<>\s]{1,64}\|>"  # chat-control markers typed as text: <|im_end|>, <|eot_id|>
@@ -966,8 +974,10 @@ class DatasetValidator:
 
     # -- the held-out probe file (persona_eval.jsonl) ---------------------------------------
     def validate_probes(self, path: str | Path) -> ValidationReport:
-        """Probes: {"kind": "identity" | "drift" | "style", "lang": "en", "probe": str}; style probes
-        carry a "reference" answer, drift probes the unrelated "turns" asked before the probe."""
+        """Probes: {"kind": one of PROBE_KEYS, "lang": "en", "probe": str} and the keys their kind needs;
+        style probes carry a "reference" answer, drift probes the unrelated "turns" asked before the
+        probe, character and ordinary probes the "key_facts" a good answer states (any one of them),
+        switch probes the ordinary "follow_ups" asked after them."""
         report = ValidationReport(str(path))
         for number, text, problem in self.read_lines(path):
             problems = [problem] if problem else []
@@ -983,21 +993,41 @@ class DatasetValidator:
                 report.line_numbers.append(number)
         return report
 
-    @staticmethod
-    def check_probe(obj: dict) -> list[tuple[str, str]]:
+    @classmethod
+    def check_probe(cls, obj: dict, where: str = "") -> list[tuple[str, str]]:
         kind = obj.get("kind")
-        if kind not in PROBE_KINDS:
-            return [("unknown kind", f"{json.dumps(kind)} (use {', '.join(PROBE_KINDS)})")]
-        required = {"identity": ("probe", "lang"), "drift": ("probe", "lang", "turns"), "style": ("probe", "lang", "reference")}[kind]
-        problems = [("unknown key", f"'{shown(key)}'") for key in sorted(set(obj) - {"kind", *required, "reference"})]
-        for key in required:
-            value = obj.get(key)
-            values = value if key == "turns" and isinstance(value, list) and value else [value]
-            if key not in obj:
-                problems.append(("missing key", f"'{key}'"))
-            elif not all(isinstance(v, str) and v.strip() for v in values):
-                problems.append(("empty text", f"'{key}' must be non-empty text" + (" (a list of them)" if key == "turns" else "")))
+        if kind not in PROBE_KEYS:
+            return [("unknown kind", f"{where}{json.dumps(kind)} (use {', '.join(PROBE_KINDS)})")]
+        required = PROBE_KEYS[kind]
+        allowed = {"kind", *required, "reference", *(["persona"] if kind == "character" else [])}
+        problems = [("unknown key", f"{where}'{shown(key)}'") for key in sorted(set(obj) - allowed)]
+        problems += [("missing key", f"{where}'{key}'") for key in required if key not in obj]
+        for key in sorted(allowed & set(obj) - {"kind", "follow_ups"}):
+            problem = cls.probe_value_problem(key, obj[key])
+            if problem:
+                problems.append((problem[0], f"{where}{problem[1]}"))
+        if "follow_ups" in obj:
+            follow_ups = obj["follow_ups"]
+            if not isinstance(follow_ups, list) or not follow_ups or not all(isinstance(f, dict) for f in follow_ups):
+                problems.append(("bad follow_ups", f"{where}'follow_ups' must be a non-empty list of ordinary probes, "
+                                                   '{"probe": ..., "lang": ..., "key_facts": [...]}'))
+            else:
+                for i, follow_up in enumerate(follow_ups):
+                    problems += cls.check_probe({"kind": "ordinary", **follow_up}, f"{where}follow_ups[{i}] ")
         return problems
+
+    @staticmethod
+    def probe_value_problem(key: str, value) -> tuple[str, str] | None:
+        """(kind, detail) when a probe's value is not what its key needs."""
+        if key == "key_facts":  # matched by their words: a phrase with none could never be stated
+            if isinstance(value, list) and value and all(isinstance(v, str) and re.search(r"[^\W_]", v) for v in value):
+                return None
+            return "bad key_facts", f"'key_facts' must be a non-empty list of phrases (got {shown(json.dumps(value, ensure_ascii=False)[:60])})"
+        if key == "turns":
+            if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+                return None
+            return "empty text", "'turns' must be non-empty text (a list of them)"
+        return None if isinstance(value, str) and value.strip() else ("empty text", f"'{key}' must be non-empty text")
 
 
 def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -2088,7 +2118,9 @@ def run_openai(settings: dict, api_key: str | None = None, job: tuple[str, str |
 # Persona evaluation: held-out probes under four conditions, each answered greedily by the
 # fine-tuned model and by its base, with the decoding shipped in the model folder and with
 # plain greedy decoding. An answer counts when it names itself as the persona, in the first
-# person, claims no one else, and does not loop.
+# person, claims no one else, and does not loop. Beside identity: the persona's character
+# (questions about its nature, checked by key facts), ordinary questions (checked the same way,
+# with their language and any unasked self-introduction), and a conversation that switches language.
 # --------------------------------------------------------------------------------------------
 GENERIC_SYSTEM_PROMPT = "You are a helpful assistant."
 CONDITIONS = {  # key: what the row says
@@ -2162,10 +2194,9 @@ class Persona:
         loop = degeneration(answer)
         if loop:
             return {"adopted": False, "reason": f"degenerate: {loop}"}
-        for pattern in self.other_claims:
-            found = pattern.search(answer)
-            if found:
-                return {"adopted": False, "reason": f"claims another identity: {found.group(0)!r}"}
+        other = self.other_claim(answer)
+        if other:
+            return {"adopted": False, "reason": f"claims another identity: {other!r}"}
         for pattern in self.claims:
             found = pattern.search(answer)
             if found:
@@ -2174,6 +2205,11 @@ class Persona:
 
     def adopts(self, answer: str) -> bool:
         return self.judge(answer)["adopted"]
+
+    def other_claim(self, answer: str) -> str | None:
+        """The words with which an answer claims another identity ("I am SmolLM"), or None."""
+        found = next(filter(None, (pattern.search(answer) for pattern in self.other_claims)), None)
+        return found and found.group(0)
 
 
 def loops(text: str) -> bool:
@@ -2230,17 +2266,86 @@ def detect_language(text: str) -> str | None:
     return best if top >= 2 and top > second else None
 
 
+def fact_words(text: str) -> str:
+    """Text as key facts are matched in it: case, accents, hyphens and punctuation gone, "1,000"
+    written 1000; "P-systems", "p systems" and "P Systems" all read "p systems"."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text).casefold() if not unicodedata.combining(c))
+    return " ".join(re.findall(r"[^\W_]+", re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)))
+
+
+def fact_pattern(fact: str) -> re.Pattern:
+    """A key fact's words in order, each word also in its plural ("reservoirs", "memories"), never
+    inside a longer word: "Rome" is not in "chromosome"."""
+    plural = lambda w: w if not w.isalpha() else rf"{w[:-1]}(?:y|ies)" if w.endswith("y") else rf"{w}(?:e?s)?"  # noqa: E731
+    return re.compile(r"(?<!\S)" + r" ".join(plural(re.escape(w)) for w in fact_words(fact).split()) + r"(?!\S)")
+
+
+def stated_fact(answer: str, key_facts: list[str]) -> str | None:
+    """The first of the key facts the answer states, or None."""
+    words = fact_words(answer)
+    return next((fact for fact in key_facts if fact_pattern(fact).search(words)), None)
+
+
+def judge_character(persona: Persona, answer: str, key_facts: list[str]) -> dict:
+    """{"counted": bool, "reason": why}: an answer about the persona's nature counts when it states a
+    key fact, does not loop and claims no other identity. Saying its name is not character."""
+    loop, other, fact = degeneration(answer), persona.other_claim(answer), stated_fact(answer, key_facts)
+    if loop:
+        return {"counted": False, "reason": f"degenerate: {loop}"}
+    if other:
+        return {"counted": False, "reason": f"claims another identity: {other!r}"}
+    if fact:
+        return {"counted": True, "reason": f"states {fact!r}"}
+    return {"counted": False, "reason": f"states no key fact ({', '.join(key_facts)})"}
+
+
+def judge_ordinary(persona: Persona, answer: str, key_facts: list[str], lang: str) -> dict:
+    """An ordinary answer's four verdicts, with the reason for each: on topic (states a key fact),
+    in the question's language (an answer whose language cannot be told, "Paris.", is not held
+    against it unless it loops: "Wirklichkeiten wirklichkeiten wirklichkeiten" is in no language
+    asked for), introduces the persona unasked, degenerate."""
+    fact, language, loop, intro = stated_fact(answer, key_facts), detect_language(answer), degeneration(answer), persona.judge(answer)
+    reasons = [f"states {fact!r}" if fact else f"states no key fact ({', '.join(key_facts)})"]
+    if language is None:
+        reasons.append(f"language unsure (asked in {lang})" + (": a loop, not counted as in it" if loop else ""))
+    else:
+        reasons.append(f"in {language}" + (f", asked in {lang}" if language != lang else ""))
+    if intro["adopted"]:
+        reasons.append(f"introduces itself: {intro['reason']}")
+    if loop:
+        reasons.append(f"degenerate: {loop}")
+    return {"on_topic": fact is not None, "in_language": language == lang or (language is None and not loop), "answer_lang": language,
+            "introduces_itself": intro["adopted"], "degenerate": loop is not None, "reason": "; ".join(reasons)}
+
+
 # -- probes and conversations -----------------------------------------------------------------------
 def load_probes(settings: dict) -> list[dict]:
-    """The held-out probes, with {name} and {full_name} filled in for this persona."""
+    """The held-out probes for this persona, with {name} and {full_name} filled in. Character probes
+    written for another persona (their "persona" names someone else) are left out: the shipped ones
+    describe Echo, and judged for another persona they would only measure a mismatch."""
     report = DatasetValidator().validate_probes(settings["eval_dataset"])
     if report.problems:
         report.print()
         raise UserError(f"{settings['eval_dataset']} has problems; fix them to evaluate", exit_code=1)
     names = {"name": settings["persona_name"], "full_name": settings["persona_full_name"]}
     fill = lambda text: text.replace("{name}", names["name"]).replace("{full_name}", names["full_name"])  # noqa: E731
-    return [dict(p, probe=fill(p["probe"]), turns=[fill(t) for t in p.get("turns", [])], reference=fill(p.get("reference", "")))
-            for p in report.examples]
+    ours = lambda probe: fact_words(probe.get("persona", names["full_name"])) in map(fact_words, names.values())  # noqa: E731
+    others = [p["persona"] for p in report.examples if not ours(p)]
+    if others:
+        log(f"left out {len(others)} character probes written for another persona ({', '.join(sorted(set(others)))})")
+    return [filled(p, fill, names) for p in report.examples if ours(p)]
+
+
+def filled(probe: dict, fill, names: dict) -> dict:
+    """One probe with its texts filled in; a character key fact that is only the persona's name is refused."""
+    probe = dict(probe, probe=fill(probe["probe"]), turns=[fill(t) for t in probe.get("turns", [])],
+                 reference=fill(probe.get("reference", "")), key_facts=[fill(f) for f in probe.get("key_facts", [])],
+                 follow_ups=[dict(f, probe=fill(f["probe"]), key_facts=[fill(k) for k in f["key_facts"]]) for f in probe.get("follow_ups", [])])
+    only_name = [f for f in probe["key_facts"] if probe["kind"] == "character" and fact_words(f) in map(fact_words, names.values())]
+    if only_name:
+        raise UserError(f"the character probe {probe['probe']!r} has the key fact {only_name[0]!r}: the persona's name alone "
+                        f"says nothing of its character; give the ideas a good answer states", exit_code=1)
+    return probe
 
 
 def condition_questions(probes: list[dict], base_template: str | None) -> dict:
@@ -2329,10 +2434,11 @@ def advance_answers(n: int) -> None:
 
 
 def answers_to_give(model, probes: list[dict], base_template: str | None) -> int:
-    """The answers score_model generates for `model`, for the bar: every condition's questions, the ordinary ones
-    and each drift turn, under one decoding or two."""
+    """The answers score_model generates for `model`, for the bar: every condition's questions, the questions
+    asked alone, and each turn of the drift and switch conversations, under one decoding or two."""
     asked = sum(len(conversations) for conversations, _, _ in condition_questions(probes, base_template).values())
-    asked += sum(p["kind"] == "style" for p in probes) + sum(len(p["turns"]) + 1 for p in probes if p["kind"] == "drift")
+    asked += sum(p["kind"] in ("style", "character", "ordinary") for p in probes)
+    asked += sum(len(questions_of(p)) for p in probes if p["kind"] in ("drift", "switch"))
     return asked * (1 if ships_plain_greedy(model) else 2)
 
 
@@ -2377,18 +2483,18 @@ def stop_when_looping(tokenizer, prompt_length: int, every: int = 8):
     return StopWhenLooping()
 
 
-def drift_answers(model, tokenizer, probes: list[dict], settings: dict, decoding: str) -> tuple[list[str], list[list[dict]]]:
-    """Each drift probe after its unrelated turns, answered one by one with the model's own answers kept."""
-    drift = [p for p in probes if p["kind"] == "drift"]
-    histories = [[] for _ in drift]
-    for turn in range(max((len(p["turns"]) for p in drift), default=0) + 1):
-        asking = [(h, p["turns"][turn] if turn < len(p["turns"]) else p["probe"]) for h, p in zip(histories, drift) if turn <= len(p["turns"])]
+def conversation_answers(model, tokenizer, conversations: list[list[str]], settings: dict, decoding: str) -> list[list[dict]]:
+    """Each conversation's questions asked in order, the model's own answers kept in its history; the
+    conversations advance together, one batch per turn. Returns the histories."""
+    histories = [[] for _ in conversations]
+    for turn in range(max(map(len, conversations), default=0)):
+        asking = [(h, c[turn]) for h, c in zip(histories, conversations) if turn < len(c)]
         for history, question in asking:
             history.append({"role": "user", "content": question})
         answers = generate_answers(model, tokenizer, [h for h, _ in asking], settings, decoding)
         for (history, _), answer in zip(asking, answers):
             history.append({"role": "assistant", "content": answer})
-    return [h[-1]["content"] for h in histories], histories
+    return histories
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple:
@@ -2441,40 +2547,99 @@ def judged(persona: Persona, probes: list[dict], answers: list[str]) -> list[dic
     return rows
 
 
+def checked(persona: Persona, probe: dict, answer: str) -> dict:
+    """An answer to a character or ordinary probe, with its verdicts and why."""
+    verdict = judge_character(persona, answer, probe["key_facts"]) if probe["kind"] == "character" else \
+        judge_ordinary(persona, answer, probe["key_facts"], probe["lang"])
+    return {"probe": probe["probe"], "lang": probe["lang"], "answer": answer, **verdict}
+
+
+def judged_switch(persona: Persona, probe: dict, history: list[dict]) -> dict:
+    """A conversation that switches language: its opening identity answer judged as identity answers
+    are, each follow-up as an ordinary answer."""
+    answers = [m["content"] for m in history if m["role"] == "assistant"]
+    follow_ups = [checked(persona, dict(f, kind="ordinary"), a) for f, a in zip(probe["follow_ups"], answers[1:])]
+    return dict(judged(persona, [probe], answers[:1])[0], follow_ups=follow_ups)
+
+
 def share(rows: list[dict], key: str) -> float | None:
     return sum(bool(r[key]) for r in rows) / len(rows) if rows else None
 
 
+def ordinary_scores(rows: list[dict]) -> dict | None:
+    """The four shares of ordinary answers; None where there are none: not measured, not 0%."""
+    return {key: share(rows, key) for key in ("on_topic", "in_language", "introduces_itself", "degenerate")} if rows else None
+
+
+def questions_of(probe: dict) -> list[str]:
+    """Every question a probe asks, in order: a drift probe's unrelated turns come before it, a
+    switch probe's follow-ups after it."""
+    if probe["kind"] == "drift":
+        return [*probe["turns"], probe["probe"]]
+    return [probe["probe"], *(f["probe"] for f in probe.get("follow_ups", []))]
+
+
+def single_turn_answers(model, tokenizer, probes: list[dict], settings: dict, decoding: str, base_template: str | None) -> dict:
+    """{condition or kind: [(probe, answer)]} for every question asked alone: the identity conditions but
+    drift, then the style probes (asked as plain questions), character and ordinary probes. All are
+    generated in one list: fewer, fuller batches."""
+    questions = condition_questions(probes, base_template)
+    everything = [(key, c, p, t) for key, (conversations, asked, t) in questions.items() for c, p in zip(conversations, asked)]
+    everything += [(p["kind"], [{"role": "user", "content": p["probe"]}], p, None) for p in probes
+                   if p["kind"] in ("style", "character", "ordinary")]
+    answers = generate_answers(model, tokenizer, [c for _, c, _, _ in everything], settings, decoding, [t for *_, t in everything])
+    asked = {key: [] for key in [*questions, "style", "character", "ordinary"]}
+    for (key, _, probe, _), answer in zip(everything, answers):
+        asked[key].append((probe, answer))
+    return asked
+
+
+def talk_histories(model, tokenizer, probes: list[dict], settings: dict, decoding: str) -> dict:
+    """{"drift": [(probe, history)], "switch": [...]}: the conversations, advancing together (a batch a turn)."""
+    talks = [p for p in probes if p["kind"] in ("drift", "switch")]
+    histories = conversation_answers(model, tokenizer, [questions_of(p) for p in talks], settings, decoding)
+    return {kind: [(p, h) for p, h in zip(talks, histories) if p["kind"] == kind] for kind in ("drift", "switch")}
+
+
+def scores(persona: Persona, asked: dict, talks: dict) -> dict:
+    """The shares and every judged answer of one model under one decoding."""
+    identity = lambda pairs: judged(persona, [p for p, _ in pairs], [a for _, a in pairs])  # noqa: E731
+    conditions = {key: identity(pairs) for key, pairs in asked.items() if key in CONDITIONS}
+    drift = talks["drift"]  # the last answer is judged; the history before it is kept beside it
+    conditions["drift"] = [dict(row, history=h[:-1]) for row, (_, h) in zip(identity([(p, h[-1]["content"]) for p, h in drift]), drift)]
+    ordinary = identity(asked["style"])
+    character = [checked(persona, p, a) for p, a in asked["character"]]
+    facts = [checked(persona, p, a) for p, a in asked["ordinary"]]
+    switching = [judged_switch(persona, p, h) for p, h in talks["switch"]]
+    every = [row for rows in conditions.values() for row in rows]
+    return {
+        "adoption": {key: share(rows, "adopted") for key, rows in conditions.items()},
+        "degenerate": share(every, "degenerate"),
+        "other_language": share(every, "other_language"),
+        # answers to ordinary questions that introduce the persona instead of answering ("I'm Echo, and
+        # I can't help with sleep"): the price of a persona learned too broadly; no reference answer does
+        "ordinary_self_talk": share(ordinary, "adopted"),
+        "character": share(character, "counted"),  # None: no character probes, not measured
+        "ordinary": ordinary_scores(facts),
+        "switching": ordinary_scores([row for talk in switching for row in talk["follow_ups"]]),
+        "answers": conditions,
+        "ordinary_answers": ordinary,
+        "character_answers": character,
+        "ordinary_probe_answers": facts,
+        "switching_answers": switching,
+    }
+
+
 def score_model(model, tokenizer, probes: list[dict], settings: dict, base_template: str | None) -> dict:
-    """Every condition under both decodings, the persona loss and the general-text perplexity."""
+    """Every condition and measure under both decodings, the persona loss and the general-text perplexity."""
     persona = Persona(settings["persona_name"], settings["persona_full_name"])
     result = {}
     for decoding in DECODINGS:
         if decoding == "greedy" and ships_plain_greedy(model):
             result[decoding] = result["shipped"]
             continue
-        questions = condition_questions(probes, base_template)  # asked in one list: fewer, fuller batches
-        ordinary = [p for p in probes if p["kind"] == "style"]  # questions about anything but the persona
-        everything = [(key, c, p, t) for key, (conversations, asked, t) in questions.items() for c, p in zip(conversations, asked)]
-        everything += [("ordinary", [{"role": "user", "content": p["probe"]}], p, None) for p in ordinary]
-        answers = generate_answers(model, tokenizer, [c for _, c, _, _ in everything], settings, decoding, [t for *_, t in everything])
-        conditions = {key: judged(persona, [p for k, _, p, _ in everything if k == key],
-                                  [a for (k, *_), a in zip(everything, answers) if k == key]) for key in [*questions, "ordinary"]}
-        ordinary = conditions.pop("ordinary")
-        drift = [p for p in probes if p["kind"] == "drift"]
-        answers, histories = drift_answers(model, tokenizer, probes, settings, decoding)
-        conditions["drift"] = [dict(row, history=h[:-1]) for row, h in zip(judged(persona, drift, answers), histories)]
-        every = [row for rows in conditions.values() for row in rows]
-        result[decoding] = {
-            "adoption": {key: share(rows, "adopted") for key, rows in conditions.items()},
-            "degenerate": share(every, "degenerate"),
-            "other_language": share(every, "other_language"),
-            # answers to ordinary questions that introduce the persona instead of answering ("I'm Echo, and
-            # I can't help with sleep"): the price of a persona learned too broadly; no reference answer does
-            "ordinary_self_talk": share(ordinary, "adopted"),
-            "answers": conditions,
-            "ordinary_answers": ordinary,
-        }
+        asked = single_turn_answers(model, tokenizer, probes, settings, decoding, base_template)
+        result[decoding] = scores(persona, asked, talk_histories(model, tokenizer, probes, settings, decoding))
     references = [render(tokenizer, [{"role": "user", "content": p["probe"]}, {"role": "assistant", "content": p["reference"]}])
                   for p in probes if p["reference"]]
     result["persona_loss"] = mean_token_loss(model, references, settings, tokenizer.pad_token_id) if references else None
@@ -2497,7 +2662,9 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
     result = {"persona": {"name": settings["persona_name"], "full_name": settings["persona_full_name"]},
               "probes": dict(kinds), "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
               "shipped_decoding": shipped_decoding_summary(model), "shipped_is_plain_greedy": ships_plain_greedy(model),
-              "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0]}
+              "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0],
+              "character_rule": " ".join(judge_character.__doc__.split()), "ordinary_rule": " ".join(judge_ordinary.__doc__.split())}
+
     def score(m):
         with answers_progress(answers_to_give(m, probes, base_template), "evaluating"):
             return score_model(m, tokenizer, probes, settings, base_template)
@@ -2553,7 +2720,7 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
     if path.is_file():
         with contextlib.suppress(OSError, ValueError):
             cached = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(cached, dict) and {"shipped", "greedy", "general_perplexity"} <= cached.keys():  # else: scored again
+            if complete_scores(cached):  # else (damaged, or written before a measure existed): scored again
                 log(f"base model's scores from the cache ({path.name}: same base, probes, settings and tool as when they were computed)")
                 return cached, True
     result = score()
@@ -2562,10 +2729,60 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
     return result, False
 
 
+MEASURES = ("adoption", "degenerate", "other_language", "ordinary_self_talk", "character", "ordinary", "switching")
+
+
+def complete_scores(cached) -> bool:
+    """Whether a model's cached scores hold every measure this file computes, under both decodings."""
+    return (isinstance(cached, dict) and "general_perplexity" in cached
+            and all(isinstance(cached.get(d), dict) and set(MEASURES) <= cached[d].keys() for d in DECODINGS))
+
+
 def shipped_decoding_summary(model) -> dict:
     config = model.generation_config
     keys = ("do_sample", "temperature", "top_p", "repetition_penalty", "max_new_tokens")
     return {key: getattr(config, key, None) for key in keys}
+
+
+MEASURE_ROWS = (  # beside identity: (measure, its probes' kind, heading, [(row, share within the measure)])
+    ("character", "character", "character", [("character: states a key fact", None)]),
+    ("ordinary", "ordinary", "ordinary questions", [("  on topic (states a key fact)", "on_topic"),
+                                                    ("  in the question's language", "in_language"),
+                                                    ("  introduces itself unasked", "introduces_itself"),
+                                                    ("  degenerate", "degenerate")]),
+    ("switching", "switch", "language switch", [("  later answers in their language", "in_language"),
+                                                 ("  later answers on topic", "on_topic")]),
+)
+
+
+ANSWERS_OF = {"character": "character_answers", "ordinary": "ordinary_probe_answers", "switching": "switching_answers"}
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def table_row(title: str, result: dict, figure) -> str:
+    """A row of the table: `figure(scores)` for each decoding, base then fine-tuned."""
+    columns = [name for name in ("base", "fine_tuned") if name in result]
+    return f"{title:<36}" + "".join("  " + "".join(f"{percent(figure(result[c][d])):>12}" for c in columns) for d in DECODINGS)
+
+
+def measure_rows(result: dict) -> list[str]:
+    """The character, ordinary and language-switch rows: "not measured" where the probe file has no such probes."""
+    lines = []
+    for measure, kind, heading, rows in MEASURE_ROWS:
+        if measure not in result["fine_tuned"]["greedy"]:
+            continue  # an evaluation.json written before this measure
+        if result["fine_tuned"]["greedy"][measure] is None:
+            lines.append(f"{heading}: not measured (no {kind} probes for {result['persona']['full_name']})")
+            continue
+        if len(rows) > 1:
+            answers = result["fine_tuned"]["greedy"].get(ANSWERS_OF[measure], [])
+            lines.append(f"{heading} ({len(answers)})" if measure == "ordinary" else
+                         f"{heading} ({sum(len(talk['follow_ups']) for talk in answers)} later answers)")
+        lines += [table_row(title, result, lambda scores: scores[measure] if key is None else scores[measure][key]) for title, key in rows]
+    return lines
 
 
 def format_evaluation(result: dict) -> str:
@@ -2573,16 +2790,13 @@ def format_evaluation(result: dict) -> str:
     header = f"{'':<36}" + "".join(f"{DECODINGS[d]:>{12 * len(columns) + 2}}" for d in DECODINGS)
     names = f"{'identity adoption':<36}" + "".join("  " + "".join(f"{c.replace('_', '-'):>12}" for c in columns) for _ in DECODINGS)
     lines = [header, names]
-    percent = lambda value: "-" if value is None else f"{value:.0%}"  # noqa: E731
     keys = [key for key in CONDITIONS if key in result["fine_tuned"]["greedy"]["adoption"]]
-    for key in keys:
-        lines.append(f"  {CONDITIONS[key]:<34}" + "".join(
-            "  " + "".join(f"{percent(result[c][d]['adoption'][key]):>12}" for c in columns) for d in DECODINGS))
+    lines += [table_row(f"  {CONDITIONS[key]}", result, lambda scores: scores["adoption"][key]) for key in keys]
     for title, key in (("degenerate answers", "degenerate"), ("answers in another language", "other_language"),
                        ("introduces itself when not asked", "ordinary_self_talk")):
-        if key not in result["fine_tuned"]["greedy"]:
-            continue  # an evaluation.json written before this measure
-        lines.append(f"{title:<36}" + "".join("  " + "".join(f"{percent(result[c][d][key]):>12}" for c in columns) for d in DECODINGS))
+        if key in result["fine_tuned"]["greedy"]:  # else an evaluation.json written before this measure
+            lines.append(table_row(title, result, lambda scores: scores[key]))
+    lines += measure_rows(result)
     if "base" in result:
         loss = [result[c]["persona_loss"] for c in columns]
         if None not in loss:
@@ -2605,7 +2819,8 @@ def evaluation_summary(result: dict) -> dict:
 
 
 def sample_answers(result: dict, n: int = 3) -> str:
-    rows = result["fine_tuned"]["greedy"]["answers"]["no_system"][:n]
+    scores = result["fine_tuned"]["greedy"]
+    rows = scores["answers"]["no_system"][:n] + scores.get("character_answers", [])[:2]
     return "\n".join(f"  Q: {r['probe']}\n  A: {r['answer']}" for r in rows)
 
 

@@ -518,7 +518,10 @@ def test_no_near_duplicates_in_training():
 
 def test_probes_are_held_out_from_every_user_turn_in_training():
     user_turns = [m["content"] for row in load_jsonl("training_dataset.jsonl") for m in row["messages"] if m["role"] == "user"]
-    asked = [text for p in load_jsonl("persona_eval.jsonl") for text in [p["probe"], *p.get("turns", [])]]
+    probes = load_jsonl("persona_eval.jsonl")
+    assert {p["kind"] for p in probes} == set(finetune.PROBE_KINDS)  # every kind is checked, the new ones included
+    asked = [text for p in probes for text in finetune.questions_of(p)]  # drift turns and switch follow-ups too
+    assert len(asked) == len(probes) + sum(len(p.get("turns", [])) + len(p.get("follow_ups", [])) for p in probes)
     copies = [(probe, turn) for probe in asked for turn in user_turns if finetune.near_copy(probe, turn)]
     assert copies == []
     assert [(a, b) for i, a in enumerate(asked) for b in asked[i + 1 :] if finetune.near_copy(a, b)] == []
