@@ -1479,8 +1479,9 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
         resolved["batch_size"] = 8
     if resolved["max_batch_tokens"] == "auto":
         # Off CUDA, a LoRA step holds about 1.3 MB of activations per token in bf16 (twice that in fp32):
-        # pieces of 384 tokens (192) keep the main job under 2 GB, and train faster than whole batches.
-        resolved["max_batch_tokens"] = (0 if device == "cuda" else 384 if resolved["precision"] in ("bf16", "fp16") else 192)
+        # pieces of 256 tokens (128) keep the main job under 2 GB (at 384 a whole run peaked at 2.17 GB),
+        # at 8% fewer tokens a second than 384 and still faster than whole batches.
+        resolved["max_batch_tokens"] = (0 if device == "cuda" else 256 if resolved["precision"] in ("bf16", "fp16") else 128)
     if resolved["learning_rate"] == "auto":
         resolved["learning_rate"] = 3e-3 if resolved["method"] == "lora" else 5e-5
     capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else torch.cuda.get_device_name() if device == "cuda" else device
