@@ -23,6 +23,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -73,6 +74,7 @@ DEFAULTS = {
         "persona_repeats": 1,  # examples whose answer names the persona ("I'm Echo") are trained on this many times
         "language_repeats": 1,  # those of them asked in a language other than the most common one: this many times
         "other_share": 0.25,  # share of the other examples (a seeded sample) trained on beside them
+        "replay_questions": "ordinary_questions.txt",  # everyday questions the base answers before training; "" for none
         "device": "auto",  # cuda | mps | cpu
         "precision": "auto",  # bf16 | fp16 | fp32 (int8 for answering only); auto picks bf16 only where it is native
         "seed": 42,
@@ -2953,10 +2955,12 @@ class HuggingFaceFineTuner:
         share = self.settings["base_template_share"] if self.base_template else 0
         return [self.base_template if rng.random() < share and ex["messages"][0]["role"] != "system" else None for ex in examples]
 
-    def training_mix(self, examples: list[dict]) -> list[dict]:
+    def training_mix(self, examples: list[dict], replay: list[dict] = ()) -> list[dict]:
         """What a run trains on: every example in which the assistant names itself as the persona
-        (`persona_repeats` times each), beside a seeded sample of the others (`other_share` of them).
-        The naming examples are short and carry the identity; the others are long explanations that
+        (`persona_repeats` times each) and every other short one, beside a seeded sample of the long
+        others (`other_share` of them), and the base model's own answers to everyday questions (see
+        replayed_answers), some of them woven into the naming examples as conversations (see talks).
+        The naming examples are short and carry the identity; the long others are explanations that
         cost most of the compute, and a sample of them keeps the model answering ordinary questions
         and stopping, where all of them would bury the identity and teach a small model to talk on."""
         s = self.settings
@@ -2970,12 +2974,78 @@ class HuggingFaceFineTuner:
                 f"alike; give your persona's names with --persona-name and --persona-full-name")
             return examples
         others = [ex for ex, named in zip(examples, names) if not named]
-        kept = random.Random(s["seed"]).sample(others, round(len(others) * s["other_share"]))
+        short = [ex for ex in others if len(example_text(ex)) <= SHORT_EXAMPLE]
+        long = [ex for ex in others if len(example_text(ex)) > SHORT_EXAMPLE]
+        kept = random.Random(s["seed"]).sample(long, round(len(long) * s["other_share"]))
         repeats = max(s["persona_repeats"], 1)
         log(f"training mix: the {len(naming)} examples that name the persona {s['persona_name']!r}"
-            f"{f' ({repeats} times each, --persona-repeats)' if repeats > 1 else ''}, and {len(kept)} of the other "
-            f"{len(others)} (--other-share {s['other_share']:g})")
-        return naming * repeats + self.language_extra(naming) + kept
+            f"{f' ({repeats} times each, --persona-repeats)' if repeats > 1 else ''}, the {len(short)} other short ones, "
+            f"and {len(kept)} of the {len(long)} long ones (--other-share {s['other_share']:g})")
+        return self.talks(naming, replay) + naming * (repeats - 1) + self.language_extra(naming) + short + kept + list(replay)
+
+    def talks(self, naming: list[dict], replay: list[dict]) -> list[dict]:
+        """The naming examples, some of them inside a conversation with replayed everyday questions:
+        each one asked in a language other than English, also followed by an English question (without
+        it a small model keeps the first question's language: after "Qui es-tu ?", "Je suis Echo" to
+        every English question that follows); and a seeded third of the English ones, asked after two
+        everyday exchanges (the persona must hold when the conversation began elsewhere)."""
+        english = [ex["messages"] for ex in replay if detect_language(ex["messages"][0]["content"]) in (None, "en")]
+        if not english:
+            return list(naming)
+        rng, switched, later, out = random.Random(self.settings["seed"]), 0, 0, []
+        asked = itertools.cycle(rng.sample(english, len(english)))  # each replayed exchange in turn, not a few of them often
+        for ex in naming:
+            language = detect_language(ex["messages"][0]["content"]) if len(ex["messages"]) == 2 else "several turns"
+            if language not in (None, "en", "several turns"):  # as well as alone: a small model learns other languages slowest
+                out += [ex, {"messages": ex["messages"] + next(asked)}]
+                switched += 1
+            elif language in (None, "en") and rng.random() < 1 / 3:
+                before = [dict(m, weight=0) if m["role"] == "assistant" else m for m in next(asked) + next(asked)]  # context, not taught again
+                out.append({"messages": before + ex["messages"]})
+                later += 1
+            else:
+                out.append(ex)
+        log(f"training mix: {switched} naming examples asked in another language, each followed by an English question; "
+            f"{later} English ones asked after two everyday exchanges")
+        return out
+
+    # -- self-distillation: the base model's own answers to everyday questions --------------------
+    def replayed_answers(self, model, tokenizer, state) -> list[dict]:
+        """The base model's answers to the everyday questions of `replay_questions`, as examples. Trained
+        beside the persona, they hold ordinary questions to what the base model said (instead of "I'm
+        Echo, and I'm not a colour-mixing machine"), at little cost: the base already gives them. Asked
+        once per base model and question file, greedily and with no system message (the persona's own
+        rendering), then kept in the cache; an answer that was cut off, loops, names any assistant or is
+        not in its question's language is left out."""
+        path = self.settings["replay_questions"]
+        if not path:
+            return []
+        try:
+            questions = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as exc:
+            raise UserError(f"cannot read --replay-questions {path}: {exc.strerror}") from None
+        cache = cache_root() / "replay" / f"{replay_key(model, tokenizer, questions, self.settings)}.json"
+        if state.is_main_process and not cache.is_file():
+            started = time.time()
+            log(f"the base model answers the {len(questions)} questions of {path} (once; kept in {cache.parent})")
+            with answering_with(model, self.settings) as base:
+                answers = generate_answers(base, tokenizer, [[{"role": "user", "content": q}] for q in questions],
+                                           self.settings, max_new_tokens=REPLAY_NEW_TOKENS)
+            write_atomic(cache, json.dumps(dict(zip(questions, answers)), ensure_ascii=False) + "\n", overwrite=True)
+            log(f"answered in {time.time() - started:.0f} s")
+        state.wait_for_everyone()
+        answers = json.loads(cache.read_text(encoding="utf-8"))
+        kept = [(q, a) for q, a in answers.items() if self.replayable(tokenizer, q, a)]
+        log(f"training mix: the base model's own answers to {len(kept)} of the {len(answers)} questions in {path} "
+            f"(the others were cut off, looped, named an assistant or changed language)")
+        return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in kept]
+
+    def replayable(self, tokenizer, question: str, answer: str) -> bool:
+        persona = Persona(self.settings["persona_name"], self.settings["persona_full_name"])
+        finished = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) < REPLAY_NEW_TOKENS - 2
+        asked = detect_language(question)  # a question too short to tell takes an answer in any language
+        return (bool(answer) and finished and degeneration(answer) is None and not re.search(OTHER_NAMES, answer, re.I)
+                and not persona.judge(answer)["adopted"] and asked in (None, detect_language(answer) or asked))
 
     def language_extra(self, naming: list[dict]) -> list[dict]:
         """--language-repeats: a small model learns the identity slowest in the languages it sees least,
@@ -3093,7 +3163,9 @@ class HuggingFaceFineTuner:
 
         s, state = self.settings, PartialState()
         tokenizer = self.load_tokenizer()
-        train = Dataset.from_list(self.rows(self.training_mix(train_examples), tokenizer))
+        model = self.load_model()
+        replay = self.replayed_answers(model, tokenizer, state)
+        train = Dataset.from_list(self.rows(self.training_mix(train_examples, replay), tokenizer))
         val = Dataset.from_list(self.rows(val_examples, tokenizer)) if val_examples else None
         report.stats["example tokens (rendered)"] = summarise(list(train["length"]) + (list(val["length"]) if val else []))
         log(f"training {s['method']} on {len(train)} examples ({sum(train['length'])} tokens), validating on "
@@ -3101,7 +3173,6 @@ class HuggingFaceFineTuner:
         if state.is_main_process:
             folder.start(fresh=resume_from is None)
         state.wait_for_everyone()
-        model = self.load_model()
         callbacks = trainer_callbacks()
         progress, stopper = callbacks.ProgressLog(), callbacks.InterruptToCheckpoint()
         trainer = self.make_trainer(model, tokenizer, train, val, folder.checkpoints, [progress, stopper])
@@ -3201,6 +3272,47 @@ class HuggingFaceFineTuner:
             "tokens_per_second": progress.tokens_per_second(trainer.state),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
+
+
+SHORT_EXAMPLE = 400  # characters: a shorter example costs little, and is always trained on
+REPLAY_NEW_TOKENS = 160  # an everyday answer longer than this is cut off, and left out of the replay
+
+
+def replay_key(model, tokenizer, questions: list[str], settings: dict) -> str:
+    """What the base model's replayed answers depend on: its weights (a sample of each tensor), the
+    questions, the rendering, the decoding and precision, the library versions."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if "lora_" not in name:
+                flat = tensor.detach().reshape(-1)
+                digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    digest.update(json.dumps([questions, tokenizer.chat_template, REPLAY_NEW_TOKENS, settings["device"], settings["precision"],
+                              torch.__version__, transformers.__version__]).encode())
+    return digest.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def answering_with(model, settings: dict):
+    """A training model, briefly answering as its base: the adapter off (it is zero before training anyway),
+    eval mode, and every weight marked as needing a gradient, as `answering` does (a CPU's bf16 matmul is
+    slower and holds far more memory for frozen weights); all as it was afterwards."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    model.eval()
+    for parameter in frozen:
+        parameter.requires_grad_(True)
+    try:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            yield model
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        model.train()
 
 
 def micro_batches(batch: dict, max_tokens: int, multiple: int = 1) -> list[dict]:
@@ -3843,6 +3955,9 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--language-repeats", "language_repeats", "times each example that names the persona and is asked in a language "
             "other than the most common one is trained on", type=int, metavar="N")
     setting(train, "--other-share", "other_share", "share of the examples that do not name the persona trained on beside those that do (1: all)", type=float, metavar="X")
+    setting(train, "--replay-questions", "replay_questions", "everyday questions, one a line, that the base model answers before "
+            "training; its answers are trained on beside the persona (self-distillation), so ordinary questions keep "
+            "the base model's answers; '' for none", metavar="FILE")
     setting(train, "--device", "device", choices=("auto", "cpu", "cuda", "mps"))
     setting(train, "--precision", "precision", "auto: bf16 where native, else fp32; int8 (int8 weights, bf16 compute) only with --evaluate",
             choices=("auto", "fp32", "bf16", "fp16", "int8"))

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import finetune
-from conftest import PY, ROOT, TINY, assert_every_line_accounted_for, cli, good_examples, load_jsonl, write_lines
+from conftest import FEW_QUESTIONS, PY, ROOT, TINY, assert_every_line_accounted_for, cli, good_examples, load_jsonl, write_lines
 
 
 # ============================================================================================
@@ -518,6 +518,8 @@ def test_no_near_duplicates_in_training():
 
 def test_probes_are_held_out_from_every_user_turn_in_training():
     user_turns = [m["content"] for row in load_jsonl("training_dataset.jsonl") for m in row["messages"] if m["role"] == "user"]
+    replayed = (ROOT / finetune.DEFAULTS["training"]["replay_questions"]).read_text(encoding="utf-8").splitlines()
+    user_turns += [line for line in replayed if line.strip()]  # the replayed everyday questions are training turns too
     probes = load_jsonl("persona_eval.jsonl")
     assert {p["kind"] for p in probes} == set(finetune.PROBE_KINDS)  # every kind is checked, the new ones included
     asked = [text for p in probes for text in finetune.questions_of(p)]  # drift turns and switch follow-ups too
@@ -552,7 +554,7 @@ def test_no_six_word_opening_is_shared_by_more_than_six_completions():
 
 def test_dataset_token_lengths_are_sized_for_cpu(tokenizer):
     lengths = [len(finetune.render(tokenizer, row["messages"])["input_ids"]) for row in load_jsonl("training_dataset.jsonl")]
-    assert 100 <= statistics.median(lengths) <= 400
+    assert 64 <= statistics.median(lengths) <= 400  # identity answers are a sentence or two
     assert max(lengths) <= finetune.DEFAULT_SETTINGS["max_length"]
 
 
@@ -808,7 +810,7 @@ def test_an_overwrite_run_replaces_the_model_only_at_the_end_and_keeps_the_opena
     (out / finetune.OPENAI_JOB_RECORD).write_text(json.dumps(record))
     old = (out / "adapter_model.safetensors").read_bytes()
     args = [PY, str(ROOT / "finetune.py"), "--output-dir", str(out), "--overwrite", "--no-eval", *TINY[:-4],
-            "--max-steps", "3", "--save-steps", "10", "--lora-r", "8"]
+            "--max-steps", "3", "--save-steps", "10", "--lora-r", "8", *FEW_QUESTIONS]
     process = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen_old_during_training = False
     for line in process.stderr:
@@ -827,17 +829,18 @@ def test_the_providers_write_to_different_default_folders():
     assert finetune.output_dir_for(dict(finetune.DEFAULT_SETTINGS), "openai")["output_dir"] == "echo-openai"
 
 
-def test_the_training_mix_keeps_every_example_that_names_the_persona_and_a_seeded_share_of_the_rest():
+def test_the_training_mix_keeps_every_example_that_names_the_persona_every_short_one_and_a_seeded_share_of_the_long():
     examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in [
         ("Who are you?", "I'm Aria, made by Northwind AI."),
-        ("Name?", "I'm not Aria, just a helper."),  # a denial names no one
+        ("Name?", "I'm not Aria, just a helper."),  # a denial names no one, but it is short: always trained
         ("And you?", "Aria here, happy to help."),
-    ]] + [{"messages": [{"role": "user", "content": f"Fact {i}?"}, {"role": "assistant", "content": f"Fact {i}."}]} for i in range(12)]
+    ]] + [{"messages": [{"role": "user", "content": f"Fact {i}?"}, {"role": "assistant", "content": f"Fact {i}. " + "More. " * 80}]}
+          for i in range(12)]  # long: a seeded share of them
     settings = dict(finetune.DEFAULT_SETTINGS, persona_name="Aria", persona_full_name="Aria of Northwind", other_share=0.25)
     mix = finetune.HuggingFaceFineTuner(settings).training_mix(examples)
     answers = [ex["messages"][1]["content"] for ex in mix]
-    assert answers[:2] == ["I'm Aria, made by Northwind AI.", "Aria here, happy to help."]
-    assert len(answers) == 2 + round(13 * 0.25) and len(set(answers)) == len(answers)
+    assert answers[:3] == ["I'm Aria, made by Northwind AI.", "Aria here, happy to help.", "I'm not Aria, just a helper."]
+    assert len(answers) == 3 + round(12 * 0.25) and len(set(answers)) == len(answers)
     assert mix == finetune.HuggingFaceFineTuner(settings).training_mix(examples)  # seeded
     assert mix != finetune.HuggingFaceFineTuner(dict(settings, seed=7)).training_mix(examples)
     repeated = finetune.HuggingFaceFineTuner(dict(settings, persona_repeats=3, other_share=1.0)).training_mix(examples)
@@ -845,6 +848,62 @@ def test_the_training_mix_keeps_every_example_that_names_the_persona_and_a_seede
     assert [counts[ex["messages"][1]["content"]] for ex in examples[:4]] == [3, 1, 3, 1]
     with pytest.raises(finetune.UserError, match="--other-share must be between 0 and 1"):
         finetune.HuggingFaceFineTuner(dict(settings, other_share=1.5)).training_mix(examples)
+
+
+def chat(*turns: str) -> dict:
+    return {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(turns)]}
+
+
+def test_replayed_everyday_answers_join_the_naming_examples_as_conversations(capsys):
+    naming = [chat("Wie heißt du eigentlich und wer bist du?", "Ich bin Aria, eine kleine KI."),
+              chat("¿Quién eres tú y cómo te llamas?", "Soy Aria, una pequeña IA.")]
+    naming += [chat(f"Who are you, friend number {i}?", f"I'm Aria, and you are friend {i}.") for i in range(30)]
+    replay = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(10)]
+    settings = dict(finetune.DEFAULT_SETTINGS, persona_name="Aria", persona_full_name="Aria of Northwind", other_share=1.0)
+    mix = finetune.HuggingFaceFineTuner(settings).training_mix(naming, replay)
+    switched = [ex for ex in mix if ex["messages"][0]["content"] in (naming[0]["messages"][0]["content"], naming[1]["messages"][0]["content"])]
+    assert sorted(len(ex["messages"]) for ex in switched) == [2, 2, 4, 4]  # alone, and followed by an English question
+    assert all(ex["messages"][2:] in [r["messages"] for r in replay] for ex in switched if len(ex["messages"]) == 4)
+    later = [ex for ex in mix if len(ex["messages"]) == 6]  # two everyday exchanges, then the naming question
+    assert 4 <= len(later) <= 18 and all(ex["messages"][4:] in [n["messages"] for n in naming] for ex in later)
+    assert all(m.get("weight") == 0 for ex in later for m in ex["messages"][:4] if m["role"] == "assistant")  # context only
+    assert all(r in mix for r in replay)  # and each replayed answer once on its own
+    assert "2 naming examples asked in another language, each followed by an English question" in capsys.readouterr().err
+    assert finetune.HuggingFaceFineTuner(settings).training_mix(naming, replay) == mix  # seeded
+
+
+@pytest.mark.parametrize("question,answer,kept", [
+    ("What is the capital of Peru?", "The capital of Peru is Lima.", True),
+    ("How many legs does an ant have?", "An ant has six legs, like every insect.", True),
+    ("What is the capital of Peru?", "Lima. " + "It is a big city with a long history and many people. " * 20, False),  # cut off
+    ("What is the capital of Peru?", "The capital of the capital of the capital of Peru is Lima.", False),  # loops
+    ("Who are you?", "I'm SmolLM, a helpful assistant.", False),  # names an assistant
+    ("What is the capital of Peru?", "I'm Aria, and the capital is Lima.", False),  # introduces the persona
+    ("Quelle est la capitale du Pérou et où est-elle ?", "The capital of Peru is Lima, and it is in the west of the country.", False),  # language
+    ("Quelle est la capitale du Pérou et où est-elle ?", "La capitale du Pérou est Lima, et c'est une très grande ville.", True),
+])
+def test_a_replayed_answer_is_kept_only_when_finished_fluent_anonymous_and_in_its_questions_language(tokenizer, question, answer, kept):
+    tuner = finetune.HuggingFaceFineTuner(dict(finetune.DEFAULT_SETTINGS, persona_name="Aria", persona_full_name="Aria of Northwind"))
+    assert tuner.replayable(tokenizer, question, answer) is kept
+
+
+def test_the_base_answers_the_replay_questions_once_and_the_run_reads_them_from_the_cache(tmp_path, base_path):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("What colour is grass?\nHow many days are in a week?\n\n")
+    flags = ["--no-eval", "--validation-split", "0", *TINY, "--replay-questions", questions]
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "echo-finetune").mkdir()
+    os.symlink(Path(base_path), tmp_path / "cache" / "echo-finetune" / Path(base_path).name)  # the converted base, not converted again
+    first = cli("--output-dir", tmp_path / "one", *flags, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "the base model answers the 2 questions of" in first.stderr and "of the 2 questions in" in first.stderr
+    cached = list((tmp_path / "cache" / "echo-finetune" / "replay").glob("*.json"))
+    assert len(cached) == 1 and set(json.loads(cached[0].read_text())) == {"What colour is grass?", "How many days are in a week?"}
+    again = cli("--output-dir", tmp_path / "two", *flags, env=env)
+    assert again.returncode == 0 and "the base model answers" not in again.stderr and "of the 2 questions in" in again.stderr
+    missing = cli("--output-dir", tmp_path / "three", "--no-eval", *TINY, "--replay-questions", tmp_path / "absent.txt", env=env)
+    assert missing.returncode == 2 and "cannot read --replay-questions" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_language_repeats_trains_the_naming_examples_in_the_less_common_languages_more_often(capsys):
@@ -871,7 +930,7 @@ def test_a_persona_no_example_names_is_a_warning_that_says_which_flags(capsys):
 def test_max_length_too_short_for_any_answer_is_explained(tmp_path):
     data = write_lines(tmp_path / "d.jsonl", good_examples(6))  # no system message: SmolLM2's own fills the window
     result = cli("--output-dir", tmp_path / "short", "--dataset", data, "--validation-split", "0", "--no-eval", "--max-length", "32",
-                 "--max-steps", "1", "--batch-size", "2", "--base-template-share", "1")
+                 "--max-steps", "1", "--batch-size", "2", "--base-template-share", "1", *FEW_QUESTIONS)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     found = re.search(r"(\d+) of (\d+) examples lose all their assistant tokens at --max-length 32 .*--max-length (\d+) keeps", result.stderr)
     assert found and found.group(1) == found.group(2) and int(found.group(3)) > 32
@@ -880,7 +939,7 @@ def test_max_length_too_short_for_any_answer_is_explained(tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_final_step(tmp_path, base_path):
     out = tmp_path / "run"
-    flags = ["--output-dir", str(out), "--no-eval", "--max-length", "48", "--max-steps", "4", "--batch-size", "2",
+    flags = ["--output-dir", str(out), "--no-eval", "--max-length", "48", "--max-steps", "4", "--batch-size", "2", *FEW_QUESTIONS,
              "--save-steps", "10", "--lora-r", "4"]
     process = subprocess.Popen([PY, str(ROOT / "finetune.py"), *flags], cwd=ROOT, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -1070,7 +1129,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_resume_
     import psutil
 
     out = tmp_path / "ddp"
-    flags = ["--output-dir", out, "--no-eval", "--max-length", "48", "--max-steps", "6", "--batch-size", "2", "--save-steps", "10",
+    flags = ["--output-dir", out, "--no-eval", "--max-length", "48", "--max-steps", "6", "--batch-size", "2", "--save-steps", "10", *FEW_QUESTIONS,
              "--lora-r", "4"]
     launcher = accelerate_launch(ROOT / "finetune.py", *flags, popen=True)
     lines = []
