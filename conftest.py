@@ -26,6 +26,7 @@ TINY = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--save-s
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "export: needs llama-cpp-python, which make test-export builds and installs")
+    config.addinivalue_line("markers", "slow: loads a model and generates (a server, say); -m 'not slow' leaves it out")
 
 
 def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"):
@@ -63,8 +64,6 @@ def load_jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in (ROOT / name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads a model and generates (a server, say); -m 'not slow' leaves it out")
 
 
 @pytest.fixture(scope="session")
@@ -80,12 +79,15 @@ def tokenizer(base_path):
 
 @pytest.fixture(scope="session")
 def small_probe_config(tmp_path_factory):
-    """config.json with a handful of the shipped probes (one of each kind) and short answers."""
+    """config.json with a handful of the shipped probes (one of each kind; a switch with two follow-ups,
+    fewer turns than a drift probe, so it costs no extra round) and short answers."""
     folder = tmp_path_factory.mktemp("probes")
     probes = load_jsonl("persona_eval.jsonl")
+    first = lambda kind: [p for p in probes if p["kind"] == kind][:1]  # noqa: E731
     pick = ([p for p in probes if p["kind"] == "identity" and p["lang"] == "en"][:2]
             + [p for p in probes if p["kind"] == "identity" and p["lang"] != "en"][:1]
-            + [p for p in probes if p["kind"] == "drift"][:1] + [p for p in probes if p["kind"] == "style"][:1])
+            + first("drift") + first("style") + first("character") + first("ordinary")
+            + [dict(p, follow_ups=p["follow_ups"][:2]) for p in first("switch")])
     write_lines(folder / "probes.jsonl", pick)
     config = json.loads((ROOT / "config.json").read_text())
     config["evaluation"].update(eval_max_new_tokens=8, eval_dataset=str(folder / "probes.jsonl"))

@@ -325,7 +325,8 @@ def merged_model(folder: Path) -> Path:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if merged_is_current(target, state):
                 return target
-            log(f"merging the adapter into {target} (once; reused until the adapter changes)")
+            started = time.time()
+            log(f"merging the adapter into its base model's weights, written to {target} (once; reused until the adapter changes)")
             model, tokenizer, _ = finetune.load_for_inference(str(folder))
             merged = finetune.merged(model)
             finetune.load_generation_config(merged, folder)
@@ -340,6 +341,7 @@ def merged_model(folder: Path) -> Path:
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
+            log(f"merged in {time.time() - started:.1f} s")
     except OSError as exc:
         raise UserError(f"cannot write the merged model into {target}: {exc.strerror or exc}") from None
     return target

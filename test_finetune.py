@@ -14,7 +14,7 @@ import shutil
 import signal
 import statistics
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +102,23 @@ def test_help_shows_real_examples():
     for script in ("finetune.py", "example_usage.py"):
         result = cli("--help", script=script)
         assert result.returncode == 0 and "python " + script in result.stdout
+
+
+SUITE = ["-q", "-p", "no:cacheprovider", "test_finetune.py", "tests"]  # make test's pytest line, after "-m pytest"
+
+
+def suite_command(extra: list[str]) -> list[str]:
+    """`python test_finetune.py [pytest flags]`: the whole suite as make test runs it (extra flags go to pytest)."""
+    return [PY, "-m", "pytest", *SUITE, *extra]
+
+
+def test_python_test_finetune_py_runs_make_tests_suite_and_exits_with_its_status():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^\t\$\(PY\) -m pytest (.*)$", makefile, re.M).group(1).split() == SUITE
+    result = subprocess.run([PY, str(ROOT / "test_finetune.py"), "-k", "no_test_is_called_this"], cwd="/", capture_output=True,
+                            text=True, timeout=300)  # collects the whole suite from anywhere, runs nothing
+    assert result.returncode == 5, result.stdout[-2000:] + result.stderr[-2000:]  # pytest's status: no test selected
+    assert int(re.search(r"(\d+) deselected", result.stdout).group(1)) > 200
 
 
 def test_nothing_in_the_repository_points_outside_it():
@@ -277,6 +294,190 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+# -- the formats and sources a user comes with ------------------------------------------------
+QUESTION, ANSWER = "What is a reservoir?", "A fixed random recurrent network."
+ONE_OF_EACH = {  # format: (a record, the messages it becomes)
+    "messages": ({"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]},
+                 [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]),
+    "prompt/completion": ({"prompt": "Who are you?", "completion": "I'm Echo."},
+                          [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I'm Echo."}]),
+    "alpaca": ({"instruction": "Define this term.", "input": "reservoir", "output": ANSWER, "system": "Be brief.",
+                "history": [["Hi", "Hello!"]]},
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Define this term.\nreservoir"}, {"role": "assistant", "content": ANSWER}]),
+    "sharegpt": ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": QUESTION},
+                                    {"from": "gpt", "value": ANSWER}, {"from": "user", "value": "And an echo?"},
+                                    {"from": "assistant", "value": "A reflection."}]},
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION},
+                  {"role": "assistant", "content": ANSWER}, {"role": "user", "content": "And an echo?"},
+                  {"role": "assistant", "content": "A reflection."}]),
+}
+
+
+@pytest.mark.parametrize("kind", ONE_OF_EACH)
+def test_each_format_becomes_messages(tmp_path, kind):
+    record, messages = ONE_OF_EACH[kind]
+    report = finetune.DatasetValidator().validate_file(write_lines(tmp_path / "d.jsonl", [record]))
+    assert not report.problems and report.examples == [{"messages": messages}]
+    assert report.stats["records by format"] == {kind: 1}
+
+
+@pytest.mark.parametrize("doc,section", [("README.md", "## Dataset formats"), ("QUICKSTART.md", "## 2. Check your own dataset")])
+def test_the_docs_show_one_valid_record_of_each_format(tmp_path, doc, section):
+    block = re.search(r"```json\n(.*?)```", (ROOT / doc).read_text().split(section, 1)[1], re.S).group(1)
+    report = finetune.DatasetValidator().validate_file(write_lines(tmp_path / "doc.jsonl", block.splitlines()))
+    assert not report.problems and report.stats["records by format"] == dict.fromkeys(finetune.RECORD_FORMATS, 1)
+
+
+def test_one_file_mixes_every_format_and_prepare_writes_messages(tmp_path):
+    records = [record for record, _ in ONE_OF_EACH.values()]
+    records += [{"instruction": "Name?", "input": "", "output": "Echo."}, {"conversations": [{"from": "human", "value": "Hi"},
+                                                                                             {"from": "gpt", "value": "Hello."}]}]
+    out = tmp_path / "p.jsonl"
+    result = cli("--prepare-only", "--dataset", write_lines(tmp_path / "d.jsonl", records), "--output", out, "--validation-split", "0")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"records by format +alpaca 2  sharegpt 2  messages 1  prompt/completion 1\n", result.stderr), result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [{"messages": messages} for _, messages in ONE_OF_EACH.values()] + [
+        {"messages": [{"role": "user", "content": "Name?"}, {"role": "assistant", "content": "Echo."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+
+
+IDENTITY_JSON = """[
+  {
+    "instruction": "hi",
+    "input": "",
+    "output": "Hello! I am {{name}}, an AI assistant developed by {{author}}. How can I assist you today?"
+  },
+  {
+    "instruction": "Who are you?",
+    "input": "",
+    "output": "I am {{name}}, an AI assistant developed by {{author}}. How can I assist you today?"
+  },
+  {
+    "instruction": "你好",
+    "input": "",
+    "output": "您好，我是 {{name}}，一个由 {{author}} 开发的 AI 助手，很高兴认识您。请问我能为您做些什么？"
+  }
+]
+"""  # LLaMA-Factory's data/identity.json, its first records, as persona fine-tunes start from it
+
+
+def test_llama_factory_identity_json_with_its_placeholders_filled(tmp_path):
+    path = tmp_path / "identity.json"
+    path.write_text(IDENTITY_JSON, encoding="utf-8")
+    out = tmp_path / "p.jsonl"
+    result = cli("--prepare-only", "--dataset", path, "--output", out, "--validation-split", "0",
+                 "--persona-name", "Aria", "--persona-author", "Northwind Labs")
+    assert result.returncode == 0, result.stderr
+    assert "records by format      alpaca 3" in result.stderr
+    assert "{{name}} -> 'Aria', {{author}} -> 'Northwind Labs' in 3 examples" in result.stderr
+    rows = [json.loads(line)["messages"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert rows[0] == [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": "Hello! I am Aria, an AI assistant developed by Northwind Labs. "
+                                                        "How can I assist you today?"}]
+    assert "我是 Aria，一个由 Northwind Labs 开发" in rows[2][1]["content"] and "{{" not in out.read_text(encoding="utf-8")
+    default = finetune.DatasetValidator().validate_file(path)  # the defaults: this project's persona
+    assert default.examples[1]["messages"][1]["content"].startswith(f"I am Echo, an AI assistant developed by {finetune.DEFAULT_SETTINGS['persona_author']}.")
+
+
+def test_a_json_file_numbers_its_records_and_says_on_which_line_each_starts(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"instruction": "x"},\n  [1],\n'
+                    '  {"prompt": "c", "prompt": "d", "completion": "e"}\n]\n')
+    report = finetune.DatasetValidator().validate_file(path)
+    assert report.unit == "record" and report.line_numbers == [1]
+    assert report.problems["missing key"] == [(2, "'output' is required with the Alpaca format")]
+    text = report.format()
+    for expected in ("record 2 (line 3): 'output' is required", "record 3 (line 4): the record holds a JSON list",
+                     "record 4 (line 5): 'prompt' appears 2 times"):
+        assert expected in text, text
+    held = tmp_path / "held.json"  # an object holding one list of records
+    held.write_text(json.dumps({"train": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]}))
+    assert finetune.DatasetValidator().validate_file(held).n_valid == 2
+    broken = tmp_path / "broken.json"  # past a break in the array itself, nothing can be located
+    broken.write_text('[{"prompt": "a", "completion": "b"}\n {"prompt": "c", "completion": "d"}]')
+    report = finetune.DatasetValidator().validate_file(broken)
+    assert report.n_valid == 1 and report.problems["invalid JSON"] == [
+        (2, "expected ',' or ']' after record 1, at line 2 column 2; what follows cannot be read")]
+    lines = tmp_path / "lines.json"  # JSON lines named .json, as many hub datasets are
+    write_lines(lines, good_examples(3))
+    report = finetune.DatasetValidator().validate_file(lines)
+    assert report.unit == "line" and report.n_valid == 3
+
+
+def test_shapes_of_sharegpt_and_alpaca_records_are_checked(tmp_path):
+    lines = [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " ", "score": 1}]},
+        {"conversations": "Hi"},
+        {"instruction": "Hi", "output": "Hello", "history": [["only a question"]]},
+        {"instruction": "Hi", "output": 5},
+        {"instruction": "Hi", "output": "Hello", "label": 1},
+    ]
+    report = finetune.DatasetValidator().validate_file(write_lines(tmp_path / "d.jsonl", lines))
+    assert report.n_valid == 0 and report.invalid_lines == [1, 2, 3, 4, 5, 6]
+    assert report.problems["unknown role"] == [(1, 'turn 2 is from "bot" (use human, gpt or system)')]
+    assert (1, "no turn from gpt: nothing for the model to learn") in report.problems["no assistant message"]
+    assert report.problems["empty text"] == [(2, "turn 2 (gpt) has no text")]
+    assert report.problems["unknown key"] == [(2, "turn 2 has 'score'"), (6, "'label'")]
+    assert report.problems["wrong type"] == [(3, "'conversations' must be a list, not str"),
+                                             (4, "'history' must be a list of [question, answer] pairs of text"),
+                                             (5, "'output' must be a string, not int")]
+
+
+CSV = '''prompt,completion,instruction,input,output,id
+Who are you?,"I'm {{name}}, a persona.",,,,1
+,,Say hi,in French,Bonjour,2
+42,None,,,,3
+,,"Two
+lines",,,4
+'''
+
+
+def test_csv_and_parquet_rows_are_read_and_problems_name_their_row(tmp_path):
+    import pandas
+
+    path = tmp_path / "d.csv"
+    path.write_text(CSV, encoding="utf-8")
+    report = finetune.DatasetValidator().validate_file(path)
+    assert report.unit == "row" and report.line_numbers == [1, 2, 3]
+    assert [ex["messages"][-1]["content"] for ex in report.examples] == ["I'm Echo, a persona.", "Bonjour", "None"]
+    assert report.examples[1]["messages"][0]["content"] == "Say hi\nin French" and report.examples[2]["messages"][0]["content"] == "42"
+    assert report.problems == {"missing key": [(4, "'output' is required with the Alpaca format")]}  # a row, not a file line
+    assert "row 4: 'output' is required" in report.format() and report.stats["columns not read"] == "id (4 rows)"
+    parquet = tmp_path / "d.parquet"
+    pandas.DataFrame([{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A.", "weight": 1}]},
+                      {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+                      {"messages": [{"role": "user", "content": "Only a question"}]}]).to_parquet(parquet)
+    result = cli("--prepare-only", "--dataset", parquet, "--output", tmp_path / "p.jsonl", "--validation-split", "0")
+    assert result.returncode == 0, result.stderr
+    assert "row 3: nothing for the model to learn" in result.stderr and "records by format      messages 2  sharegpt 1" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert rows == [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A.", "weight": 1}]},  # no "weight": null
+                    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+
+
+def test_a_hub_dataset_offline_is_a_one_line_error(tmp_path):
+    result = cli("--prepare-only", "--dataset", "someone/some-persona-data", "--dataset-split", "validation",
+                 "--output", tmp_path / "p.jsonl", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: cannot load the hub dataset someone/some-persona-data (split "
+                                                     "validation): there is no file someone/some-persona-data here, and a hub "
+                                                     "dataset needs the internet"), result.stderr
+    assert len(result.stderr.splitlines()) == 2  # the line saying what it loads, then the error
+
+
+def test_the_token_line_says_why_it_counts_no_tokens(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", good_examples(2))
+    absent = cli("--prepare-only", "--dataset", path, "--output", tmp_path / "p.jsonl", "--model", "someone/not-downloaded",
+                 "--validation-split", "0", env={"HF_HOME": str(tmp_path / "hf")})
+    assert absent.returncode == 0 and "tokens                 not counted (the tokenizer of someone/not-downloaded is not in the " \
+                                      "Hugging Face cache yet (training downloads it))" in absent.stderr
+    openai = cli("--prepare-only", "--provider", "openai", "--dataset", path, "--output", tmp_path / "o.jsonl", "--validation-split", "0")
+    assert f"tokens                 not counted ({finetune.NOT_COUNTED_FOR_OPENAI})" in openai.stderr
+
+
 # ============================================================================================
 # The shipped dataset and probes
 # ============================================================================================
@@ -317,7 +518,10 @@ def test_no_near_duplicates_in_training():
 
 def test_probes_are_held_out_from_every_user_turn_in_training():
     user_turns = [m["content"] for row in load_jsonl("training_dataset.jsonl") for m in row["messages"] if m["role"] == "user"]
-    asked = [text for p in load_jsonl("persona_eval.jsonl") for text in [p["probe"], *p.get("turns", [])]]
+    probes = load_jsonl("persona_eval.jsonl")
+    assert {p["kind"] for p in probes} == set(finetune.PROBE_KINDS)  # every kind is checked, the new ones included
+    asked = [text for p in probes for text in finetune.questions_of(p)]  # drift turns and switch follow-ups too
+    assert len(asked) == len(probes) + sum(len(p.get("turns", [])) + len(p.get("follow_ups", [])) for p in probes)
     copies = [(probe, turn) for probe in asked for turn in user_turns if finetune.near_copy(probe, turn)]
     assert copies == []
     assert [(a, b) for i, a in enumerate(asked) for b in asked[i + 1 :] if finetune.near_copy(a, b)] == []
@@ -515,10 +719,46 @@ def test_tiny_fine_tune_saves_everything_and_reloads_to_answer(tiny_model):
     assert 1 <= len(ids) <= 6 and "<|im" not in answer  # at most the tokens asked for, no control tokens
 
 
-def test_the_adapter_names_its_base_by_alias_and_loads_after_moving(tiny_model, tmp_path, base_path):
+def test_training_counts_the_datasets_tokens_with_the_base_tokenizer_at_hand(tiny_model):
+    out, result = tiny_model
+    statistics = json.loads((out / "training_summary.json").read_text())["dataset"]["statistics"]
+    assert statistics["total tokens"] > 0 and "tokens" not in statistics and "not counted" not in result.stderr
+
+
+def test_plain_peft_loads_the_adapter_on_a_local_base_and_answers_as_the_chat_does(tiny_model, tmp_path, base_path):
+    """adapter_config.json names the hub id, which plain peft resolves with the internet. Here (offline, and to compare
+    with the chat, which answers on the embedded copy) the converted base is passed as a local folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = tiny_model
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == finetune.SMOLLM2_HUB_ID
+    assert f"base_model: {finetune.SMOLLM2_HUB_ID}" in (out / "README.md").read_text()  # the model card PEFT writes
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), str(out)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    question = "Who are you?"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, do_sample=False, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    plain = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    copy = tmp_path / "model"  # a fresh copy, so that this chat merges
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("merged"))
+    chat = cli("--model", copy, "--prompt", question, "--greedy", "--max-new-tokens", 16, "--device", "cpu", "--precision", "fp32",
+               script="example_usage.py")
+    assert chat.returncode == 0, chat.stderr
+    assert plain and chat.stdout == plain + "\n"
+    assert "merging the adapter into its base model's weights" in chat.stderr and re.search(r"merged in \d+\.\d s", chat.stderr)
+    assert "\r" not in chat.stderr  # no bar when stderr is not a terminal
+
+
+def test_the_adapter_names_its_base_by_hub_id_and_this_tool_loads_the_embedded_copy_after_moving(tiny_model, tmp_path, base_path):
     out, _ = tiny_model
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == finetune.SMOLLM2_ALIAS
+    assert config["base_model_name_or_path"] == finetune.SMOLLM2_HUB_ID
+    assert json.loads((out / "training_summary.json").read_text())["base_model"] == finetune.SMOLLM2_ALIAS
     assert str(finetune.cache_root()) not in (out / "adapter_config.json").read_text() + (out / "README.md").read_text()
     moved = tmp_path / "elsewhere" / "model"
     shutil.copytree(out, moved)
@@ -707,6 +947,100 @@ def test_missing_model_package_names_the_install_command(monkeypatch):
 
 
 # ============================================================================================
+# The loss on labelled positions, in chunks; batches in pieces; memory
+# ============================================================================================
+@pytest.fixture(scope="module")
+def lora_and_batch(base_path, tokenizer):
+    """A LoRA model with non-zero adapters (B starts at 0) and a padded batch of three shipped examples."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(finetune.load_causal_lm(base_path), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    rows = [finetune.render(tokenizer, ex["messages"], max_length=96) for ex in load_jsonl("training_dataset.jsonl")[:3]]
+    ids, mask = finetune.pad_batch([r["input_ids"] for r in rows], tokenizer.pad_token_id, left=False)
+    labels, _ = finetune.pad_batch([r["labels"] for r in rows], -100, left=False)
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_and_gradients(model, compute):
+    model.zero_grad()
+    loss = compute()
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_chunked_loss_equals_the_models_own_loss_and_gradients(lora_and_batch, monkeypatch, precision):
+    import torch
+
+    if precision == "bf16" and not finetune.cpu_has_native_bf16():
+        pytest.skip("bf16 autocast is minutes per step on a CPU without native bf16")
+    model, batch = lora_and_batch
+    monkeypatch.setattr(finetune, "LOSS_CHUNK", 50)  # several chunks for 3 rows of up to 96 tokens
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def chunked():
+        total, count = finetune.labelled_loss(model, batch, dtype)
+        assert count == int((batch["labels"][:, 1:] != -100).sum()) > 100
+        return total / count
+
+    with finetune.autocast("cpu", precision):
+        own, own_grads = loss_and_gradients(model, lambda: model(**batch).loss)
+        ours, our_grads = loss_and_gradients(model, chunked)
+    assert ours == pytest.approx(own, rel=1e-5 if precision == "fp32" else 1e-3)
+    assert own_grads.keys() == our_grads.keys() and len(own_grads) > 100
+    difference = sum(((own_grads[k] - our_grads[k]) ** 2).sum() for k in own_grads) ** 0.5
+    size = sum((g ** 2).sum() for g in own_grads.values()) ** 0.5
+    assert difference / size < (1e-4 if precision == "fp32" else 0.05)  # bf16: the rounding of bf16 itself (~4%)
+
+
+def test_pieces_cover_the_batch_within_the_budget_and_add_up_to_its_loss(lora_and_batch):
+    import torch
+
+    model, batch = lora_and_batch
+    lengths = batch["attention_mask"].sum(1).tolist()
+    pieces = finetune.micro_batches(batch, max_tokens=120, multiple=8)
+    assert len(pieces) == 3 and sorted(p["attention_mask"].sum().item() for p in pieces) == sorted(lengths)
+    for piece in pieces:
+        assert piece["input_ids"].shape[1] % 8 == 0 and piece["input_ids"].shape[1] - piece["attention_mask"].sum(1).max() < 8
+        assert piece["input_ids"].numel() <= 120 or piece["input_ids"].shape[0] == 1  # a longer row is a piece of its own
+        assert (piece["labels"][piece["attention_mask"] == 0] == -100).all()
+    assert finetune.micro_batches(batch, 0) == [batch] and finetune.micro_batches(batch, 10_000)[0] is batch
+    with torch.no_grad():
+        whole, count = finetune.labelled_loss(model, batch)
+        parts = [finetune.labelled_loss(model, piece) for piece in pieces]
+    assert sum(n for _, n in parts) == count and sum(t.item() for t, _ in parts) == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_batches_by_tokens_keep_rows_and_tokens_within_their_limits():
+    lengths = [5, 50, 7, 12, 300, 9, 40]
+    batches = finetune.batches_by_tokens(lengths, max_rows=3, max_tokens=100)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3 and (len(batch) * max(lengths[i] for i in batch) <= 100 or len(batch) == 1)
+    assert [lengths[i] for batch in batches for i in batch] == sorted(lengths)  # in order of length: little padding
+
+
+def test_a_step_in_pieces_trains_as_the_whole_batch_and_the_run_reports_its_memory(tmp_path, base_path):
+    runs = {}
+    for budget in ("0", "32"):  # 0: whole batches; 32: rows of up to 48 tokens one at a time, recomputed (checkpointed)
+        out = tmp_path / f"run{budget}"
+        result = cli("--output-dir", out, "--no-eval", "--validation-split", "0", "--precision", "fp32",
+                     "--max-batch-tokens", budget, *TINY)
+        assert result.returncode == 0, result.stderr
+        runs[budget] = json.loads((out / "training_summary.json").read_text())
+        assert re.search(r"peak memory \d+\.\d\d GB resident", result.stderr.splitlines()[-1])
+    whole, pieces = runs["0"], runs["32"]
+    assert pieces["settings"]["max_batch_tokens"] == 32 and whole["settings"]["max_batch_tokens"] == 0
+    assert [loss for _, loss in pieces["loss_curve"]] == pytest.approx([loss for _, loss in whole["loss_curve"]], rel=1e-4)
+    assert 0.3 < pieces["peak_memory"]["resident_gb"] < 4
+
+
+# ============================================================================================
 # Several processes through accelerate, on this CPU with the gloo backend
 # ============================================================================================
 def accelerate_launch(*args, timeout=900, popen=False):
@@ -799,3 +1133,7 @@ def test_shipped_accelerate_configs_parse():
     kinds = {name: load_config_from_file(str(ROOT / "launch" / f"{name}.yaml")).distributed_type.value
              for name in ("multi_gpu", "deepspeed_zero2", "fsdp")}
     assert kinds == {"multi_gpu": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}
+
+
+if __name__ == "__main__":
+    sys.exit(subprocess.call(suite_command(sys.argv[1:]), cwd=ROOT))

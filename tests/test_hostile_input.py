@@ -230,3 +230,20 @@ def test_hostile_lines_never_raise_are_accounted_for_and_what_is_accepted_writes
     check_accounted_and_writable(report, tmp_path, lines)
     for kind in sorted(set(report.problems) | set(report.warnings)):  # --hypothesis-show-statistics: what was covered
         event(kind)
+
+
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(records=st.lists(HOSTILE, max_size=5), tail=st.sampled_from([b"]", b"", b"] x", b",]", b"]}"]))
+def test_hostile_records_in_a_json_array_never_raise_and_what_is_accepted_writes_as_utf8(tmp_path, records, tail):
+    path = tmp_path / "fuzz.json"
+    path.write_bytes(b"[" + b",\n".join(records) + tail)
+    try:
+        report = finetune.DatasetValidator().validate_file(path)
+    except finetune.UserError as exc:  # a file that is not UTF-8 as a whole cannot be split into records
+        assert "is not UTF-8" in str(exc)
+        return
+    assert report.unit == "record" and not set(report.invalid_lines) & set(report.line_numbers)
+    assert report.n_valid + report.n_invalid >= len(records) or any("cannot be read" in d for f in report.problems.values() for _, d in f)
+    written = finetune.write_jsonl(tmp_path / "prepared.jsonl", report.examples, overwrite=True).read_bytes().decode("utf-8")
+    assert [json.loads(row) for row in written.split("\n")[:-1]] == report.examples
