@@ -16,6 +16,8 @@ Ctrl-C stops the answer being written (not the program).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextvars
 import errno
 import json
 import os
@@ -25,6 +27,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import finetune
@@ -57,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "an adapter is merged into MODEL/merged first")
     parser.add_argument("--host", default="127.0.0.1", help="--serve listens here (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="--serve listens on this port (default: 8000; 0 picks a free one)")
+    parser.add_argument("--request-timeout", type=float, default=SERVE_TIMEOUT, metavar="SECONDS",
+                        help=f"--serve stops a request that takes longer, waiting included (default: {SERVE_TIMEOUT})")
+    parser.add_argument("--max-requests", type=int, default=SERVE_MAX_REQUESTS, metavar="N",
+                        help=f"--serve holds at most N requests, waiting or answered; more get a 503 (default: {SERVE_MAX_REQUESTS})")
+    parser.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction,
+                        help="--serve generates requests that decode alike together (default: on a CPU or a CUDA GPU)")
     parser.add_argument("--base-url", metavar="URL", help="chat through an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
                         "(one started with --serve); no API key is sent")
     parser.add_argument("--output-dir", metavar="DIR", help=argparse.SUPPRESS)
@@ -400,26 +409,347 @@ def request_problem(body: dict) -> str | None:
             GenerationConfig(**options).validate()
         except Exception as exc:  # not a string, not JSON, not an object, options generate() refuses
             return f"`generation_config` must be a JSON object of generation options: {finetune.first_line(exc)}"
+        if options.get("max_new_tokens") is not None and not (whole(options["max_new_tokens"]) and options["max_new_tokens"] >= 1):
+            return "`generation_config`'s max_new_tokens must be an integer >= 1"
     return None
 
 
-def validate_chat_requests() -> None:
-    """transformers serve's chat handler, with request_problem() answered as a 422 before any work."""
+# --------------------------------------------------------------------------------------------
+# --serve's guard: what a server facing any client needs and transformers serve 5.24 does not do.
+# A request is checked before any work, stops when its client leaves, its time is up or the server
+# stops, and waits in a bounded queue; requests that decode alike are generated together.
+# --------------------------------------------------------------------------------------------
+SERVE_TIMEOUT = 300  # seconds a request may take, waiting included (--request-timeout)
+SERVE_MAX_REQUESTS = 64  # requests in the server at once, waiting or answered (--max-requests); more get a 503
+MAX_BODY_BYTES = 1_000_000  # a larger body is a 413: the model's whole context is ~40 KB of text
+DRAIN_BYTES = 32_000_000  # a body too large is still read up to this, so that its client reads the 413, not a reset
+BODY_SECONDS = 10  # a body that has not arrived by then is a 408: a slow sender holds a connection, never a worker
+SERVED_POSTS = ("/v1/chat/completions",)  # transformers serve's other POSTs bypass the checks (/v1/completions),
+# or change what the server holds (/load_model loads any model into memory, /reset unloads the served one)
+CB_PAGE_TOKENS = 256  # continuous batching's page size (transformers' default)
+CB_STEP_TOKENS = 512  # tokens in one batched step: a long prompt is read in such slices between the others' tokens
+CURRENT = contextvars.ContextVar("echo_serve_call")  # the Call a request's task works for
+NOT_BATCHED = {"max_new_tokens", "max_length", "eos_token_id", "use_cache", "transformers_version", "_from_model_config",
+               "cache_implementation"}  # what continuous batching takes per request, or what does not decide a token
+SAMPLING = {"temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+
+
+def prompt_tokens(tokenizer, text: str, limit: int) -> tuple[int, bool]:
+    """(tokens, exact): tokenizing a 1 MB prompt takes seconds on two busy cores, and a prefix of
+    (limit + 2) * 8 characters with more than limit + 1 tokens already says the whole is over `limit`."""
+    head = text[: (limit + 2) * 8]
+    count = len(tokenizer.encode(head, add_special_tokens=False))
+    if len(head) == len(text):
+        return count, True
+    if count > limit + 1:
+        return count, False
+    return len(tokenizer.encode(text, add_special_tokens=False)), True
+
+
+def asked_new_tokens(body: dict) -> int | None:
+    """The answer length a request sets, in any of the three places transformers serve reads it."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        if body.get(key) is not None:
+            return body[key]
+    return json.loads(body["generation_config"]).get("max_new_tokens") if body.get("generation_config") else None
+
+
+def decoding(config, shipped) -> dict:
+    """What decides the tokens of an answer, as generate() reads a request's config (unset values from the
+    folder's), less what continuous batching takes per request (the length and the end tokens)."""
+    import copy
+
+    merged = copy.deepcopy(config)
+    merged.update(**shipped.to_dict(), defaults_only=True)
+    merged.update(**merged._get_default_generation_params(), defaults_only=True)
+    options = {key: value for key, value in merged.to_dict().items() if key not in NOT_BATCHED}
+    return options if options.get("do_sample") else {key: value for key, value in options.items() if key not in SAMPLING}
+
+
+class Limits:
+    """What a chat request may ask of the served model, checked before any work."""
+
+    def __init__(self, model_id: str, model, tokenizer, handler, build, batching: bool):
+        self.model_id, self.tokenizer, self.handler, self.build = model_id, tokenizer, handler, build
+        self.context = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.shipped = model.generation_config
+        self.batched_config = build({}, self.shipped, use_cb=True) if batching else None  # what batching decodes with
+        self.batched = decoding(self.batched_config, self.shipped) if batching else None
+
+    def check(self, body: dict, call) -> None:
+        """A 400 for another model, or for a prompt and answer that cannot fit the context; sets the room left."""
+        from fastapi import HTTPException
+
+        if body.get("model") is not None and body["model"] != self.model_id:
+            raise HTTPException(400, f"this server serves {self.model_id!r} only; the request asked for {body['model']!r}")
+        new = asked_new_tokens(body)
+        if new is not None and new >= self.context:
+            raise HTTPException(400, f"max_tokens {new:,} is past the model's context of {self.context:,} tokens")
+        limit = self.context - (new or 1)
+        count, exact = prompt_tokens(self.tokenizer, self.render(body), limit)
+        if count > limit:
+            size = f"{count:,} tokens" if exact else f"over {limit:,} tokens"
+            beside = f"beside max_tokens {new:,}" if new else "with one left for the answer"
+            raise HTTPException(400, f"the prompt is {size}; at most {limit:,} fit {beside} in the model's context of {self.context:,} tokens")
+        call.room = self.context - count
+        call.batchable = self.batchable(body)
+
+    def render(self, body: dict) -> str:
+        """The prompt as the chat handler renders it (its messages, tools and template options)."""
+        from fastapi import HTTPException
+        from transformers.cli.serving.utils import Modality
+
+        try:
+            messages = self.handler.get_processor_inputs_from_messages(body["messages"], Modality.LLM)
+            options = {**self.handler.chat_template_kwargs, **(body.get("chat_template_kwargs") or {})}
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=body.get("tools"), tokenize=False,
+                                                      **options)
+        except Exception as exc:  # a role or part the template refuses, tool calls it cannot read
+            raise HTTPException(422, f"the messages do not fit the model's chat template: {finetune.first_line(exc)}") from None
+
+    def batchable(self, body: dict) -> bool:
+        """Continuous batching in transformers 5.24 decodes every request with the configuration it started with
+        (only the length and the end tokens are per request): a request that asks for other decoding is
+        generated on its own, by generate(), so that it gets what it asked for."""
+        if self.batched is None:
+            return False
+        config = self.build(dict(body, seed=None), self.shipped, use_cb=True)
+        return decoding(config, self.shipped) == self.batched and not (body.get("seed") is not None and config.do_sample)
+
+
+class Call:
+    """One request in the server: the id transformers serve and continuous batching know it by, its
+    deadline, and whether it must stop (read between tokens by the thread that generates)."""
+
+    def __init__(self, timeout: float):
+        self.id = uuid.uuid4().hex
+        self.deadline = time.monotonic() + timeout
+        self.stopped = False
+        self.reason: str | None = None
+        self.why: str | None = None  # what its client is told when the guard stops it
+        self.ended = asyncio.Event()
+        self.reading = None  # the body's timeout while it arrives
+        self.room = None  # tokens the answer may take: the context less the prompt
+        self.batchable = self.batched = False
+        self.config = None  # id() of its generation config, by which generate() finds it
+        self.started = self.streaming = self.finished = self.answered = False
+
+    def end(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self.ended.set()
+        if self.reading is not None:
+            self.reading.reschedule(asyncio.get_running_loop().time())
+
+
+async def reply(send, status: int, message: str) -> None:
+    """An error in FastAPI's words ({"detail": ...}); the connection closes after it."""
+    body = json.dumps({"detail": message}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """An ASGI middleware in front of transformers serve's app. A POST is refused at once when the server is
+    full (503), its body is too large (413) or too slow (408); otherwise it runs in the app while the guard
+    watches for its client leaving, its deadline and the server stopping, and stops its generation then."""
+
+    def __init__(self, app, timeout: float, max_requests: int):
+        self.app, self.timeout, self.max_requests = app, timeout, max_requests
+        self.calls: dict[str, Call] = {}
+        self.by_config: dict[int, Call] = {}  # generation config id -> its Call, for generate() in its own thread
+        self.closing = False
+        self.cancel_batched = lambda request_id: None  # continuous batching's cancel_request, once it runs
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if scope["path"] not in SERVED_POSTS:
+            return await reply(send, 404, f"--serve answers POST {', '.join(SERVED_POSTS)} (and GET /v1/models, /health)")
+        if self.closing:
+            return await reply(send, 503, "the server is stopping")
+        if len(self.calls) >= self.max_requests:
+            return await reply(send, 503, f"the server is full: {len(self.calls)} requests in progress, its limit "
+                                          "(--max-requests); try again shortly")
+        call = Call(self.timeout)
+        self.calls[call.id] = call
+        try:
+            body = await self.read_body(call, scope, receive, send)
+            if body is not None:
+                await self.answer(call, scope, body, receive, send)
+        finally:
+            del self.calls[call.id]
+            self.by_config.pop(call.config, None)
+
+    def close(self) -> None:
+        """The server stops: every request ends (runs in the event loop's thread)."""
+        self.closing = True
+        for call in list(self.calls.values()):
+            call.end("stopping")
+
+    async def read_body(self, call: Call, scope, receive, send) -> bytes | None:
+        """The whole body, or None once its client has been answered (413, 408, 503) or has left."""
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > DRAIN_BYTES:
+            return await reply(send, 413, f"the request body is {int(declared):,} bytes; the limit is {MAX_BODY_BYTES:,}")
+        chunks, size, seconds = [], 0, min(BODY_SECONDS, self.timeout)
+        try:
+            async with asyncio.timeout(seconds) as call.reading:
+                while size <= DRAIN_BYTES:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    size += len(message.get("body", b""))
+                    if size <= MAX_BODY_BYTES:
+                        chunks.append(message.get("body", b""))
+                    if not message.get("more_body"):
+                        break
+        except TimeoutError:
+            if call.reason == "stopping":
+                return await reply(send, 503, "the server is stopping")
+            if size <= MAX_BODY_BYTES:
+                return await reply(send, 408, f"the request body did not arrive within {seconds:g} s")
+        finally:
+            call.reading = None
+        if size > MAX_BODY_BYTES:
+            return await reply(send, 413, f"the request body is over {MAX_BODY_BYTES:,} bytes, the limit")
+        return b"".join(chunks)
+
+    async def answer(self, call: Call, scope, body: bytes, receive, send) -> None:
+        """The app answers, with the body replayed to it; the guard stops the call if its client leaves, its
+        time runs out or the server stops."""
+        gone = asyncio.Event()  # what the app hears as its client leaving: a stream ends itself on it
+        pending = [body]
+
+        async def replay():
+            if pending:
+                return {"type": "http.request", "body": pending.pop(), "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def forward(message):
+            if call.answered:  # the guard has answered for it
+                return
+            if message["type"] == "http.response.start":
+                call.started = True
+                call.streaming = dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                call.finished = True
+                if call.streaming and call.why:  # a stream the guard stopped: its last event says why
+                    await send(stream_error(call))
+            await send(message)
+
+        headers = [(key, value) for key, value in scope["headers"] if key != b"x-request-id"] + [(b"x-request-id", call.id.encode())]
+        token = CURRENT.set(call)  # the app's task starts with a copy of this context
+        app = asyncio.ensure_future(self.app(dict(scope, headers=headers), replay, forward))
+        CURRENT.reset(token)
+        waits = [asyncio.ensure_future(receive()), asyncio.ensure_future(call.ended.wait())]  # the body is in: only a disconnect can come
+        try:
+            done, _ = await asyncio.wait([app, *waits], timeout=max(0.0, call.deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if app not in done:
+                call.end("gone" if waits[0] in done else "timeout")
+                await self.stop(call, app, gone, send)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if not app.cancelled() and app.exception() is not None and not call.answered:
+            raise app.exception()
+
+    async def stop(self, call: Call, app, gone: asyncio.Event, send) -> None:
+        """Stops a call's generation and ends its answer: nothing more for a client that left; a 504 or a 503
+        when nothing was sent yet; a stream's last event says why it ends."""
+        call.stopped = True  # generate() stops at its next token, or at once if it waits its turn
+        if call.batched:
+            self.cancel_batched(call.id)
+            app.cancel()  # the handler waits for a result continuous batching will no longer give
+        call.why = {"timeout": f"the answer took longer than the server's limit of {self.timeout:g} s (--request-timeout)",
+                    "stopping": "the server is stopping"}.get(call.reason)
+        if call.why and not call.started:
+            call.answered = True
+            await reply(send, 504 if call.reason == "timeout" else 503, call.why)
+        gone.set()  # the app ends a stream when its client leaves, and ends it as complete
+        await asyncio.wait([app])
+        if call.streaming and not call.finished and not call.answered:  # the app was cancelled mid-stream
+            call.answered = True
+            if call.why:
+                await send(stream_error(call))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def stream_error(call: Call) -> dict:
+    """An error event as transformers serve sends one (the openai client raises it as an APIError)."""
+    event = json.dumps({"error": {"message": call.why, "type": call.reason}})
+    return {"type": "http.response.body", "body": f"data: {event}\n\n".encode(), "more_body": True}
+
+
+def hook_generation(serve, guard: Guard, limits: Limits, model) -> None:
+    """Where transformers serve 5.24 has no hook, this server's own objects are patched: its chat handler
+    checks a request before any work (request_problem and the limits), each request goes to continuous
+    batching or to generate(), and generate() stops between tokens when its request has stopped (a stream
+    cut by its client transformers serve stops itself; a plain request, a deadline or a shutdown it would not)."""
+    import torch
     from fastapi import HTTPException
-    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.cli.serving.utils import _GenerationCancelled
 
-    original = ChatCompletionHandler._validate_request
-    if getattr(original, "echo_checks", False):
-        return
+    handler, state = serve._chat_handler, serve._generation_state
+    validate, build, use_batching, generate = (handler._validate_request, handler._build_generation_config,
+                                               state.use_continuous_batching, model.generate)
 
-    def validate(self, body: dict) -> None:
-        original(self, body)
+    def checked(body: dict) -> None:
+        validate(body)
         problem = request_problem(body)
         if problem:
             raise HTTPException(status_code=422, detail=problem)
+        limits.check(body, CURRENT.get())
 
-    validate.echo_checks = True
-    ChatCompletionHandler._validate_request = validate
+    def routed(model, modality) -> bool:
+        call = CURRENT.get()
+        call.batched = call.batchable and use_batching(model, modality)
+        return call.batched
+
+    def built(body: dict, shipped, use_cb: bool = False):
+        config, call = build(body, shipped, use_cb=use_cb), CURRENT.get()
+        config.max_new_tokens = min(config.max_new_tokens or shipped.max_new_tokens or call.room, call.room)
+        if not use_cb:
+            call.config = id(config)
+            guard.by_config[call.config] = call
+        return config
+
+    class Stopped(StoppingCriteria):
+        def __init__(self, call: Call):
+            self.call = call
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), self.call.stopped, dtype=torch.bool, device=input_ids.device)
+
+    def stoppable(*args, **kwargs):
+        call = guard.by_config.pop(id(kwargs.get("generation_config")), None)
+        if call is not None and call.stopped:  # stopped while it waited its turn
+            if kwargs.get("streamer") is not None:
+                raise _GenerationCancelled  # transformers serve's own way to end a stream's generation
+            return kwargs["input_ids"]
+        if call is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([Stopped(call)])
+        return generate(*args, **kwargs)
+
+    handler._validate_request, handler._build_generation_config = checked, built
+    state.use_continuous_batching, model.generate = routed, stoppable
+
+
+def start_batching(serve, model_id: str, model, limits: Limits, guard: Guard) -> None:
+    """Continuous batching set up before the first request, with the folder's decoding: transformers serve
+    would set it up at the first request, with that request's decoding for everyone's."""
+    manager = serve._generation_state.get_manager(model_id, use_cb=True)
+    manager.init_cb(model, limits.batched_config)
+    guard.cancel_batched = manager._cb.cancel_request
+
+
+def batching_blocks(context: int) -> int:
+    """Continuous batching's KV cache, in blocks of CB_PAGE_TOKENS: room for two requests of the whole context,
+    or for dozens of short ones (transformers' default takes 60% of a CPU's memory)."""
+    return 2 * -(-context // CB_PAGE_TOKENS)
 
 
 def url_host(host: str) -> str:
@@ -436,25 +766,67 @@ def serve_command(args, settings: dict) -> int:
         raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port (0 to 65535)")
+    if args.request_timeout <= 0 or args.max_requests < 1:
+        raise UserError("--request-timeout must be above 0 and --max-requests at least 1")
     check_port(args.host, args.port)
     model = model_to_serve(name)
     try:
+        from transformers import AutoConfig
         from transformers.cli.serve import Serve
         from transformers.utils.import_utils import is_serve_available
     except ImportError as exc:
         raise UserError(f"transformers serve is missing ({finetune.first_line(exc)})") from None
     if not is_serve_available():
         raise UserError('--serve needs FastAPI and uvicorn: pip install "transformers[serving]==5.24.0"')
-    validate_chat_requests()
     hardware = finetune.resolve_hardware(settings, training=False)
     # The weights in the precision the chat and the evaluation answer in: bf16 where it is native.
     dtype = SERVE_DTYPES[hardware["precision"]]
+    batching = args.continuous_batching if args.continuous_batching is not None else hardware["device"] in ("cpu", "cuda")
+    context = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None) or 2048
+
+    class Unstarted(Serve):
+        def start_server(self):  # started below, once the guard stands in front of its app
+            pass
+
     log(f"loading {model} into transformers serve ({hardware['device']}, {dtype})")
-    serve = Serve(force_model=model, host=args.host, port=args.port, device=hardware["device"], dtype=dtype,
-                  log_level="warning" if args.verbose else "error", default_seed=settings["seed"], non_blocking=True)
-    server, thread = serve.server, serve._thread
+    serve = Unstarted(force_model=model, host=args.host, port=args.port, device=hardware["device"], dtype=dtype,
+                      log_level="warning" if args.verbose else "error", default_seed=settings["seed"], non_blocking=True,
+                      continuous_batching=batching, cb_num_blocks=batching_blocks(context), cb_max_batch_tokens=CB_STEP_TOKENS)
+    # The process ends at once after the server (os._exit): unloading the model first, a gc.collect() that holds
+    # the GIL, kept the main thread from its exit for up to 8 s on a busy CPU.
+    serve._model_manager.shutdown = lambda: None
+    model_id = serve._model_manager.process_model_name(model)
+    loaded, tokenizer = serve._model_manager.load_model_and_processor(model_id)  # loaded already: the one served
+    config = serve.server.config
+    guard = Guard(config.app, args.request_timeout, args.max_requests)
+    config.app, config.timeout_graceful_shutdown, config.limit_concurrency = guard, 1, 4 * args.max_requests
+    limits = Limits(model_id, loaded, tokenizer, serve._chat_handler, serve._chat_handler._build_generation_config, batching)
+    hook_generation(serve, guard, limits, loaded)
+    if batching:
+        start_batching(serve, model_id, loaded, limits, guard)
+    Serve.start_server(serve)
+    code = run_server(args, serve, guard, model, describe_serving(batching, context, args))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Nothing is left to write. The interpreter's own teardown (torch, the model) took 1 to 17 s more on 2 busy
+    # cores, and continuous batching's thread is no daemon: the process would wait for it.
+    os._exit(code)
+
+
+def describe_serving(batching: bool, context: int, args) -> str:
+    queue = (f"at most {args.max_requests} requests at once, waiting or answered (--max-requests; more get a 503), "
+             f"{args.request_timeout:g} s each (--request-timeout)")
+    if batching:
+        return (f"continuous batching: requests that decode with the model folder's settings are generated together "
+                f"(KV cache for {batching_blocks(context) * CB_PAGE_TOKENS:,} tokens), others one at a time beside them; {queue}")
+    return f"one request at a time (no continuous batching); {queue}"
+
+
+def run_server(args, serve, guard: Guard, model: str, serving: str) -> int:
+    """Waits for the server; Ctrl-C or SIGTERM stops it within about two seconds, ending open answers."""
     import logging
 
+    server, thread = serve.server, serve._thread
     for handler in logging.getLogger("uvicorn.access").handlers:  # uvicorn logs requests on stdout; this tool logs on stderr
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(sys.stderr)
@@ -471,6 +843,7 @@ def serve_command(args, settings: dict) -> int:
         port = server.servers[0].sockets[0].getsockname()[1]
         url = f"http://{url_host(args.host)}:{port}/v1"
         log(f"serving {model} at {url} (OpenAI-compatible: transformers serve); Ctrl-C stops it")
+        log(serving)
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             log(f"warning: listening on {args.host}: anyone who reaches this machine can use the model (no key is checked)")
         log(f"chat with it: python example_usage.py --base-url {url} --interactive")
@@ -480,16 +853,27 @@ def serve_command(args, settings: dict) -> int:
             time.sleep(0.2)
     except KeyboardInterrupt:
         log("stopping the server (Ctrl-C again stops it at once)")
-        server.should_exit = True
-        try:
-            while thread.is_alive():
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            server.force_exit = True
+        shut_down(serve, guard)
     finally:
         server.should_exit = True
     log("server stopped")
     return 0
+
+
+def shut_down(serve, guard: Guard) -> None:
+    """Open answers end (a stream with a last event saying why), generation stops between tokens, and uvicorn
+    closes; after 1 s the process exits whatever still runs (serve_command ends it with os._exit)."""
+    server, thread = serve.server, serve._thread
+    if server.started:
+        server.servers[0].get_loop().call_soon_threadsafe(guard.close)
+    server.should_exit = True
+    deadline = time.monotonic() + 1.0  # open streams end within 0.2 s (measured); SIGTERM to exit must stay under 2 s
+    try:
+        while thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        pass
+    server.force_exit = True
 
 
 # --------------------------------------------------------------------------------------------

@@ -1273,26 +1273,105 @@ def convert_gguf(gguf: Path) -> Path:
     """A GGUF file becomes a normal safetensors folder in the cache, once (about 30 s).
 
     A file lock makes concurrent processes (a multi-process launch, two runs at once) convert it
-    once: the first converts, the others wait and then load the result.
+    once: the first converts, the others wait and then load the result. An entry that is not what
+    was written (a truncated weights file after a disk error or a killed copy) is converted again,
+    with one line saying which file was wrong.
     """
     import fcntl
 
     target = converted_folder(gguf)
-    if (target / "config.json").is_file():
+    if target.is_dir() and cache_problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").is_file():
-            _convert(gguf, target)
+        if not target.is_dir():
+            log(f"converting {gguf.name} to safetensors in {target} (once; about 30 s)")
+        elif problem := cache_problem(target):
+            log(f"the converted model in {target} is damaged: {problem}; converting {gguf.name} again (about 30 s)")
+        else:
+            return target
+        _convert(gguf, target)
     return target
+
+
+CACHE_MANIFEST = "manifest.json"  # written last into a converted folder: each file's size and sha256
+HASHED_ON_LOAD = 16 * 2**20  # files up to this size are hashed at every load (the tokenizer: ~5 ms); larger ones
+# (the 538 MB weights: 0.8-1.1 s of sha256 on a busy 2-core machine) are checked by size, which finds a cut file
+
+
+def file_record(path: Path) -> dict:
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+
+
+def write_manifest(folder: Path) -> None:
+    files = {path.name: file_record(path) for path in sorted(folder.iterdir()) if path.is_file() and path.name != CACHE_MANIFEST}
+    write_atomic(folder / CACHE_MANIFEST, json.dumps({"written_by": TOOL_NAME, "files": files}, indent=2) + "\n", overwrite=True)
+
+
+def cache_problem(folder: Path) -> str | None:
+    """What is wrong with a converted folder, in a few words naming the file; None when every file is as written.
+    An entry from before manifests is checked by its structure once, then given a manifest."""
+    try:
+        files = json.loads((folder / CACHE_MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return adopt_unrecorded(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{CACHE_MANIFEST} is unreadable"
+    for name, record in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            return f"{name} is {size:,} bytes where {record['bytes']:,} were written"
+        if size <= HASHED_ON_LOAD and file_record(path)["sha256"] != record["sha256"]:
+            return f"{name} is not what was written (its sha256 differs)"
+    return None
+
+
+def adopt_unrecorded(folder: Path) -> str | None:
+    """A folder converted before manifests existed: its config.json must be there, each JSON file must parse and
+    each weights file must be as long as its own header says (a cut file fails here, as safetensors would fail
+    at every load). Where it passes, its manifest is written (a read-only cache stays checked this way)."""
+    if not (folder / "config.json").is_file():
+        return "config.json is missing"
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return f"{path.name} is unreadable"
+    weights = sorted(folder.glob("*.safetensors"))
+    problem = next(filter(None, map(safetensors_problem, weights)), None if weights else "model.safetensors is missing")
+    if problem is None:
+        with contextlib.suppress(OSError):
+            write_manifest(folder)
+    return problem
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """A weights file whose size is not the one its header describes: 8 bytes of header length, the header,
+    then the tensors up to the last one's end."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 0 < length < 100 * 2**20 else None
+        end = max(entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return f"{path.name} has an unreadable header"
+    size = path.stat().st_size
+    if size != 8 + length + end:
+        return f"{path.name} is {size:,} bytes where its header describes {8 + length + end:,}"
+    return None
 
 
 def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"converting {gguf.name} to safetensors in {target} (once; about 30 s)")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
@@ -1305,14 +1384,18 @@ def _convert(gguf: Path, target: Path) -> None:
 
 
 def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
-    """Model and tokenizer written into a temporary folder beside `target`, then moved into its place."""
+    """Model and tokenizer written into a temporary folder beside `target`, the manifest of what was written
+    last, then the folder takes `target`'s place (a damaged one it replaces goes only after)."""
     partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".partial-{target.name}-"))
-    partial.chmod(0o777 & ~_UMASK)  # mkdtemp makes folders private; outputs are ordinary folders
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(partial, target)
+    try:
+        partial.chmod(0o777 & ~_UMASK)  # mkdtemp makes folders private; outputs are ordinary folders
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        write_manifest(partial)
+        swap_folders(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def resolve_base(name: str) -> str:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import finetune
+from bench import serve_latency as load
 from conftest import PY, ROOT, cli
 
 slow = pytest.mark.slow  # the tests that load the model and generate (-m "not slow" leaves them out)
@@ -149,24 +150,28 @@ def test_sixteen_concurrent_streaming_chats_all_complete(served):
 
 
 @slow
-@pytest.mark.parametrize("body, status", [
-    ("{not json", 422),
-    ("[1, 2]", 422),
-    ("{}", 422),  # no messages: a 500 in transformers serve 5.24 alone; --serve adds the check
-    ('{"messages": []}', 422),
-    ('{"messages": "hi"}', 422),
-    ('{"messages": [{"content": "hi"}]}', 422),
-    ('{"messages": [{"role": "user", "content": 5}]}', 422),
-    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 422),
-    ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}', 422),
-    ('{"messages": [{"role": "user", "content": "hi"}], "generation_config": "{oops"}', 422),
-    ('{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', 400),  # the server is pinned to its model
+@pytest.mark.parametrize("body, status, says", [
+    ("{not json", 422, ""),
+    ("[1, 2]", 422, ""),
+    ("{}", 422, ""),  # no messages: a 500 in transformers serve 5.24 alone; --serve adds the check
+    ('{"messages": []}', 422, ""),
+    ('{"messages": "hi"}', 422, ""),
+    ('{"messages": [{"content": "hi"}]}', 422, ""),
+    ('{"messages": [{"role": "user", "content": 5}]}', 422, ""),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 422, ""),
+    ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}', 422, ""),
+    ('{"messages": [{"role": "user", "content": "hi"}], "generation_config": "{oops"}', 422, ""),
+    ('{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', 400, "asked for 'gpt-4o'"),  # the server is pinned to its model
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 9000}], "max_tokens": 8}), 400, "at most 8,184 fit"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}), 400, "context of 8,192 tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 240_000}]}), 413, "1,000,000 bytes"),  # 1.2 MB
 ])
-def test_malformed_requests_get_a_4xx_and_the_server_goes_on(served, body, status):
+def test_malformed_requests_get_a_4xx_at_once_and_the_server_goes_on(served, body, status, says):
     _, server = served
+    start = time.perf_counter()
     code, answer = post(server.url + "/chat/completions", body)
-    assert code == status, answer
-    assert "detail" in answer
+    assert code == status and time.perf_counter() - start < 1, answer  # checked before any work
+    assert "detail" in answer and says in str(answer["detail"]), answer  # the limit is in the message
     code, answer = post(server.url + "/chat/completions", json.dumps(
         {"model": server.model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}))
     assert code == 200 and answer["choices"][0]["message"]["content"], answer
@@ -212,3 +217,125 @@ def test_errors_are_one_line(args, message, tmp_path):
     result = cli(*args, cwd=tmp_path, script="example_usage.py", timeout=120)
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# A server facing misbehaving clients: work nobody waits for stops, load is served together,
+# and the server stays within its limits (bench/serve_latency.py reports the same figures).
+# --------------------------------------------------------------------------------------------
+def long_stream(server: Server, batched: bool = True) -> tuple[socket.socket, bytes]:
+    """A stream of 1,000 tokens whatever the model says, read up to its first piece (bench/serve_latency.py)."""
+    return load.open_stream(server.url, load.long_body(server.model, 1000, stream=True, batched=batched))
+
+
+def to_end(connection: socket.socket, received: bytes = b"") -> str:
+    with connection:
+        while piece := connection.recv(65536):
+            received += piece
+    return received.decode()
+
+
+def events(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("data: ")]
+
+
+@slow
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-at-a-time"])
+def test_a_dropped_stream_stops_its_generation_within_a_few_tokens(served, batched):
+    _, server = served
+    pid = server.process.pid
+    before = load.cpu_seconds(pid)
+    code, answer = post(server.url + "/chat/completions", json.dumps(
+        {"model": server.model, "max_tokens": 16, "messages": [{"role": "user", "content": "Count to twenty."}],
+         "generation_config": json.dumps({"min_new_tokens": 16})}))
+    assert code == 200, answer
+    sixteen_tokens = load.cpu_seconds(pid) - before  # what 16 tokens cost the server, whatever the CPU's load
+    long_stream(server, batched)[0].close()  # gone after its first piece; 1,000 tokens would cost ~60 times that
+    time.sleep(0.5)
+    after = load.cpu_seconds(pid)
+    time.sleep(3)
+    assert load.cpu_seconds(pid) - after < sixteen_tokens, (load.cpu_seconds(pid) - after, sixteen_tokens)
+
+
+@slow
+def test_thirty_two_chats_beside_misbehaving_clients_are_all_answered(served, capsys):
+    """The load-and-abuse rounds of bench/serve_latency.py, with 8 new tokens a chat. Each misbehaving kind
+    gets its 4xx at once, every ordinary chat its whole answer; their p95 is reported beside the same
+    round without the misbehaving clients, and judged loosely where no other process shares the CPU."""
+    _, server = served
+    assert load.ordinary_chat(server.url, server.model, 0, 8) is not None  # warm: continuous batching's first step
+    alone = load.load_round(server.url, server.model, server.process.pid, clients=32, tokens=8, abuse=False)
+    abused = load.load_round(server.url, server.model, server.process.pid, clients=32, tokens=8, abuse=True)
+    rss = load.peak_rss_mb(server.process.pid)
+    with capsys.disabled():  # the figures, in make test's output
+        print(f"\nserve load, 32 chats of 8 tokens: p95 {load.p95(alone):.2f} s alone, {load.p95(abused):.2f} s beside "
+              f"misbehaving clients ({load.p95(abused) / load.p95(alone):.2f}x); other processes used "
+              f"{load.busy_share(alone['others'])} and {load.busy_share(abused['others'])} of the CPUs; peak RSS {rss:,.0f} MB")
+    assert None not in alone["latencies"] and None not in abused["latencies"]  # 0 lost
+    for kind, status, seconds in abused["abuse"]:
+        assert status == load.EXPECTED.get(kind, 200), (kind, status)
+        assert kind in ("slow body", "dropped stream") or seconds < 2, (kind, seconds)
+    if not load.shared(alone["others"], abused["others"]):  # a CPU others use too measures them: reported, not judged
+        assert load.p95(abused) < 2.5 * load.p95(alone) + 2
+    assert rss < 3000  # MB: the fp32 model (540), continuous batching's KV cache (755), torch and the rest
+
+
+@pytest.fixture(scope="module")
+def bounded(served):
+    """A second server on the same folder, with room for three requests and eight seconds each. The last test
+    that uses it stops it."""
+    folder, _ = served
+    server = Server("--model", folder, "--precision", "fp32", "--max-requests", 3, "--request-timeout", 8)
+    yield server
+    if server.process.poll() is None:
+        server.process.kill()
+
+
+@slow
+def test_a_full_server_answers_503_at_once_and_goes_on(bounded):
+    holders = [load.socket_to(bounded.url) for _ in range(3)]
+    for holder in holders:  # three requests whose bodies are still on the way take the three places
+        holder.sendall(load.headers_for(bounded.url, 100) + b"{")
+    deadline, hi = time.monotonic() + 60, json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    while True:  # until the server has seen all three
+        start = time.perf_counter()
+        code, answer = post(bounded.url + "/chat/completions", hi)
+        if code == 503 or time.monotonic() > deadline:
+            break
+    assert code == 503 and "--max-requests" in answer["detail"] and time.perf_counter() - start < 1, answer
+    for holder in holders:
+        holder.close()
+    code, answer = post(bounded.url + "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}))
+    assert code == 400, answer  # let in again, and checked (a 400 needs no generation on a busy CPU)
+
+
+@slow
+def test_a_request_past_its_time_limit_is_stopped_with_the_reason(bounded):
+    start = time.perf_counter()
+    sent = []
+    for batched, stream in ((True, True), (False, True), (False, False)):
+        body = load.long_body(bounded.model, 1000, stream=stream, batched=batched)
+        sent.append(load.socket_to(bounded.url))
+        sent[-1].sendall(load.headers_for(bounded.url, len(body)) + body)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(to_end, sent))
+    assert 8 <= time.perf_counter() - start < 30
+    limit = "the server's limit of 8 s (--request-timeout)"
+    for answer in answers:  # a stream that has begun ends with an error event; one that has not is a 504
+        assert limit in (events(answer)[-1] if answer.startswith("HTTP/1.1 200") else answer), answer[-300:]
+    assert answers[2].startswith("HTTP/1.1 504")
+
+
+@slow
+def test_sigterm_mid_stream_ends_it_and_exits_within_two_seconds(bounded, capsys):
+    stream = long_stream(bounded, batched=True)  # a batched stream, and the one-at-a-time one of the benchmark
+    seconds, others = load.sigterm_to_exit(bounded.process, bounded.url, bounded.model)
+    with capsys.disabled():
+        print(f"\nserve SIGTERM while streaming, to exit: {seconds:.2f} s (other processes used "
+              f"{load.busy_share(others)} of the CPUs)")
+    assert bounded.process.returncode == 0
+    assert seconds <= (2 if not load.shared(others) else 10)  # a starved process cannot keep time
+    assert "the server is stopping" in events(to_end(*stream))[-1]
+    for reader in bounded.readers:
+        reader.join(5)
+    assert bounded.stderr.rstrip().endswith("server stopped") and "Traceback" not in bounded.stderr, bounded.stderr
