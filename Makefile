@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PRISM  := .prism/node_modules/.bin/prism
 LLAMA_CPP := $(VENV)/.llama-cpp-python-0.3.36
-DEMO_QUESTIONS := "Hello, what's your name?" "Are you ChatGPT?" "Who made you?" "Describe yourself in three words." "Qui es-tu ?" "What is an echo state network, in two sentences?" "Give me a tip for sleeping better." "And what was my first question?"
+DEMO_QUESTIONS := "Tell me about yourself." "What colour is a ripe banana?" "Comment tu t'appelles ?" "What is the capital of Italy?" "How many sides does a hexagon have?" "What ideas is your name taken from?" "And what was my first question?"
 
 .PHONY: install demo test test-export bench clean
 
