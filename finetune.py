@@ -2776,6 +2776,23 @@ def evaluate_persona(model, tokenizer, settings: dict, base_template: str | None
     return result
 
 
+def weights_digest(model):
+    """A sha256 of a model's base weights, for a cache key: each tensor's shape, dtype and a sample of
+    4,096 of its values; weights and buffers (int8 weights are buffers), never a LoRA adapter's."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if "lora_" not in name:
+                flat = tensor.detach().reshape(-1)
+                digest.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())
+                digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return digest
+
+
 def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict, base_template: str | None) -> tuple[dict, bool]:
     """(the base model's scores, whether they came from the cache): computed once for a given base,
     probes, rendering, settings and tool.
@@ -2785,18 +2802,10 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
     weights (a sample of each tensor), the probes and general text, the chat templates, the shipped
     decoding, the evaluation settings, device and precision, the library versions and this file.
     Change any of them and the base is scored again."""
-    import hashlib
-
     import torch
     import transformers
 
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in base.state_dict().items():  # weights and buffers (int8 weights are buffers)
-            if "lora_" not in name:
-                flat = tensor.detach().reshape(-1)
-                digest.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())
-                digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    digest = weights_digest(base)
     inputs = {key: settings[key] for key in ("device", "precision", "eval_max_new_tokens", "eval_batch_size", "persona_name", "persona_full_name")}
     digest.update(json.dumps([inputs, probes, Path(settings["general_text"]).read_text(encoding="utf-8"), tokenizer.chat_template,
                               base_template, base.generation_config.to_json_string(), torch.__version__, transformers.__version__],
@@ -3364,17 +3373,10 @@ REPLAY_NEW_TOKENS = 160  # an everyday answer longer than this is cut off, and l
 def replay_key(model, tokenizer, questions: list[str], settings: dict) -> str:
     """What the base model's replayed answers depend on: its weights (a sample of each tensor), the
     questions, the rendering, the decoding and precision, the library versions."""
-    import hashlib
-
     import torch
     import transformers
 
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if "lora_" not in name:
-                flat = tensor.detach().reshape(-1)
-                digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    digest = weights_digest(model)
     digest.update(json.dumps([questions, tokenizer.chat_template, REPLAY_NEW_TOKENS, settings["device"], settings["precision"],
                               torch.__version__, transformers.__version__]).encode())
     return digest.hexdigest()[:32]
