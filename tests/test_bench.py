@@ -1,0 +1,40 @@
+"""The GPU benchmark's CPU fallback: the same code a CUDA machine runs, on a random-weight model of a
+named shape, one timed step (bench/gpu_train.py; its figures need a GPU, its paths do not)."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_the_gpu_benchmark_builds_a_model_of_the_named_shape():
+    import gpu_train
+
+    assert set(gpu_train.SHAPES) == {"135m", "360m", "1.7b"}
+    parameters = {}
+    for shape, fields in gpu_train.SHAPES.items():  # the count from the shape alone: embeddings (tied) + layers
+        h, i, layers = fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"]
+        kv = h // fields["num_attention_heads"] * fields["num_key_value_heads"]
+        parameters[shape] = 49152 * h + layers * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
+    assert parameters["135m"] == pytest.approx(134.5e6, rel=0.01) and parameters["1.7b"] == pytest.approx(1.71e9, rel=0.01)
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_the_default_recipe_on_the_cpu_and_reports_rate_mfu_and_memory(tmp_path):
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train.py"), "--shape", "135m", "--steps", "1",
+                           "--batch-size", "2", "--recipes", "default", "--json", out],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert "random-weight model of the 135m shape: 135M parameters" in done.stderr
+    row = re.search(r"^\| default \| (\w+) \| 2 \| (\d+) \| ([\d.]+)% \| - \| ([\d.]+) GB \|$", done.stdout, re.M)
+    assert row, done.stdout
+    assert int(row.group(2)) > 0 and 0 < float(row.group(3)) < 100 and float(row.group(4)) > 0.3
+    assert "of this cpu's measured 2048x2048 matmul rate" in done.stdout and "CPU capability" in done.stdout
+    results = json.loads(out.read_text())
+    assert results["parameters"] == 134_515_008 and results["results"]["default"]["timed_steps"] == 1
