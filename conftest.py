@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
 import finetune  # noqa: E402
+
+# A suite started as a background job (`make test &`, `nohup ... &` from a script) inherits SIGINT
+# ignored, and so would every command it starts: the Ctrl-C tests would then wait for an interrupt
+# that never comes. Ctrl-C's own default, here and (on exec) in every command the tests run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Three everyday questions for the base model to answer before training (the shipped file has 110).
 FEW_QUESTIONS = ["--replay-questions", str(ROOT / "tests" / "replay_questions.txt")]
