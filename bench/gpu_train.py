@@ -28,7 +28,6 @@ import argparse
 import json
 import random
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -127,15 +126,6 @@ def run_child(recipe: str, args) -> dict:
 # --------------------------------------------------------------------------------------------
 # The comparison.
 # --------------------------------------------------------------------------------------------
-def run_recipe(recipe: str, args, folder: Path) -> dict:
-    command = [sys.executable, __file__, "--child", recipe, "--model-folder", str(folder), "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise finetune.UserError(f"the {recipe} recipe failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}", 1)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def peak_rate(device: str, precision: str, given: float | None) -> tuple[float | None, str]:
     """The FLOP/s an MFU is a share of, and where that figure comes from."""
     if given:
@@ -188,11 +178,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-model-") as folder:
         parameters = make_model(args.shape, Path(folder), args.seed)
         finetune.log(f"random-weight model of the {args.shape} shape: {parameters / 1e6:.0f}M parameters")
-        for recipe in args.recipes:
-            if recipe == "trl" and throughput.trl_missing():
-                finetune.log(f"trl skipped: {throughput.trl_missing()}")
-                continue
-            results[recipe] = run_recipe(recipe, args, Path(folder))
+        flags = ["--model-folder", folder, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+        for recipe in throughput.runnable(args.recipes):
+            results[recipe] = throughput.in_own_process(__file__, recipe, flags)
             r = results[recipe]
             finetune.log(f"{recipe}: {r['dataset_tokens_per_second']:.0f} dataset tok/s, peak {finetune.format_memory(r['peak'])}")
     if not results:

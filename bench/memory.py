@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -95,14 +94,6 @@ def run_child(recipe: str, steps: int) -> dict:
 # --------------------------------------------------------------------------------------------
 # The comparison.
 # --------------------------------------------------------------------------------------------
-def run_recipe(recipe: str, steps: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", recipe, "--steps", str(steps)], cwd=ROOT,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise finetune.UserError(f"the {recipe} recipe failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}", 1)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def format_report(results: dict, cpu: dict) -> str:
     lines = ["| recipe | precision | peak resident memory | peak GPU memory | dataset tok/s |", "|---|---|---:|---:|---:|"]
     for r in results.values():
@@ -132,11 +123,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_child(args.child, args.steps)))
         return 0
     results = {}
-    for recipe in args.recipes:
-        if recipe == "trl" and throughput.trl_missing():
-            finetune.log(f"trl skipped: {throughput.trl_missing()}")
-            continue
-        results[recipe] = run_recipe(recipe, args.steps)
+    for recipe in throughput.runnable(args.recipes):
+        results[recipe] = throughput.in_own_process(__file__, recipe, ["--steps", str(args.steps)])
         finetune.log(f"{recipe}: peak {finetune.format_memory(results[recipe]['peak'])}")
     print(format_report(results, throughput.cpu_description()))
     if args.json:

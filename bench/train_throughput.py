@@ -307,6 +307,23 @@ def trl_missing() -> str | None:
     return None
 
 
+def runnable(recipes: list[str]) -> list[str]:
+    """`recipes` less "trl" where TRL is not installed (said once, on stderr)."""
+    if "trl" in recipes and trl_missing():
+        finetune.log(f"trl skipped: {trl_missing()}")
+        return [r for r in recipes if r != "trl"]
+    return recipes
+
+
+def in_own_process(script: str, recipe: str, flags: list[str]) -> dict:
+    """`script --child RECIPE FLAGS` run in a fresh process, so that the recipe's peak memory is its own:
+    the JSON its last line prints (bench/memory.py and bench/gpu_train.py)."""
+    done = subprocess.run([sys.executable, script, "--child", recipe, *flags], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise finetune.UserError(f"the {recipe} recipe failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}", 1)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_trl_recipe(settings: dict, base_path: str, tokenizer, rows: list[dict], example_order: list[list[int]],
                    steps: int, output_dir: str) -> dict:
     """SFTTrainer with LoRA r16 on all linear layers, a fresh copy of the base model. Its dataset is the
