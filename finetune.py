@@ -607,7 +607,8 @@ class DatasetValidator:
             if not text.startswith("]", position):
                 problem = f"expected ',' or ']' after record {number}, at {line_column(text, position)}; what follows cannot be read"
             elif text[position + 1 :].strip() != closing:
-                problem = f"extra data after the array, at {line_column(text, JSON_WHITESPACE.match(text, position + 1).end())}"
+                problem = (f"extra data after the array, at {line_column(text, JSON_WHITESPACE.match(text, position + 1).end())}; "
+                           "what follows cannot be read")
             else:
                 return
             yield number + 1, None, [("invalid JSON", problem)]

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
+from hypothesis import example as case  # noqa: E402  (this file has its own `example`)
 
 import finetune  # noqa: E402
 from conftest import assert_every_line_accounted_for  # noqa: E402
@@ -235,6 +236,8 @@ def test_hostile_lines_never_raise_are_accounted_for_and_what_is_accepted_writes
 @settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(records=st.lists(HOSTILE, max_size=5), tail=st.sampled_from([b"]", b"", b"] x", b",]", b"]}"]))
+@case(records=[b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]', b"[1]", b"[2]"],
+         tail=b"]")  # a stray ']' ends the array after the first record: the two after it are said to be unread (found in CI)
 def test_hostile_records_in_a_json_array_never_raise_and_what_is_accepted_writes_as_utf8(tmp_path, records, tail):
     path = tmp_path / "fuzz.json"
     path.write_bytes(b"[" + b",\n".join(records) + tail)
