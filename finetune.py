@@ -3625,7 +3625,7 @@ def trainer_callbacks() -> types.SimpleNamespace:
                 import torch
                 import torch.distributed as dist
 
-                flag = torch.tensor([int(self.interrupted)])
+                flag = torch.tensor([int(self.interrupted)], device=args.device)  # NCCL reduces only tensors on a GPU
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 self.interrupted = bool(flag.item())
             if self.interrupted:
