@@ -4197,12 +4197,22 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def text_models_only() -> None:
+    """Keeps torchvision out of this process. Transformers' model code imports its image helpers, and
+    they import torchvision wherever it and Pillow are installed, as on most GPU machines: seconds of
+    every command's start (about 6 s of imports for `example_usage.py --prompt` on an H200, issue 24)
+    for nothing a causal LM uses. A package that sys.modules holds as None is one importlib finds
+    absent, so transformers takes its path for a machine without torchvision."""
+    sys.modules.setdefault("torchvision", None)
+
+
 VERBOSE = [False]  # --verbose, for the processes a command starts
 
 
 def run_command(command, verbose: bool) -> int:
     """Runs a command; a failure is one line on stderr with an exit code, a traceback only with --verbose."""
     VERBOSE[0] = verbose
+    text_models_only()
     if not verbose:
         quiet_libraries()
     try:

@@ -1,7 +1,10 @@
 """example_usage.py: one --prompt, the interactive chat, and their errors, on a tiny fine-tune."""
 from __future__ import annotations
 
+import os
+import subprocess
 import time
+from pathlib import Path
 
 import finetune
 from conftest import PY, ROOT, cli
@@ -19,6 +22,33 @@ def test_prompt_prints_only_the_answer_the_model_gives(tiny_model, small_probe_c
     assert result.stdout == expected + "\n"  # the folder's decoding defaults, and nothing else on stdout
     again = cli("--model", out, "--prompt", "-", "--config", small_probe_config, input="Who are you?", script="example_usage.py")
     assert again.stdout == result.stdout
+
+
+def stand_ins_for_pillow_and_torchvision(folder):
+    """Pillow and torchvision as a GPU machine has them, for transformers' checks: a torchvision whose
+    import leaves a mark (and then fails, as no real one is needed)."""
+    (folder / "PIL").mkdir(parents=True)
+    (folder / "PIL" / "__init__.py").write_text('__version__ = "99.0"\n')
+    (folder / "PIL" / "ImageOps.py").write_text("")
+    (folder / "PIL" / "Image.py").write_text(
+        "import enum\nclass Resampling(enum.IntEnum):\n    NEAREST = 0; LANCZOS = 1; BILINEAR = 2; BICUBIC = 3; BOX = 4; HAMMING = 5\n"
+        "class Image: pass\n")
+    (folder / "torchvision").mkdir()
+    (folder / "torchvision" / "__init__.py").write_text(
+        "import os\nopen(os.environ['TORCHVISION_MARK'], 'w').close()\nraise ImportError('a stand-in')\n")
+    return {"PYTHONPATH": str(folder), "TORCHVISION_MARK": str(folder / "imported")}
+
+
+def test_prompt_imports_no_torchvision_where_transformers_would(tiny_model, small_probe_config, tmp_path):
+    out, _ = tiny_model
+    env = stand_ins_for_pillow_and_torchvision(tmp_path / "site")
+    plain = subprocess.run([PY, "-c", "import transformers.modeling_utils"], cwd=ROOT, env=dict(os.environ, **env),
+                           capture_output=True, text=True)
+    assert Path(env["TORCHVISION_MARK"]).exists(), plain.stderr  # transformers itself imports it
+    Path(env["TORCHVISION_MARK"]).unlink()
+    result = cli("--model", out, "--prompt", "Who are you?", "--config", small_probe_config, script="example_usage.py", env=env)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    assert not Path(env["TORCHVISION_MARK"]).exists()
 
 
 def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
