@@ -1075,6 +1075,36 @@ def test_pieces_cover_the_batch_within_the_budget_and_add_up_to_its_loss(lora_an
     assert sum(n for _, n in parts) == count and sum(t.item() for t, _ in parts) == pytest.approx(whole.item(), rel=1e-5)
 
 
+def test_a_flattened_batch_has_the_padded_loss_in_pieces_cut_between_examples(lora_and_batch):
+    import types
+
+    import torch
+
+    model, batch = lora_and_batch
+    rows = [{key: batch[key][i][batch["attention_mask"][i] == 1].tolist() for key in ("input_ids", "labels")} for i in range(3)]
+    _, flat = finetune.batch_collators(None)
+    flattened = flat(rows)
+    assert set(flattened) == {"input_ids", "labels", "position_ids"} and flattened["input_ids"].shape == (1, batch["attention_mask"].sum())
+    pieces = finetune.micro_batches(flattened, max_tokens=120, multiple=8)
+    assert len(pieces) >= 2
+    for piece in pieces:
+        assert piece["input_ids"].shape[1] % 8 == 0 and piece["position_ids"][0, 0] == 0  # each piece starts an example
+        examples = int((piece["position_ids"][0] == 0).sum())
+        assert piece["input_ids"].shape[1] <= 120 or examples <= 2  # over budget: one example (and its padding)
+    with torch.no_grad():
+        padded, count = finetune.labelled_loss(model, batch)
+        whole, flat_count = finetune.labelled_loss(model, flattened)
+        parts = [finetune.labelled_loss(model, piece) for piece in pieces]
+    assert flat_count == count and whole.item() == pytest.approx(padded.item(), rel=1e-5)
+    assert sum(n for _, n in parts) == count and sum(t.item() for t, _ in parts) == pytest.approx(padded.item(), rel=1e-5)
+
+    trainer = types.SimpleNamespace(model=model, compute_dtype=None, args=types.SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False))
+    rows = [dict(row, length=len(row["input_ids"])) for row in rows]
+    assert finetune.flattened_batches(trainer, rows, flat)
+    one_sequence = lambda features: dict(flat(features), attention_mask=torch.ones_like(flat(features)["input_ids"]))
+    assert not finetune.flattened_batches(trainer, rows, one_sequence)  # an attention mask makes it one long example
+
+
 def test_batches_by_tokens_keep_rows_and_tokens_within_their_limits():
     lengths = [5, 50, 7, 12, 300, 9, 40]
     batches = finetune.batches_by_tokens(lengths, max_rows=3, max_tokens=100)
@@ -1086,16 +1116,21 @@ def test_batches_by_tokens_keep_rows_and_tokens_within_their_limits():
 
 def test_a_step_in_pieces_trains_as_the_whole_batch_and_the_run_reports_its_memory(tmp_path, base_path):
     runs = {}
-    for budget in ("0", "32"):  # 0: whole batches; 32: rows of up to 48 tokens one at a time, recomputed (checkpointed)
+    # 0: whole batches; 32: rows of up to 48 tokens one at a time, recomputed (checkpointed); and so again with
+    # each batch's examples end to end in one row (--padding-free), its pieces cut between examples
+    for budget, flags in (("0", []), ("32", []), ("32-flat", ["--padding-free"])):
         out = tmp_path / f"run{budget}"
         result = cli("--output-dir", out, "--no-eval", "--validation-split", "0", "--precision", "fp32",
-                     "--max-batch-tokens", budget, *TINY)
+                     "--max-batch-tokens", budget.split("-")[0], *flags, *TINY)
         assert result.returncode == 0, result.stderr
         runs[budget] = json.loads((out / "training_summary.json").read_text())
         assert re.search(r"peak memory \d+\.\d\d GB resident", result.stderr.splitlines()[-1])
     whole, pieces = runs["0"], runs["32"]
     assert pieces["settings"]["max_batch_tokens"] == 32 and whole["settings"]["max_batch_tokens"] == 0
     assert [loss for _, loss in pieces["loss_curve"]] == pytest.approx([loss for _, loss in whole["loss_curve"]], rel=1e-4)
+    flat = runs["32-flat"]
+    assert flat["settings"]["padding_free"] and "padding-free" not in result.stderr  # the check passed: no fallback said
+    assert [loss for _, loss in flat["loss_curve"]] == pytest.approx([loss for _, loss in whole["loss_curve"]], rel=1e-4)
     assert 0.3 < pieces["peak_memory"]["resident_gb"] < 4
 
 

@@ -5,6 +5,7 @@ Examples:
   python bench/gpu_train.py                            # SmolLM2-1.7B's shape, 10 timed steps of each (a CUDA machine)
   python bench/gpu_train.py --shape 135m --steps 2     # anywhere: on a CPU this is the fallback, same code, slow
   python bench/gpu_train.py --batch-size 32 --json gpu.json
+  python bench/gpu_train.py --lever padding_free=true --lever batch_size=16 --recipes default
 
 Random weights, because a GPU machine may reach no model hub and a run's speed and memory depend on
 the model's shape, not its weights: SmolLM2's architecture at the size named, in bf16, with the
@@ -19,6 +20,9 @@ MFU, that rate x 4 x the base's parameters (LoRA computes no gradients for froze
 device's peak dense bf16 rate (a table of known GPUs, or --peak-tflops; on a CPU the measured
 2048 x 2048 matmul rate, so there it is a share of what this CPU reaches, not of a datasheet); and the
 peak memory: torch.cuda.max_memory_allocated on CUDA, the resident set everywhere.
+Each --lever KEY=VALUE (a setting of finetune.py, as config.json spells it) adds a row: the default
+recipe with that setting changed, in a process of its own on the same examples, and its ratio to the
+default: the levers measured one by one, in one run.
 Targets (issue 24, 1.7B shape, LoRA, on a GPU): the default at least 2x TRL in dataset tokens/s at
 the same batch, and at least 25% MFU.
 """
@@ -64,10 +68,13 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=STEPS, help=f"timed steps per recipe, after one warm-up step (default {STEPS})")
     parser.add_argument("--batch-size", default="auto", help="examples per step for both recipes (default: the tool's auto)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
+                        help="also the default recipe with this setting changed (repeatable), e.g. padding_free=true")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s, for a GPU not in the table")
     parser.add_argument("--seed", type=int, default=finetune.DEFAULT_SETTINGS["seed"])
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
-    parser.add_argument("--child", choices=RECIPES, help=argparse.SUPPRESS)  # one recipe, in this process
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one recipe, in this process
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)  # a lever's settings, as JSON
     parser.add_argument("--model-folder", help=argparse.SUPPRESS)  # the random-weight model the parent made
     args = parser.parse_args(argv)
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -75,6 +82,15 @@ def parse_args(argv):
         parser.error(f"unknown recipes: {', '.join(sorted(unknown))}")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    args.levers = {}
+    for lever in args.lever:
+        key, _, text = lever.partition("=")
+        if key not in finetune.DEFAULT_SETTINGS or not text:
+            parser.error(f"--lever takes KEY=VALUE with a setting of finetune.py (config.json's names), not {lever!r}")
+        try:
+            args.levers[lever] = {key: json.loads(text)}  # true, 16, 0.5, "auto"
+        except json.JSONDecodeError:
+            args.levers[lever] = {key: text}
     if args.batch_size != "auto":
         if not args.batch_size.isdigit() or int(args.batch_size) < 1:
             parser.error(f"--batch-size must be auto or a positive whole number, not {args.batch_size!r}")
@@ -105,13 +121,14 @@ def run_child(recipe: str, args) -> dict:
     total = throughput.WARMUP_STEPS + args.steps
     settings = dict(finetune.DEFAULT_SETTINGS, model=args.model_folder, batch_size=args.batch_size, seed=args.seed,
                     validation_split=0, max_steps=total, save_steps=total + 1, evaluate_after_training=False)
+    settings.update(json.loads(args.overrides))
     settings = finetune.resolve_hardware(settings)
     examples = throughput.load_examples(str(ROOT / finetune.DEFAULT_SETTINGS["dataset"]), settings["max_length"])
     rng = random.Random(args.seed)  # the same sample in both processes; repeated where a run needs more than the dataset
     examples = [rng.choice(examples) for _ in range(total * settings["batch_size"])]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as folder:
         settings["output_dir"] = folder
-        if recipe == "default":
+        if recipe != "trl":  # the default, or a lever on it
             result = throughput.run_default_recipe(settings, examples, args.steps)["result"]
         else:
             tuner = finetune.HuggingFaceFineTuner(settings)
@@ -153,6 +170,9 @@ def format_report(results: dict, parameters: int, peak: float | None, peak_sourc
         lines.append(f"| {name} | {r['precision']} | {r['batch_size']} | {r['dataset_tokens_per_second']:.0f} | "
                      f"{'-' if mfu is None else f'{mfu:.1%}'} | {gpu} | {r['peak']['resident_gb']:.2f} GB |")
     default, trl = results.get("default"), results.get("trl")
+    for name, r in results.items():
+        if default and name not in RECIPES:
+            lines.append(f"{name}: {r['dataset_tokens_per_second'] / default['dataset_tokens_per_second']:.2f}x the default's dataset tokens/s")
     if default and trl:
         ratio = default["dataset_tokens_per_second"] / trl["dataset_tokens_per_second"]
         lines.append(f"default/TRL dataset tokens/s = {ratio:.2f}x (target {TARGETS['trl']:g}x on a GPU)")
@@ -179,8 +199,9 @@ def main(argv=None) -> int:
         parameters = make_model(args.shape, Path(folder), args.seed)
         finetune.log(f"random-weight model of the {args.shape} shape: {parameters / 1e6:.0f}M parameters")
         flags = ["--model-folder", folder, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
-        for recipe in throughput.runnable(args.recipes):
-            results[recipe] = throughput.in_own_process(__file__, recipe, flags)
+        runs = [(recipe, {}) for recipe in throughput.runnable(args.recipes)] + list(args.levers.items())
+        for recipe, overrides in runs:
+            results[recipe] = throughput.in_own_process(__file__, recipe, flags + ["--overrides", json.dumps(overrides)])
             r = results[recipe]
             finetune.log(f"{recipe}: {r['dataset_tokens_per_second']:.0f} dataset tok/s, peak {finetune.format_memory(r['peak'])}")
     if not results:

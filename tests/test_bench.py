@@ -38,3 +38,18 @@ def test_the_gpu_benchmark_runs_the_default_recipe_on_the_cpu_and_reports_rate_m
     assert "of this cpu's measured 2048x2048 matmul rate" in done.stdout and "CPU capability" in done.stdout
     results = json.loads(out.read_text())
     assert results["parameters"] == 134_515_008 and results["results"]["default"]["timed_steps"] == 1
+
+
+def test_each_lever_is_a_setting_changed_and_its_row_says_its_ratio_to_the_default(capsys):
+    import gpu_train
+
+    args = gpu_train.parse_args(["--lever", "padding_free=true", "--lever", "batch_size=16", "--lever", "lr_scheduler=linear"])
+    assert args.levers == {"padding_free=true": {"padding_free": True}, "batch_size=16": {"batch_size": 16},
+                           "lr_scheduler=linear": {"lr_scheduler": "linear"}}
+    with pytest.raises(SystemExit):
+        gpu_train.parse_args(["--lever", "padding_fre=true"])
+    assert "a setting of finetune.py" in capsys.readouterr().err
+    row = {"precision": "bf16", "batch_size": 8, "method": "lora", "timed_steps": 2, "device": "cuda", "peak": {"resident_gb": 1.0, "cuda_gb": 2.0}}
+    results = {"default": dict(row, dataset_tokens_per_second=1000.0), "padding_free=true": dict(row, dataset_tokens_per_second=1250.0)}
+    report = gpu_train.format_report(results, 1_000_000, 1e15, "a datasheet", "1.7b")
+    assert "padding_free=true: 1.25x the default's dataset tokens/s" in report and "| padding_free=true | bf16 | 8 | 1250 |" in report
