@@ -23,6 +23,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import glob
 import itertools
 import json
 import math
@@ -1266,9 +1267,44 @@ def embedded_gguf() -> Path:
 
 
 def converted_folder(gguf: Path) -> Path:
-    """Where the safetensors version of a GGUF file lives: a new file (size, time) gets a new folder."""
-    stat = gguf.stat()
-    return cache_root() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    """Where the safetensors version of a GGUF file lives, named by the file's content: the same file
+    installed again (a new virtual environment, a fresh clone's `make`) finds what was converted before."""
+    return cache_root() / f"{gguf.stem}-{gguf.stat().st_size}-{content_digest(gguf)[:16]}"
+
+
+def content_digest(path: Path) -> str:
+    """A file's sha256, read once per path, size and time (the embedded GGUF's 98 MB: about 0.2 s) and
+    remembered in the cache's digests.json; entries whose file is gone are dropped when one is added."""
+    stat = path.stat()
+    key, index = f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}", cache_root() / "digests.json"
+    try:
+        known = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(key), str):
+        known = {k: v for k, v in known.items() if Path(k.rsplit(" ", 2)[0]).exists()} if isinstance(known, dict) else {}
+        known[key] = file_record(path)["sha256"]
+        with contextlib.suppress(OSError):  # a read-only cache: read again next time
+            index.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(index, json.dumps(known, indent=1) + "\n", overwrite=True)
+    return known[key]
+
+
+def remove_earlier_conversions(gguf: Path) -> None:
+    """Folders that versions before content names converted this file into, one per install (named by the
+    file's time, 517 MB each for the embedded model): removed, said in one line. Only this tool's own
+    (a manifest it wrote)."""
+    earlier = []
+    for folder in cache_root().glob(f"{glob.escape(gguf.stem)}-{gguf.stat().st_size}-*"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if re.fullmatch(r"\d{1,12}", folder.name.rsplit("-", 1)[1]) and \
+                    json.loads((folder / CACHE_MANIFEST).read_text(encoding="utf-8")).get("written_by") == TOOL_NAME:
+                earlier.append((folder, sum(f.stat().st_size for f in folder.iterdir())))
+    for folder, _ in earlier:
+        shutil.rmtree(folder, ignore_errors=True)
+    if earlier:
+        log(f"removed {len(earlier)} earlier conversion{'s' if len(earlier) > 1 else ''} of {gguf.name} from {cache_root()} "
+            f"({sum(size for _, size in earlier) / 1e9:.1f} GB), named by the time of an earlier install")
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -1294,6 +1330,7 @@ def convert_gguf(gguf: Path) -> Path:
         else:
             return target
         _convert(gguf, target)
+        remove_earlier_conversions(gguf)
     return target
 
 

@@ -82,3 +82,36 @@ def test_an_entry_from_before_manifests_is_checked_by_its_structure(tmp_path):
     assert finetune.cache_problem(tmp_path) == "model.safetensors is missing"
     save_file({"weight": torch.zeros(64, 64)}, tmp_path / "model.safetensors")
     assert finetune.cache_problem(tmp_path) is None and (tmp_path / finetune.CACHE_MANIFEST).is_file()  # recorded now
+
+
+def test_the_same_gguf_installed_again_finds_its_conversion_and_earlier_ones_are_removed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gguf = finetune.embedded_gguf()
+    again = tmp_path / "venv2" / gguf.name  # another virtual environment's copy: same bytes, a new time
+    again.parent.mkdir()
+    shutil.copyfile(gguf, again)
+    os.utime(again, ns=(gguf.stat().st_mtime_ns + 10**9,) * 2)
+    assert finetune.converted_folder(again) == finetune.converted_folder(gguf)
+    digests = json.loads((tmp_path / "cache" / "echo-finetune" / "digests.json").read_text())
+    assert len(digests) == 2 and len(set(digests.values())) == 1
+    with open(again, "r+b") as handle:  # other content, same size
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([last[0] ^ 1]))
+    os.utime(again, ns=(gguf.stat().st_mtime_ns + 2 * 10**9,) * 2)
+    assert finetune.converted_folder(again) != finetune.converted_folder(gguf)
+
+    cache, size = tmp_path / "cache" / "echo-finetune", gguf.stat().st_size
+    old, not_ours, other_file = cache / f"{gguf.stem}-{size}-1796415880", cache / f"{gguf.stem}-{size}-1796427599", cache / f"other-{size}-1796415880"
+    for folder in (old, not_ours, other_file):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    for folder in (old, other_file):
+        (folder / finetune.CACHE_MANIFEST).write_text(json.dumps({"written_by": "echo-finetune", "files": {}}))
+    current = finetune.converted_folder(gguf)
+    current.mkdir()
+    (current / finetune.CACHE_MANIFEST).write_text(json.dumps({"written_by": "echo-finetune", "files": {}}))
+    finetune.remove_earlier_conversions(gguf)
+    assert not old.exists() and not_ours.exists() and other_file.exists() and current.exists()
+    assert f"removed 1 earlier conversion of {gguf.name}" in capsys.readouterr().err
