@@ -71,6 +71,9 @@ def parse_args(argv):
     parser.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
                         help="also the default recipe with this setting changed (repeatable), e.g. padding_free=true")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s, for a GPU not in the table")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="a folder (or hub id) with SmolLM2's tokenizer, where the embedded model is not installed "
+                             "(a machine that reaches no package index: its tokenizer files are 3 MB to carry)")
     parser.add_argument("--seed", type=int, default=finetune.DEFAULT_SETTINGS["seed"])
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one recipe, in this process
@@ -101,8 +104,9 @@ def parse_args(argv):
 # --------------------------------------------------------------------------------------------
 # The model: random weights of a named shape, saved where both recipes load it.
 # --------------------------------------------------------------------------------------------
-def make_model(shape: str, folder: Path, seed: int) -> int:
-    """SmolLM2's architecture at `shape`, random bf16 weights, with the embedded model's tokenizer; its parameter count."""
+def make_model(shape: str, folder: Path, seed: int, tokenizer: str | None = None) -> int:
+    """SmolLM2's architecture at `shape`, random bf16 weights, with the embedded model's tokenizer (or
+    `tokenizer`'s); its parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -110,7 +114,7 @@ def make_model(shape: str, folder: Path, seed: int) -> int:
     config = LlamaConfig(**SHARED_SHAPE, **SHAPES[shape], head_dim=SHAPES[shape]["hidden_size"] // SHAPES[shape]["num_attention_heads"])
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
-    finetune.load_tokenizer(finetune.resolve_base(finetune.SMOLLM2_ALIAS)).save_pretrained(folder)
+    finetune.load_tokenizer(tokenizer or finetune.resolve_base(finetune.SMOLLM2_ALIAS)).save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
         return 0
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-model-") as folder:
-        parameters = make_model(args.shape, Path(folder), args.seed)
+        parameters = make_model(args.shape, Path(folder), args.seed, args.tokenizer)
         finetune.log(f"random-weight model of the {args.shape} shape: {parameters / 1e6:.0f}M parameters")
         flags = ["--model-folder", folder, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
         runs = [(recipe, {}) for recipe in throughput.runnable(args.recipes)] + list(args.levers.items())
