@@ -3510,6 +3510,9 @@ def flattened_batches(trainer, rows, flat) -> bool:
     needed); where they differ, batches stay padded, said once."""
     import torch
 
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:  # sharded only once training starts: not checkable before
+        log("--padding-free is checked on the model before training, which FSDP and DeepSpeed shard: training on padded batches")
+        return False
     first, second = [{key: row[key] for key in ("input_ids", "labels")} for row in sorted(rows, key=lambda r: r["length"])[:2]]
     losses = []
     with torch.no_grad(), autocast(trainer.args.device.type, "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"):

@@ -1098,7 +1098,8 @@ def test_a_flattened_batch_has_the_padded_loss_in_pieces_cut_between_examples(lo
     assert flat_count == count and whole.item() == pytest.approx(padded.item(), rel=1e-5)
     assert sum(n for _, n in parts) == count and sum(t.item() for t, _ in parts) == pytest.approx(padded.item(), rel=1e-5)
 
-    trainer = types.SimpleNamespace(model=model, compute_dtype=None, args=types.SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False))
+    trainer = types.SimpleNamespace(model=model, compute_dtype=None, is_fsdp_enabled=False, is_deepspeed_enabled=False,
+                                    args=types.SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False))
     rows = [dict(row, length=len(row["input_ids"])) for row in rows]
     assert finetune.flattened_batches(trainer, rows, flat)
     one_sequence = lambda features: dict(flat(features), attention_mask=torch.ones_like(flat(features)["input_ids"]))
