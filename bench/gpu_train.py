@@ -6,6 +6,7 @@ Examples:
   python bench/gpu_train.py --shape 135m --steps 2     # anywhere: on a CPU this is the fallback, same code, slow
   python bench/gpu_train.py --batch-size 32 --json gpu.json
   python bench/gpu_train.py --lever padding_free=true --lever batch_size=16 --recipes default
+  ATEN_CPU_CAPABILITY=avx2 python bench/gpu_train.py --shape 135m --recipes default --set precision=fp32 --lever max_batch_tokens=512
 
 Random weights, because a GPU machine may reach no model hub and a run's speed and memory depend on
 the model's shape, not its weights: SmolLM2's architecture at the size named, in bf16, with the
@@ -22,7 +23,7 @@ device's peak dense bf16 rate (a table of known GPUs, or --peak-tflops; on a CPU
 peak memory: torch.cuda.max_memory_allocated on CUDA, the resident set everywhere.
 Each --lever KEY=VALUE (a setting of finetune.py, as config.json spells it) adds a row: the default
 recipe with that setting changed, in a process of its own on the same examples, and its ratio to the
-default: the levers measured one by one, in one run.
+default: the levers measured one by one, in one run. --set KEY=VALUE changes a setting for every row.
 Targets (issue 24, 1.7B shape, LoRA, on a GPU): the default at least 2x TRL in dataset tokens/s at
 the same batch, and at least 25% MFU.
 """
@@ -68,6 +69,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=STEPS, help=f"timed steps per recipe, after one warm-up step (default {STEPS})")
     parser.add_argument("--batch-size", default="auto", help="examples per step for both recipes (default: the tool's auto)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="a setting for every recipe (repeatable), e.g. precision=fp32")
     parser.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
                         help="also the default recipe with this setting changed (repeatable), e.g. padding_free=true")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s, for a GPU not in the table")
@@ -85,15 +88,17 @@ def parse_args(argv):
         parser.error(f"unknown recipes: {', '.join(sorted(unknown))}")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
-    args.levers = {}
-    for lever in args.lever:
-        key, _, text = lever.partition("=")
-        if key not in finetune.DEFAULT_SETTINGS or not text:
-            parser.error(f"--lever takes KEY=VALUE with a setting of finetune.py (config.json's names), not {lever!r}")
+    def setting(text: str, flag: str) -> dict:
+        key, _, value = text.partition("=")
+        if key not in finetune.DEFAULT_SETTINGS or not value:
+            parser.error(f"{flag} takes KEY=VALUE with a setting of finetune.py (config.json's names), not {text!r}")
         try:
-            args.levers[lever] = {key: json.loads(text)}  # true, 16, 0.5, "auto"
+            return {key: json.loads(value)}  # true, 16, 0.5, "auto"
         except json.JSONDecodeError:
-            args.levers[lever] = {key: text}
+            return {key: value}
+
+    args.levers = {lever: setting(lever, "--lever") for lever in args.lever}
+    args.settings = {key: value for text in args.settings for key, value in setting(text, "--set").items()}
     if args.batch_size != "auto":
         if not args.batch_size.isdigit() or int(args.batch_size) < 1:
             parser.error(f"--batch-size must be auto or a positive whole number, not {args.batch_size!r}")
@@ -205,7 +210,7 @@ def main(argv=None) -> int:
         flags = ["--model-folder", folder, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
         runs = [(recipe, {}) for recipe in throughput.runnable(args.recipes)] + list(args.levers.items())
         for recipe, overrides in runs:
-            results[recipe] = throughput.in_own_process(__file__, recipe, flags + ["--overrides", json.dumps(overrides)])
+            results[recipe] = throughput.in_own_process(__file__, recipe, flags + ["--overrides", json.dumps({**args.settings, **overrides})])
             r = results[recipe]
             finetune.log(f"{recipe}: {r['dataset_tokens_per_second']:.0f} dataset tok/s, peak {finetune.format_memory(r['peak'])}")
     if not results:

@@ -49,6 +49,7 @@ def test_each_lever_is_a_setting_changed_and_its_row_says_its_ratio_to_the_defau
     with pytest.raises(SystemExit):
         gpu_train.parse_args(["--lever", "padding_fre=true"])
     assert "a setting of finetune.py" in capsys.readouterr().err
+    assert gpu_train.parse_args(["--set", "precision=fp32", "--set", "max_batch_tokens=512"]).settings == {"precision": "fp32", "max_batch_tokens": 512}
     row = {"precision": "bf16", "batch_size": 8, "method": "lora", "timed_steps": 2, "device": "cuda", "peak": {"resident_gb": 1.0, "cuda_gb": 2.0}}
     results = {"default": dict(row, dataset_tokens_per_second=1000.0), "padding_free=true": dict(row, dataset_tokens_per_second=1250.0)}
     report = gpu_train.format_report(results, 1_000_000, 1e15, "a datasheet", "1.7b")
