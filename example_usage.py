@@ -541,9 +541,9 @@ class Call:
             self.reading.reschedule(asyncio.get_running_loop().time())
 
 
-async def reply(send, status: int, message: str) -> None:
-    """An error in FastAPI's words ({"detail": ...}); the connection closes after it."""
-    body = json.dumps({"detail": message}).encode()
+async def reply(send, status: int, message: str = "", body: dict | None = None) -> None:
+    """An error in FastAPI's words ({"detail": ...}), or `body`; the connection closes after it."""
+    body = json.dumps(body or {"detail": message}).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
@@ -562,6 +562,9 @@ class Guard:
         self.cancel_batched = lambda request_id: None  # continuous batching's cancel_request, once it runs
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/health":
+            return await reply(send, 200, body={"status": "stopping" if self.closing else "ok", "requests": len(self.calls),
+                                                "max_requests": self.max_requests})
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if scope["path"] not in SERVED_POSTS:

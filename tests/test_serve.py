@@ -309,8 +309,20 @@ def test_a_full_server_answers_503_at_once_and_goes_on(bounded):
     assert code == 400, answer  # let in again, and checked (a 400 needs no generation on a busy CPU)
 
 
+def idle(server, seconds: float = 30) -> dict:
+    """The server's /health once it holds no request (the test before may have left some ending)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with DIRECT.open(server.url.removesuffix("/v1") + "/health", timeout=10) as response:
+            health = json.loads(response.read())
+        if health["requests"] == 0 or time.monotonic() > deadline:
+            return health
+        time.sleep(0.1)
+
+
 @slow
 def test_a_request_past_its_time_limit_is_stopped_with_the_reason(bounded):
+    assert idle(bounded) == {"status": "ok", "requests": 0, "max_requests": 3}
     start = time.perf_counter()
     sent = []
     for batched, stream in ((True, True), (False, True), (False, False)):
