@@ -1281,8 +1281,9 @@ def content_digest(path: Path) -> str:
         known = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
-    if not isinstance(known, dict) or not isinstance(known.get(key), str):
-        known = {k: v for k, v in known.items() if Path(k.rsplit(" ", 2)[0]).exists()} if isinstance(known, dict) else {}
+    known = known if isinstance(known, dict) else {}
+    if not isinstance(known.get(key), str):
+        known = {k: v for k, v in known.items() if Path(k.rsplit(" ", 2)[0]).exists()}
         known[key] = file_record(path)["sha256"]
         with contextlib.suppress(OSError):  # a read-only cache: read again next time
             index.parent.mkdir(parents=True, exist_ok=True)
@@ -3259,7 +3260,7 @@ class HuggingFaceFineTuner:
         if trainer.pop_callback(ProgressCallback):
             trainer.add_callback(trainer_callbacks().QuietProgressBar)  # the bar, without the dicts
         trainer.loss_kind = self.loss_kind(trainer, train[0])
-        if self.settings["padding_free"] and len(train) > 1 and flattened_batches(trainer, train, flat):
+        if self.settings["padding_free"] and len(train) > 1 and flattened_batches(trainer, train, flat, self.settings["precision"]):
             trainer.data_collator = flat
             trainer.args.include_num_input_tokens_seen = "all"  # a flattened row has no padding to leave out
         trainer.max_batch_tokens = self.settings["max_batch_tokens"]
@@ -3502,7 +3503,7 @@ def batch_collators(tokenizer) -> tuple:
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), DataCollatorWithFlattening()
 
 
-def flattened_batches(trainer, rows, flat) -> bool:
+def flattened_batches(trainer, rows, flat, precision: str) -> bool:
     """Whether this model keeps a flattened row's examples apart: its attention must read the restarting
     position ids (transformers' sdpa, eager, flex and flash attention do, without a cache). Checked on
     the two shortest rows: the second one's loss after the first, and after the first one's tokens
@@ -3515,7 +3516,7 @@ def flattened_batches(trainer, rows, flat) -> bool:
         return False
     first, second = [{key: row[key] for key in ("input_ids", "labels")} for row in sorted(rows, key=lambda r: r["length"])[:2]]
     losses = []
-    with torch.no_grad(), autocast(trainer.args.device.type, "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"):
+    with torch.no_grad(), autocast(trainer.args.device.type, precision):
         for before in (first["input_ids"], first["input_ids"][::-1]):
             batch = flat([{"input_ids": before, "labels": [-100] * len(before)}, second])
             total, count = labelled_loss(trainer.model, {key: value.to(trainer.args.device) for key, value in batch.items()},
@@ -4224,8 +4225,8 @@ def local_tokenizer(name: str):
         gguf = embedded_gguf() if name == SMOLLM2_ALIAS else Path(name)
         if not gguf.is_file():
             raise UserError(f"GGUF file {name} does not exist")
-        if (converted_folder(gguf) / "tokenizer_config.json").is_file():
-            return load_tokenizer(str(converted_folder(gguf)))
+        if ((converted := converted_folder(gguf)) / "tokenizer_config.json").is_file():
+            return load_tokenizer(str(converted))
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     elif Path(resolve_base(name)).exists():  # a folder (resolve_base refuses a path that is not there)
         return load_tokenizer(name)

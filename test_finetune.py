@@ -1099,11 +1099,11 @@ def test_a_flattened_batch_has_the_padded_loss_in_pieces_cut_between_examples(lo
     assert sum(n for _, n in parts) == count and sum(t.item() for t, _ in parts) == pytest.approx(padded.item(), rel=1e-5)
 
     trainer = types.SimpleNamespace(model=model, compute_dtype=None, is_fsdp_enabled=False, is_deepspeed_enabled=False,
-                                    args=types.SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False))
+                                    args=types.SimpleNamespace(device=torch.device("cpu")))
     rows = [dict(row, length=len(row["input_ids"])) for row in rows]
-    assert finetune.flattened_batches(trainer, rows, flat)
+    assert finetune.flattened_batches(trainer, rows, flat, "fp32")
     one_sequence = lambda features: dict(flat(features), attention_mask=torch.ones_like(flat(features)["input_ids"]))
-    assert not finetune.flattened_batches(trainer, rows, one_sequence)  # an attention mask makes it one long example
+    assert not finetune.flattened_batches(trainer, rows, one_sequence, "fp32")  # an attention mask makes it one long example
 
 
 def test_batches_by_tokens_keep_rows_and_tokens_within_their_limits():
