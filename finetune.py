@@ -3556,7 +3556,9 @@ def recomputing(model, on: bool):
 def release_freed_memory() -> None:
     """Hands the memory freed by a step back to the system (glibc's malloc_trim). glibc keeps freed
     blocks for reuse, and a step's tensors, each of a different size, leave them scattered: without
-    this a CPU run's resident memory grows step by step to well above what it ever holds at once."""
+    this a CPU run's resident memory grows step by step to well above what it ever holds at once.
+    It walks the whole heap (23 ms a piece on 2 cores, 2% of a CPU step): on a GPU, where a step's
+    tensors are not in this heap, training skips it."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # musl and other libcs have no malloc_trim
             import ctypes
@@ -3646,7 +3648,8 @@ def chunked_loss_trainer():
                 too_long = self.max_batch_tokens and piece["input_ids"].numel() > self.max_batch_tokens
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model), recomputing(model, too_long):
                     losses.append(super().training_step(model, piece, num_items_in_batch))
-                release_freed_memory()
+                if self.args.device.type == "cpu":  # a GPU's activations were never in this process's heap
+                    release_freed_memory()
             return sum(losses)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
