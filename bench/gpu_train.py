@@ -6,6 +6,7 @@ Examples:
   python bench/gpu_train.py --shape 135m --steps 2     # anywhere: on a CPU this is the fallback, same code, slow
   python bench/gpu_train.py --batch-size 32 --json gpu.json
   python bench/gpu_train.py --lever padding_free=true --lever batch_size=16 --recipes default
+  python bench/gpu_train.py --profile --steps 4                        # and where one step's time goes
   ATEN_CPU_CAPABILITY=avx2 python bench/gpu_train.py --shape 135m --recipes default --set precision=fp32 --lever max_batch_tokens=512
 
 Random weights, because a GPU machine may reach no model hub and a run's speed and memory depend on
@@ -24,6 +25,8 @@ peak memory: torch.cuda.max_memory_allocated on CUDA, the resident set everywher
 Each --lever KEY=VALUE (a setting of finetune.py, as config.json spells it) adds a row: the default
 recipe with that setting changed, in a process of its own on the same examples, and its ratio to the
 default: the levers measured one by one, in one run. --set KEY=VALUE changes a setting for every row.
+--profile: each row runs one step more, untimed, under torch.profiler, and the report ends with that
+step's top ops and, on a GPU, the share of its wall time the GPU was computing (where a step's time goes).
 Targets (issue 24, 1.7B shape, LoRA, on a GPU): the default at least 2x TRL in dataset tokens/s at
 the same batch, and at least 25% MFU.
 """
@@ -78,6 +81,8 @@ def parse_args(argv):
                         help="a folder (or hub id) with SmolLM2's tokenizer, where the embedded model is not installed "
                              "(a machine that reaches no package index: its tokenizer files are 3 MB to carry)")
     parser.add_argument("--seed", type=int, default=finetune.DEFAULT_SETTINGS["seed"])
+    parser.add_argument("--profile", action="store_true",
+                        help="each row also runs one untimed step under torch.profiler: its top ops and, on a GPU, how busy it was")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one recipe, in this process
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)  # a lever's settings, as JSON
@@ -127,7 +132,7 @@ def make_model(shape: str, folder: Path, seed: int, tokenizer: str | None = None
 # One recipe, in a process of its own (--child).
 # --------------------------------------------------------------------------------------------
 def run_child(recipe: str, args) -> dict:
-    total = throughput.WARMUP_STEPS + args.steps
+    total = throughput.WARMUP_STEPS + args.steps + args.profile  # the profiled step comes after the timed ones
     settings = dict(finetune.DEFAULT_SETTINGS, model=args.model_folder, batch_size=args.batch_size, seed=args.seed,
                     validation_split=0, max_steps=total, save_steps=total + 1, evaluate_after_training=False)
     settings.update(json.loads(args.overrides))
@@ -138,14 +143,14 @@ def run_child(recipe: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as folder:
         settings["output_dir"] = folder
         if recipe != "trl":  # the default, or a lever on it
-            result = throughput.run_default_recipe(settings, examples, args.steps)["result"]
+            result = throughput.run_default_recipe(settings, examples, args.steps, args.profile)["result"]
         else:
             tuner = finetune.HuggingFaceFineTuner(settings)
             tokenizer = tuner.load_tokenizer()
             rows = [finetune.render(tokenizer, ex["messages"], max_length=settings["max_length"]) for ex in examples]
             batch = settings["batch_size"]
             order = [list(range(k, k + batch)) for k in range(0, len(rows), batch)]
-            result = throughput.run_trl_recipe(settings, tuner.base_path, tokenizer, rows, order, args.steps, folder)
+            result = throughput.run_trl_recipe(settings, tuner.base_path, tokenizer, rows, order, args.steps, folder, args.profile)
     return dict(result, peak=finetune.peak_memory(), device=settings["device"], hardware=settings.get("hardware"))
 
 
@@ -194,6 +199,12 @@ def format_report(results: dict, parameters: int, peak: float | None, peak_sourc
                  + ("" if first["device"] == "cuda" else f" (CPU capability {cpu['capability']}, native bf16 "
                                                          f"{'yes' if cpu['native_bf16'] else 'no'}, {cpu['threads']} threads)"))
     lines.append("command: python " + shlex.join(sys.argv))
+    for name, r in results.items():
+        if profile := r.get("profile"):
+            busy = profile["device_busy_seconds"]
+            lines += ["", f"{name}: step {profile['step'] + 1} under torch.profiler (not timed), {profile['wall_seconds']:.3f} s"
+                      + ("" if busy is None else f", the GPU computing {busy:.3f} s of it ({busy / profile['wall_seconds']:.0%})"),
+                      profile["table"].rstrip()]
     return "\n".join(lines)
 
 
@@ -207,7 +218,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-model-") as folder:
         parameters = make_model(args.shape, Path(folder), args.seed, args.tokenizer)
         finetune.log(f"random-weight model of the {args.shape} shape: {parameters / 1e6:.0f}M parameters")
-        flags = ["--model-folder", folder, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+        flags = ["--model-folder", folder, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+                 *(["--profile"] if args.profile else [])]
         runs = [(recipe, {}) for recipe in throughput.runnable(args.recipes)] + list(args.levers.items())
         for recipe, overrides in runs:
             results[recipe] = throughput.in_own_process(__file__, recipe, flags + ["--overrides", json.dumps({**args.settings, **overrides})])

@@ -54,6 +54,7 @@ MATMUL_SIZE = 2048
 MATMUL_SECONDS = 2.0  # per precision
 FLOPS_PER_TOKEN = {"lora": 4, "full": 6}  # x parameters; LoRA computes no gradients for frozen weights
 LAYER_SHAPE_SECONDS = 0.4  # per distinct matmul shape
+PROFILE_ROWS = 15  # ops in a profiled step's table (bench/gpu_train.py --profile)
 TARGETS = {  # (a)/(b), (a)/(e) in dataset tokens/s, and (a)'s share of the layer-shape ceiling
     "native bf16": {"naive": 4.0, "trl": 2.0, "layer_ceiling": 0.50},
     "no native bf16": {"naive": 2.5, "trl": 1.5, "layer_ceiling": 0.50},
@@ -196,10 +197,48 @@ def step_timer():
     return StepTimer()
 
 
+def step_profiler(step: int, device: str, rows: int = PROFILE_ROWS):
+    """A Trainer callback that runs torch.profiler over optimizer step `step` (counted from 0): the ops
+    that took the most time (on the GPU where there is one, else on the CPU), and on a GPU the share of
+    the step's wall time it was computing: what a step's time goes to, where a rate alone cannot say."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        profiler, report = None, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                activities += [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else []
+                synchronize(device)
+                self.profiler, self.start = torch.profiler.profile(activities=activities), time.perf_counter()
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is None or self.report is not None:
+                return
+            synchronize(device)
+            wall = time.perf_counter() - self.start
+            self.profiler.__exit__(None, None, None)
+            ops = self.profiler.key_averages()
+            on_device = device == "cuda"
+            busy = sum(op.self_device_time_total for op in ops) / 1e6 if on_device else None
+            self.report = {"step": step, "wall_seconds": wall, "device_busy_seconds": busy,
+                           "table": ops.table(sort_by="self_device_time_total" if on_device else "self_cpu_time_total", row_limit=rows)}
+
+    return StepProfiler()
+
+
 def train_counting_tokens(trainer, timer, by_tokens: dict, steps: int, settings: dict, who: str, recipe: str,
-                          method: str) -> tuple[dict, list[list[dict]]]:
+                          method: str, profile: bool = False) -> tuple[dict, list[list[dict]]]:
     """Runs warm-up + steps of `trainer`, counting the tokens of every batch its collator builds
-    (`by_tokens` names each row's example); the summary of the timed steps, and each step's batches."""
+    (`by_tokens` names each row's example); the summary of the timed steps, and each step's batches.
+    `profile`: the trainer runs one step more, under torch.profiler and not timed (step_profiler; the
+    result's "profile"), so that the profiler's own cost stays out of the rates."""
+    profiler = step_profiler(WARMUP_STEPS + steps, settings["device"]) if profile else None
+    if profiler:
+        trainer.add_callback(profiler)
     batches, collate = [], trainer.data_collator
 
     def counting_collator(features):
@@ -214,17 +253,21 @@ def train_counting_tokens(trainer, timer, by_tokens: dict, steps: int, settings:
 
     trainer.data_collator = counting_collator
     trainer.train()
-    if len(timer.ends) != WARMUP_STEPS + steps:
-        raise RuntimeError(f"expected {WARMUP_STEPS + steps} steps, {who} ran {len(timer.ends)}")
+    if len(timer.ends) != WARMUP_STEPS + steps + bool(profile):
+        raise RuntimeError(f"expected {WARMUP_STEPS + steps + bool(profile)} steps, {who} ran {len(timer.ends)}")
+    del timer.begins[WARMUP_STEPS + steps:], timer.ends[WARMUP_STEPS + steps:]  # the profiled step is not timed
     accumulation = settings["gradient_accumulation"]
     per_step = [batches[k * accumulation:(k + 1) * accumulation] for k in range(WARMUP_STEPS + steps)]
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return summarise_steps(recipe=recipe, method=method, precision=settings["precision"], batch_size=settings["batch_size"],
-                           accumulation=accumulation, step_batches=per_step, ends=timer.ends, begins=timer.begins,
-                           losses=losses), per_step
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e][: WARMUP_STEPS + steps]
+    result = summarise_steps(recipe=recipe, method=method, precision=settings["precision"], batch_size=settings["batch_size"],
+                             accumulation=accumulation, step_batches=per_step, ends=timer.ends, begins=timer.begins,
+                             losses=losses)
+    if profiler:
+        result["profile"] = profiler.report
+    return result, per_step
 
 
-def run_default_recipe(settings: dict, examples: list[dict], steps: int) -> dict:
+def run_default_recipe(settings: dict, examples: list[dict], steps: int, profile: bool = False) -> dict:
     """Trains warm-up + steps with the tool's Trainer; counts tokens from the batches it consumed."""
     from datasets import Dataset
 
@@ -248,7 +291,7 @@ def run_default_recipe(settings: dict, examples: list[dict], steps: int) -> dict
     timer = step_timer()
     trainer = tuner.make_trainer(model, tokenizer, train, None, Path(settings["output_dir"], "checkpoints"), [timer])
     result, per_step = train_counting_tokens(trainer, timer, by_tokens, steps, settings, "the Trainer",
-                                             recipe="(a) default", method=settings["method"])
+                                             recipe="(a) default", method=settings["method"], profile=profile)
     result["trainable_parameters"] = trainable
     del trainer, model
     gc.collect()
@@ -325,7 +368,7 @@ def in_own_process(script: str, recipe: str, flags: list[str]) -> dict:
 
 
 def run_trl_recipe(settings: dict, base_path: str, tokenizer, rows: list[dict], example_order: list[list[int]],
-                   steps: int, output_dir: str) -> dict:
+                   steps: int, output_dir: str, profile: bool = False) -> dict:
     """SFTTrainer with LoRA r16 on all linear layers, a fresh copy of the base model. Its dataset is the
     rows (a) consumed, already tokenized (TRL keeps given input_ids and labels), so the examples, their
     rendering and their length are those of (a); TRL batches them its own way (random order, each batch
@@ -356,7 +399,8 @@ def run_trl_recipe(settings: dict, base_path: str, tokenizer, rows: list[dict], 
     trainer = trl.SFTTrainer(model=finetune.load_causal_lm(base_path), args=config, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=lora, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where the report goes
-    result, _ = train_counting_tokens(trainer, timer, by_tokens, steps, settings, "TRL", recipe="(e) TRL", method="lora")
+    result, _ = train_counting_tokens(trainer, timer, by_tokens, steps, settings, "TRL", recipe="(e) TRL", method="lora",
+                                      profile=profile)
     result["trl_version"] = trl.__version__
     del trainer
     gc.collect()
