@@ -4,6 +4,7 @@
 Examples:
   python bench/generation_speed.py                        # the model in ./echo-model (a tiny one is trained if absent)
   python bench/generation_speed.py --model echo-model/merged --json gen.json
+  python bench/generation_speed.py --shape 1.7b --tokenizer DIR   # random weights of a named shape (a GPU machine)
 
 Side by side, in one run, greedy decoding throughout:
   (i)   the chat command end to end, in a subprocess: python example_usage.py --prompt "Explain how an
@@ -18,6 +19,9 @@ Side by side, in one run, greedy decoding throughout:
         once they loop): generated tokens/s over one batch of the evaluation's English identity probes.
 (i) and (ii) run with --precision auto, and, on a CPU that computes bf16 natively, again with
 --precision int8 (int8 linear weights): the ratio of their tokens/s is printed.
+--shape NAME measures a model of SmolLM2's architecture at that size (bench/gpu_train.py's shapes) with
+random bf16 weights, for a machine that has no trained model and reaches no hub (a lent GPU): the time
+per token is that of any model of that shape; its answers are noise (the report says how long they were).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import example_usage  # noqa: E402
 import finetune  # noqa: E402
+import gpu_train  # noqa: E402
 from train_throughput import BUSY_WARNING, cpu_description, part  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
@@ -55,11 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=str(ROOT / "echo-model"), metavar="DIR",
                         help="a trained output folder or merged model (default: echo-model; if absent, a tiny model "
                              "is trained into a temporary folder first)")
+    parser.add_argument("--shape", choices=gpu_train.SHAPES, help="random weights of SmolLM2's architecture at this size, instead of --model")
+    parser.add_argument("--tokenizer", metavar="DIR", help="with --shape: a folder with SmolLM2's tokenizer, where the embedded model is not installed")
     parser.add_argument("--runs", type=int, default=RUNS, help=f"timed runs of (i) and (ii) (default {RUNS})")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.shape and args.model != parser.get_default("model"):
+        parser.error("give --model or --shape, not both")
+    if args.tokenizer and not args.shape:
+        parser.error("--tokenizer goes with --shape (a model folder has its own tokenizer)")
     return args
 
 
@@ -199,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parts = {}
     with part("total", parts), tempfile.TemporaryDirectory(prefix="bench-gen-") as scratch:
         model, trained_here = str(Path(args.model).resolve()), False
-        if not Path(model).exists():
+        if args.shape:
+            with part(f"making a random {args.shape} model", parts):
+                model = str(Path(scratch, f"random-{args.shape}"))
+                parameters = gpu_train.make_model(args.shape, Path(model), finetune.DEFAULT_SETTINGS["seed"], args.tokenizer)
+            finetune.log(f"random-weight model of the {args.shape} shape: {parameters / 1e6:.0f}M parameters")
+        elif not Path(model).exists():
             if model != str(ROOT / "echo-model"):
                 raise finetune.UserError(f"--model {model} does not exist")
             with part("training a tiny model", parts):
@@ -223,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             batched = run_batched(settings, model)
         finetune.log(f"(iii) batched: {batched['tokens_per_second']:.1f} tok/s")
 
-    results = {"model": f"a tiny model trained for this run (finetune.py {shlex.join(TINY_TRAINING)}): no echo-model here"
-                        if trained_here else model, "trained_here": trained_here,
+    described = (f"random bf16 weights of SmolLM2's {args.shape} shape, {parameters / 1e6:.0f}M parameters" if args.shape else
+                 f"a tiny model trained for this run (finetune.py {shlex.join(TINY_TRAINING)}): no echo-model here"
+                 if trained_here else model)
+    results = {"model": described, "trained_here": trained_here, "shape": args.shape,
                "command_line": command_line, "chat": chat, "batched": batched, "cpu": cpu_description(),
                "device": settings["device"], "hardware": settings["hardware"], "parts": parts,
                "command": shlex.join(sys.argv)}

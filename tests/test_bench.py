@@ -61,3 +61,31 @@ def test_each_lever_is_a_setting_changed_and_its_row_says_its_ratio_to_the_defau
     report = gpu_train.format_report(results, 1_000_000, 1e15, "a datasheet", "1.7b")
     assert "padding_free=true: 1.25x the default's dataset tokens/s" in report and "| padding_free=true | bf16 | 8 | 1250 |" in report
     assert report.endswith("padding_free=true: step 4 under torch.profiler (not timed), 0.500 s, the GPU computing 0.100 s of it (20%)\nthe ops")
+
+
+@pytest.mark.slow
+def test_the_generation_benchmark_measures_a_random_model_of_a_named_shape(tmp_path):
+    """What a lent GPU runs for the generation targets (--prompt, chat, evaluation batches): no trained model there."""
+    out = tmp_path / "gen.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "generation_speed.py"), "--shape", "135m", "--runs", "1",
+                           "--json", out], cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert "model: random bf16 weights of SmolLM2's 135m shape, 135M parameters" in done.stdout
+    prompt = re.search(r"^\| \(i\) example_usage.py --prompt --precision auto, end to end, a (\d+)-token answer .* \| ([\d.]+) s \|$",
+                       done.stdout, re.M)
+    chat = re.search(r"^\| \(ii\) chat in process, 64-token answer \(\w+\) \| ([\d.]+) tok/s \|$", done.stdout, re.M)
+    batched = re.search(r"^\| \(iii\) evaluation batches, (\d+) probes, batch \d+ \(\w+\) \| ([\d.]+) tok/s \|$", done.stdout, re.M)
+    assert prompt and chat and batched, done.stdout
+    assert int(prompt.group(1)) > 0 and float(prompt.group(2)) > 0 and float(chat.group(1)) > 0
+    assert int(batched.group(1)) > 1 and float(batched.group(2)) > 0
+    assert json.loads(out.read_text())["shape"] == "135m"
+
+
+def test_the_generation_benchmark_takes_a_model_or_a_shape(capsys):
+    import generation_speed
+
+    assert generation_speed.parse_args(["--shape", "1.7b", "--tokenizer", "tok"]).shape == "1.7b"
+    for wrong in (["--shape", "135m", "--model", "echo-model/merged"], ["--tokenizer", "tok"]):
+        with pytest.raises(SystemExit):
+            generation_speed.parse_args(wrong)
+    assert "not both" in capsys.readouterr().err
