@@ -3065,7 +3065,9 @@ class HuggingFaceFineTuner:
         model = load_causal_lm(self.base_path, torch.bfloat16 if frozen_bf16 else None)
         if s["method"] == "lora":
             from peft import LoraConfig, get_peft_model
+            from transformers import set_seed
 
+            set_seed(s["seed"])  # the adapter's random start: the Trainer seeds only once it is made, after this
             targets = s["lora_target_modules"]
             targets = targets if targets == "all-linear" or isinstance(targets, list) else [t.strip() for t in targets.split(",")]
             config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],

@@ -1129,6 +1129,14 @@ def test_a_step_in_pieces_trains_as_the_whole_batch_and_the_run_reports_its_memo
     whole, pieces = runs["0"], runs["32"]
     assert pieces["settings"]["max_batch_tokens"] == 32 and whole["settings"]["max_batch_tokens"] == 0
     assert [loss for _, loss in pieces["loss_curve"]] == pytest.approx([loss for _, loss in whole["loss_curve"]], rel=1e-4)
+    # the same seed, the same adapter: its random start too (the runs differ only by how a step is cut)
+    import torch
+    from safetensors.torch import load_file
+
+    adapters = [load_file(tmp_path / f"run{budget}" / "adapter_model.safetensors") for budget in ("0", "32")]
+    assert adapters[0].keys() == adapters[1].keys()
+    for key, weight in adapters[0].items():
+        assert torch.allclose(weight, adapters[1][key], rtol=1e-3, atol=1e-6), key
     flat = runs["32-flat"]
     assert flat["settings"]["padding_free"] and "padding-free" not in result.stderr  # the check passed: no fallback said
     assert [loss for _, loss in flat["loss_curve"]] == pytest.approx([loss for _, loss in whole["loss_curve"]], rel=1e-4)
