@@ -68,6 +68,7 @@ DEFAULTS = {
         "max_batch_tokens": "auto",  # tokens computed at once; a longer batch runs in pieces (same step, less memory)
         "padding_free": False,  # a batch's examples end to end in one row, no padding (the model must keep them apart)
         "gradient_checkpointing": False,  # trade time for memory
+        "compile": False,  # torch.compile each decoder layer: faster steps after a warm-up of compiling (see compiling_layers)
         "lora_r": 16,
         "lora_alpha": 32,
         "lora_dropout": 0.0,
@@ -3246,6 +3247,7 @@ class HuggingFaceFineTuner:
             dataloader_pin_memory=s["device"] == "cuda",
             ddp_find_unused_parameters=False,
             use_liger_kernel=s["device"] == "cuda" and liger_installed(),  # Liger's fused kernels (its loss too) on CUDA
+            torch_compile=s["compile"],  # accelerate compiles the model as training starts, after the checks (compiling_layers)
         )
 
     def make_trainer(self, model, tokenizer, train, val, checkpoints: Path, callbacks=()):
@@ -3254,10 +3256,10 @@ class HuggingFaceFineTuner:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         padded, flat = batch_collators(tokenizer)
-        trainer = chunked_loss_trainer()(
-            model=model, args=self.training_arguments(val is not None, checkpoints), train_dataset=train, eval_dataset=val,
-            data_collator=padded, processing_class=tokenizer, callbacks=list(callbacks),
-        )
+        args = self.training_arguments(val is not None, checkpoints)
+        with compiling_layers(model) if args.torch_compile else contextlib.nullcontext():  # read as the Trainer is made
+            trainer = chunked_loss_trainer()(model=model, args=args, train_dataset=train, eval_dataset=val,
+                                             data_collator=padded, processing_class=tokenizer, callbacks=list(callbacks))
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout
         if trainer.pop_callback(ProgressCallback):
             trainer.add_callback(trainer_callbacks().QuietProgressBar)  # the bar, without the dicts
@@ -3553,6 +3555,36 @@ def recomputing(model, on: bool):
     finally:
         for layer, value in zip(layers, before):
             layer.gradient_checkpointing = value
+
+
+@contextlib.contextmanager
+def compiling_layers(model):
+    """--compile: torch.compile, one decoder layer at a time (accelerate's regional compilation, which
+    transformers' Trainer reaches only through these variables): every layer runs the same code, so it
+    compiles once for all of them, in seconds where the whole model takes minutes. The Trainer's
+    accelerator reads them as it is made; the model is compiled as training starts.
+
+    A layer compiles again for each kind of input it meets: with shapes dynamic, a row count of 1
+    against more, a piece recomputed (gradient checkpointing) against not, the validation's no_grad.
+    The input of the first layer is made to require a gradient as the others' does (no parameter
+    gains one), one kind fewer; and a layer may compile up to 32 times, not torch's 8, past which it
+    would silently run uncompiled."""
+    import torch
+
+    log("--compile: each decoder layer is compiled as training starts; the first steps wait on it (here, minutes)")
+    model.enable_input_require_grads()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    names = {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1", "ACCELERATE_DYNAMO_USE_DYNAMIC": "1"}
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def release_freed_memory() -> None:
@@ -4135,6 +4167,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--max-batch-tokens", "max_batch_tokens", "tokens computed at once (padding included): a longer batch "
             "runs in pieces whose gradients add up to the same step, in less memory; 0 for no limit", type=auto_or(int), metavar="N")
     setting(train, "--gradient-checkpointing", "gradient_checkpointing", "save memory, cost time", action="store_const", const=True)
+    setting(train, "--compile", "compile", "torch.compile each decoder layer: faster steps after a warm-up of compiling",
+            action="store_const", const=True)
     setting(train, "--padding-free", "padding_free", "a batch's examples end to end in one row: no compute on padding "
             "(checked at the start: the model's attention must keep them apart)", action="store_const", const=True)
     setting(train, "--lora-r", "lora_r", type=int)

@@ -1119,13 +1119,16 @@ def test_a_step_in_pieces_trains_as_the_whole_batch_and_the_run_reports_its_memo
     runs = {}
     # 0: whole batches; 32: rows of up to 48 tokens one at a time, recomputed (checkpointed); and so again with
     # each batch's examples end to end in one row (--padding-free), its pieces cut between examples
-    for budget, flags in (("0", []), ("32", []), ("32-flat", ["--padding-free"])):
+    # and whole batches through torch.compile (--compile; TORCH_LOGS shows that dynamo traced the layers)
+    for budget, flags in (("0", []), ("32", []), ("32-flat", ["--padding-free"]), ("0-compiled", ["--compile"])):
         out = tmp_path / f"run{budget}"
         result = cli("--output-dir", out, "--no-eval", "--validation-split", "0", "--precision", "fp32",
-                     "--max-batch-tokens", budget.split("-")[0], *flags, *TINY)
+                     "--max-batch-tokens", budget.split("-")[0], *flags, *TINY,
+                     env={"TORCH_LOGS": "dynamo"} if "--compile" in flags else None)
         assert result.returncode == 0, result.stderr
-        runs[budget] = json.loads((out / "training_summary.json").read_text())
-        assert re.search(r"peak memory \d+\.\d\d GB resident", result.stderr.splitlines()[-1])
+        runs[budget] = dict(json.loads((out / "training_summary.json").read_text()), stderr=result.stderr)
+        ours = [line for line in result.stderr.splitlines() if not re.match(r"[IWV]\d{4} ", line)]  # not TORCH_LOGS'
+        assert re.search(r"peak memory \d+\.\d\d GB resident", ours[-1])
     whole, pieces = runs["0"], runs["32"]
     assert pieces["settings"]["max_batch_tokens"] == 32 and whole["settings"]["max_batch_tokens"] == 0
     assert [loss for _, loss in pieces["loss_curve"]] == pytest.approx([loss for _, loss in whole["loss_curve"]], rel=1e-4)
@@ -1133,12 +1136,17 @@ def test_a_step_in_pieces_trains_as_the_whole_batch_and_the_run_reports_its_memo
     import torch
     from safetensors.torch import load_file
 
-    adapters = [load_file(tmp_path / f"run{budget}" / "adapter_model.safetensors") for budget in ("0", "32")]
-    assert adapters[0].keys() == adapters[1].keys()
-    for key, weight in adapters[0].items():
-        assert torch.allclose(weight, adapters[1][key], rtol=1e-3, atol=1e-6), key
+    adapters = [load_file(tmp_path / f"run{budget}" / "adapter_model.safetensors") for budget in ("0", "32", "0-compiled")]
+    for other in adapters[1:]:
+        assert adapters[0].keys() == other.keys()  # the compiled run's too: saved from the model, not its compiled copy
+        for key, weight in adapters[0].items():
+            assert torch.allclose(weight, other[key], rtol=1e-3, atol=1e-5), key
+    compiled = runs["0-compiled"]
+    assert compiled["settings"]["compile"] and "--compile: each decoder layer is compiled" in compiled["stderr"]
+    assert re.search(r"torchdynamo start tracing forward\S* .*modeling_layers", compiled["stderr"])
+    assert [loss for _, loss in compiled["loss_curve"]] == pytest.approx([loss for _, loss in whole["loss_curve"]], rel=1e-4)
     flat = runs["32-flat"]
-    assert flat["settings"]["padding_free"] and "padding-free" not in result.stderr  # the check passed: no fallback said
+    assert flat["settings"]["padding_free"] and "padding-free" not in flat["stderr"]  # the check passed: no fallback said
     assert [loss for _, loss in flat["loss_curve"]] == pytest.approx([loss for _, loss in whole["loss_curve"]], rel=1e-4)
     assert 0.3 < pieces["peak_memory"]["resident_gb"] < 4
 
