@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: bf16 where native, else fp32; int8: int8 linear weights, bf16 compute (about 1.5x faster "
                              "answers on a CPU with native bf16; slightly different answers from the bf16 model)")
     parser.add_argument("--max-context", type=int, metavar="TOKENS", help="trim the oldest turns beyond this (default: the model's)")
+    parser.add_argument("--static-cache", action="store_true",
+                        help="a key/value cache for the whole context, made once: on CUDA transformers then compiles the "
+                             "decoding step (CUDA graphs; the first answer waits for it); on a CPU nothing is compiled and it is slower")
     parser.add_argument("--serve", action="store_true", help="serve the model over an OpenAI-compatible API (transformers serve); "
                         "an adapter is merged into MODEL/merged first")
     parser.add_argument("--host", default="127.0.0.1", help="--serve listens here (default: 127.0.0.1, this machine only)")
@@ -87,6 +90,8 @@ class LocalChat:
         self.model = finetune.answering(self.model, self.settings)
         self.max_context = max_context or getattr(self.model.config, "max_position_embeddings", 2048)
         self.decoding = decoding_overrides(decoding or {})  # the flags given; the folder's generation_config.json for the rest
+        if (decoding or {}).get("static_cache"):  # one cache of the whole context: every turn the same shapes, one compile
+            self.decoding.update(cache_implementation="static", max_cache_len=self.max_context)
         self.torch = torch
 
     def fit(self, messages: list[dict]) -> list[int]:
@@ -930,6 +935,8 @@ def chat_command(args) -> int:
     settings, _ = finetune.load_settings(args.config, {k: getattr(args, k) for k in keys})
     settings = finetune.output_dir_for(settings, args.provider)
     flags = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy")}
+    if args.static_cache and (args.serve or args.base_url or args.provider == "openai"):
+        raise UserError("--static-cache is for a local model's chat and --prompt (--serve batches requests its own way)")
     if args.serve:
         return serve_command(args, settings)
     if args.base_url:
@@ -942,7 +949,7 @@ def chat_command(args) -> int:
             raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
         if settings["precision"] == "int8":
             finetune.check_int8(finetune.resolve_device(settings["device"]))
-        chat = LocalChat(settings, name, args.max_context, flags)
+        chat = LocalChat(settings, name, args.max_context, dict(flags, static_cache=args.static_cache))
     if args.interactive:
         interactive(chat, args.system)
         return 0

@@ -14,6 +14,9 @@ Side by side, in one run, greedy decoding throughout:
   (ii)  the chat in process, through example_usage.LocalChat (the model loaded once, merged): time to
         first token, until the streaming reply's first write (the first text a user sees), and tokens/s
         over an answer of exactly 64 new tokens (min_new_tokens), the median of 3 after one warm-up;
+  (ii') the same chat with example_usage.py --static-cache (a key/value cache of the whole context, made
+        once; on CUDA transformers compiles the decoding step, which the untimed first answer waits for:
+        its time is reported), tokens/s and the ratio to (ii);
   (iii) batched generation as the persona evaluation runs it (finetune.generate_answers: left-padded
         batches of eval_batch_size, 64 new tokens at most, answers end at their end-of-turn token or
         once they loop): generated tokens/s over one batch of the evaluation's English identity probes.
@@ -115,8 +118,9 @@ def run_command_line(model: str, runs: int, precision: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # (ii) The chat in process: time to first token and tokens/s of one streamed answer.
 # --------------------------------------------------------------------------------------------
-def run_chat(settings: dict, model: str, runs: int) -> dict:
-    chat = example_usage.LocalChat(settings, model, None, {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS})
+def run_chat(settings: dict, model: str, runs: int, static_cache: bool = False) -> dict:
+    flags = {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS, "static_cache": static_cache}
+    chat = example_usage.LocalChat(settings, model, None, flags)
     chat.decoding["min_new_tokens"] = MAX_NEW_TOKENS  # exactly 64 new tokens: the count is known
     messages = [{"role": "user", "content": PROMPT}]
 
@@ -126,13 +130,14 @@ def run_chat(settings: dict, model: str, runs: int) -> dict:
         answer = chat.reply(list(messages), lambda piece: first or first.append(time.perf_counter()))
         return first[0] - start, time.perf_counter() - start, answer
 
-    timed_reply()  # warm-up: first-call allocations, autocast caches
+    warm_up = timed_reply()[1]  # first-call allocations, autocast caches; with a static cache on CUDA, compiling
     replies = [timed_reply() for _ in range(runs)]
     first_token = statistics.median(r[0] for r in replies)
     total = statistics.median(r[1] for r in replies)
     return {"precision": chat.settings["precision"], "first_token_seconds": [round(r[0], 3) for r in replies],
             "reply_seconds": [round(r[1], 3) for r in replies], "median_first_token_seconds": first_token,
             "median_reply_seconds": total, "new_tokens": MAX_NEW_TOKENS, "tokens_per_second": MAX_NEW_TOKENS / total,
+            "warm_up_seconds": warm_up, "static_cache": static_cache,
             "answer": replies[-1][2]}
 
 
@@ -177,8 +182,15 @@ def format_report(results: dict) -> str:
             f"| (ii) chat in process, time to first token ({ii['precision']}) | {ii['median_first_token_seconds']:.2f} s |",
             f"| (ii) chat in process, {ii['new_tokens']}-token answer ({ii['precision']}) | {ii['tokens_per_second']:.1f} tok/s |",
         ]
+    if static := results.get("chat_static_cache"):
+        lines.append(f"| (ii) chat in process, example_usage.py --static-cache, 64-token answer ({static['precision']}; "
+                     f"first answer {static['warm_up_seconds']:.1f} s) | {static['tokens_per_second']:.1f} tok/s |")
     lines.append(f"| (iii) evaluation batches, {iii['conversations']} probes, batch {iii['batch_size']} ({iii['precision']}) | "
                  f"{iii['tokens_per_second']:.1f} tok/s |")
+    if static:
+        auto = results["chat"]["auto"]
+        lines.append(f"chat tok/s, --static-cache / default cache: {static['tokens_per_second'] / auto['tokens_per_second']:.2f}x"
+                     + (" (compiled by transformers on CUDA)" if results["device"] == "cuda" else " (not compiled off CUDA)"))
     if "int8" in results["chat"]:
         auto, int8 = results["chat"]["auto"], results["chat"]["int8"]
         lines.append(f"chat tok/s, int8 / {auto['precision']}: {int8['tokens_per_second'] / auto['tokens_per_second']:.2f}x")
@@ -235,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                 chat[precision] = run_chat(dict(finetune.DEFAULT_SETTINGS, precision=precision), model, args.runs)
             finetune.log(f"(ii) chat, {precision}: first token {chat[precision]['median_first_token_seconds']:.2f} s, "
                          f"{chat[precision]['tokens_per_second']:.1f} tok/s")
+        with part("(ii) chat, static cache", parts):
+            chat_static = run_chat(dict(finetune.DEFAULT_SETTINGS), model, args.runs, static_cache=True)
+        finetune.log(f"(ii) chat, static cache: first answer {chat_static['warm_up_seconds']:.1f} s, "
+                     f"{chat_static['tokens_per_second']:.1f} tok/s")
         with part("(iii) batched", parts):
             batched = run_batched(settings, model)
         finetune.log(f"(iii) batched: {batched['tokens_per_second']:.1f} tok/s")
@@ -243,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"a tiny model trained for this run (finetune.py {shlex.join(TINY_TRAINING)}): no echo-model here"
                  if trained_here else model)
     results = {"model": described, "trained_here": trained_here, "shape": args.shape,
-               "command_line": command_line, "chat": chat, "batched": batched, "cpu": cpu_description(),
+               "command_line": command_line, "chat": chat, "chat_static_cache": chat_static, "batched": batched, "cpu": cpu_description(),
                "device": settings["device"], "hardware": settings["hardware"], "parts": parts,
                "command": shlex.join(sys.argv)}
     print(format_report(results))

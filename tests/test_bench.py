@@ -75,7 +75,10 @@ def test_the_generation_benchmark_measures_a_random_model_of_a_named_shape(tmp_p
                        done.stdout, re.M)
     chat = re.search(r"^\| \(ii\) chat in process, 64-token answer \(\w+\) \| ([\d.]+) tok/s \|$", done.stdout, re.M)
     batched = re.search(r"^\| \(iii\) evaluation batches, (\d+) probes, batch \d+ \(\w+\) \| ([\d.]+) tok/s \|$", done.stdout, re.M)
-    assert prompt and chat and batched, done.stdout
+    static = re.search(r"^\| \(ii\) chat in process, example_usage.py --static-cache, 64-token answer \(\w+; first answer [\d.]+ s\) "
+                       r"\| ([\d.]+) tok/s \|$", done.stdout, re.M)
+    assert prompt and chat and batched and static, done.stdout
+    assert re.search(r"^chat tok/s, --static-cache / default cache: [\d.]+x \(not compiled off CUDA\)$", done.stdout, re.M)
     assert int(prompt.group(1)) > 0 and float(prompt.group(2)) > 0 and float(chat.group(1)) > 0
     assert int(batched.group(1)) > 1 and float(batched.group(2)) > 0
     assert json.loads(out.read_text())["shape"] == "135m"

@@ -22,6 +22,16 @@ def test_prompt_prints_only_the_answer_the_model_gives(tiny_model, small_probe_c
     assert result.stdout == expected + "\n"  # the folder's decoding defaults, and nothing else on stdout
     again = cli("--model", out, "--prompt", "-", "--config", small_probe_config, input="Who are you?", script="example_usage.py")
     assert again.stdout == result.stdout
+    # a static cache of the whole context (on CUDA what transformers compiles) answers alike
+    static = cli("--model", out, "--prompt", "Who are you?", "--config", small_probe_config, "--static-cache", script="example_usage.py")
+    assert static.returncode == 0, static.stderr
+    assert static.stdout == result.stdout
+    import example_usage
+
+    chat = example_usage.LocalChat(dict(finetune.DEFAULT_SETTINGS), str(out), 512, {"static_cache": True})
+    assert chat.decoding == {"cache_implementation": "static", "max_cache_len": 512}  # what generate() is given
+    refused = cli("--model", out, "--serve", "--static-cache", "--config", small_probe_config, script="example_usage.py")
+    assert refused.returncode != 0 and "--static-cache is for a local model" in refused.stderr
 
 
 def stand_ins_for_pillow_and_torchvision(folder):
