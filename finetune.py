@@ -1579,6 +1579,20 @@ def check_int8(device: str, training: bool = False) -> None:
                         "use --precision auto here")
 
 
+def check_compiler() -> None:
+    """--compile on a CPU: torch's inductor writes C++ and needs a compiler to build it. Checked before
+    anything is loaded, so a user does not wait minutes for the first step to say so."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # torch's own search (g++, clang++, $CXX)
+    except ImportError:
+        return  # another torch: compiling will say what it lacks
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001  (InvalidCxxCompiler, or what a broken one raises)
+        raise UserError(f"--compile on a CPU needs a C++ compiler (g++ or clang++; $CXX names another): {first_line(exc)}; "
+                        "install one, or train without --compile") from None
+
+
 def resolve_hardware(settings: dict, training: bool = True) -> dict:
     """Resolves the "auto" device, precision, batch size and learning rate; prints the choice."""
     import torch
@@ -1586,6 +1600,8 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
     resolved = dict(settings)
     device = resolved["device"] = resolve_device(resolved["device"])
     why = "set by you"
+    if training and resolved.get("compile") and device == "cpu":
+        check_compiler()
     if resolved["precision"] == "int8":
         check_int8(device, training)
         why = "set by you: int8 linear weights, bf16 compute"

@@ -242,6 +242,15 @@ def test_missing_dataset_is_a_usage_error(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: dataset {tmp_path / 'nope.jsonl'} does not exist"
 
 
+def test_compile_without_a_cpp_compiler_is_refused_before_anything_is_loaded(tmp_path):
+    out = tmp_path / "model"
+    result = cli("--provider", "huggingface", "--output-dir", out, "--device", "cpu", "--compile", "--max-steps", "1",
+                 env={"CXX": str(tmp_path / "no-such-g++")})
+    assert result.returncode == 2, result.stderr  # a usage error, as a missing dataset is
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --compile on a CPU needs a C++ compiler (g++ or clang++")
+    assert "Traceback" not in result.stderr and not out.exists()  # refused at the settings: no folder, no model loaded
+
+
 def test_prepare_writes_both_formats_and_a_reproducible_split(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", good_examples(20) + [{"messages": [
         {"role": "user", "content": "hi", "name": "ada"}, {"role": "assistant", "content": "hello"}], "metadata": {"k": 1}}])
