@@ -145,10 +145,13 @@ def run_chat(settings: dict, model: str, runs: int, static_cache: bool = False) 
 # (iii) Batched generation, as the evaluation runs it.
 # --------------------------------------------------------------------------------------------
 def run_batched(settings: dict, model_name: str) -> dict:
-    """The model as the evaluation loads it (an adapter stays unmerged), one batch of probes; generated
-    tokens are counted from generate()'s output: the positions after the prompt that are not padding."""
+    """The model as the evaluation answers with it (finetune.answering: its device and precision, an
+    adapter merged in as score_model merges it), one batch of probes; generated tokens are counted from
+    generate()'s output: the positions after the prompt that are not padding."""
     model, tokenizer, _ = finetune.load_for_inference(model_name)
-    model.to(settings["device"])
+    model = finetune.answering(model, settings)
+    if hasattr(model, "merge_adapter"):
+        model.merge_adapter()
     conversations = evaluation_batch(settings)
     generated, generate = [], model.generate
 
