@@ -3587,9 +3587,11 @@ def compiling_layers(model):
     would silently run uncompiled."""
     import torch
 
-    log("--compile: each decoder layer is compiled as training starts; the first steps wait on it (here, minutes)")
+    log("--compile: each decoder layer is compiled as training starts; the first steps wait on it")
     model.enable_input_require_grads()
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before torch 2.7
+    setattr(config, limit, max(getattr(config, limit), 32))
     names = {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1", "ACCELERATE_DYNAMO_USE_DYNAMIC": "1"}
     before = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
