@@ -1124,7 +1124,7 @@ def test_batches_by_tokens_keep_rows_and_tokens_within_their_limits():
     assert [lengths[i] for batch in batches for i in batch] == sorted(lengths)  # in order of length: little padding
 
 
-def test_a_step_in_pieces_trains_as_the_whole_batch_and_the_run_reports_its_memory(tmp_path, base_path):
+def test_a_step_in_pieces_flattened_or_compiled_trains_as_the_whole_batch_from_the_same_start(tmp_path, base_path):
     runs = {}
     # 0: whole batches; 32: rows of up to 48 tokens one at a time, recomputed (checkpointed); and so again with
     # each batch's examples end to end in one row (--padding-free), its pieces cut between examples
