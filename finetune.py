@@ -3585,6 +3585,8 @@ def compiling_layers(model):
     The input of the first layer is made to require a gradient as the others' does (no parameter
     gains one), one kind fewer; and a layer may compile up to 32 times, not torch's 8, past which it
     would silently run uncompiled."""
+    from unittest import mock  # patch.dict: environment variables set, and put back as they were
+
     import torch
 
     log("--compile: each decoder layer is compiled as training starts; the first steps wait on it")
@@ -3592,17 +3594,8 @@ def compiling_layers(model):
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before torch 2.7
     setattr(config, limit, max(getattr(config, limit), 32))
-    names = {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1", "ACCELERATE_DYNAMO_USE_DYNAMIC": "1"}
-    before = {name: os.environ.get(name) for name in names}
-    os.environ.update(names)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with mock.patch.dict(os.environ, {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1", "ACCELERATE_DYNAMO_USE_DYNAMIC": "1"}):
+        yield  # the variables as they were once the Trainer is made
 
 
 def release_freed_memory() -> None:
