@@ -3255,6 +3255,7 @@ class HuggingFaceFineTuner:
             save_steps=s["save_steps"],
             save_total_limit=2,
             logging_steps=1,
+            logging_nan_inf_filter=False,  # its check reads the loss back after every batch (two GPU syncs); a nan is logged as nan
             include_num_input_tokens_seen="non_padding",  # Trainer counts the tokens; the log shows tokens/s
             seed=s["seed"],
             data_seed=s["seed"],

@@ -204,6 +204,8 @@ def format_report(results: dict, parameters: int, peak: float | None, peak_sourc
             busy = profile["device_busy_seconds"]
             lines += ["", f"{name}: step {profile['step'] + 1} under torch.profiler (not timed), {profile['wall_seconds']:.3f} s"
                       + ("" if busy is None else f", the GPU computing {busy:.3f} s of it ({busy / profile['wall_seconds']:.0%})"),
+                      f"host: {profile['ops']} ops dispatched" + (f" ({profile['kernels']} GPU kernels)" if "kernels" in profile else "")
+                      + f", {profile['scalar_reads']} values read back (outside the optimizer; on a GPU each is a sync)",
                       profile["table"].rstrip()]
     return "\n".join(lines)
 

@@ -224,10 +224,31 @@ def step_profiler(step: int, device: str, rows: int = PROFILE_ROWS):
             ops = self.profiler.key_averages()
             on_device = device == "cuda"
             busy = sum(op.self_device_time_total for op in ops) / 1e6 if on_device else None
-            self.report = {"step": step, "wall_seconds": wall, "device_busy_seconds": busy,
+            self.report = {"step": step, "wall_seconds": wall, "device_busy_seconds": busy, **host_work(self.profiler),
                            "table": ops.table(sort_by="self_device_time_total" if on_device else "self_cpu_time_total", row_limit=rows)}
 
     return StepProfiler()
+
+
+def host_work(profiler) -> dict:
+    """What the host did in a profiled step, whatever the device: "ops", the ops it dispatched one by one
+    (aten ops with no aten op inside them; on a GPU each launches a kernel or makes a view, at some
+    microseconds of host time each, so a step of small kernels is bound by their count); "scalar_reads",
+    the values it read back from tensors outside the optimizer (whose step counts live on the host): on
+    a GPU each waits for every kernel queued before it, so the host cannot run ahead. On CUDA also
+    "kernels", those the GPU ran."""
+    ops = reads = kernels = 0
+    for event in profiler.events():
+        kernels += event.device_type.name == "CUDA"
+        if not event.name.startswith("aten::") or any(child.name.startswith("aten::") for child in event.cpu_children):
+            continue
+        ops += 1
+        if event.name == "aten::_local_scalar_dense":  # .item(), bool(), int() of a tensor
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("Optimizer.step"):
+                parent = parent.cpu_parent
+            reads += parent is None
+    return {"ops": ops, "scalar_reads": reads, **({"kernels": kernels} if kernels else {})}
 
 
 def train_counting_tokens(trainer, timer, by_tokens: dict, steps: int, settings: dict, who: str, recipe: str,

@@ -28,7 +28,7 @@ def test_the_gpu_benchmark_builds_a_model_of_the_named_shape():
 def test_the_gpu_benchmark_runs_the_default_recipe_on_the_cpu_and_reports_rate_mfu_and_memory(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train.py"), "--shape", "135m", "--steps", "1",
-                           "--batch-size", "2", "--recipes", "default", "--profile", "--json", out],
+                           "--batch-size", "2", "--recipes", "default", "--profile", "--set", "max_batch_tokens=0", "--json", out],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     assert "random-weight model of the 135m shape: 135M parameters" in done.stderr
@@ -41,6 +41,11 @@ def test_the_gpu_benchmark_runs_the_default_recipe_on_the_cpu_and_reports_rate_m
     # --profile: a third step, after the warm-up and the timed one, profiled and left out of the rate
     assert re.search(r"^default: step 3 under torch.profiler \(not timed\), [\d.]+ s$", done.stdout, re.M), done.stdout
     assert re.search(r"^ +aten::mm +[\d.]+%", done.stdout, re.M) and "Self CPU time total" in done.stdout
+    # whole batches, as on CUDA: the host reads back only the attention mask's padding (transformers, 1-2) and
+    # the token count (Trainer), not the loss after every batch (Trainer's nan filter, 2 more)
+    host = re.search(r"^host: (\d+) ops dispatched, (\d+) values read back \(outside the optimizer; on a GPU each is a sync\)$",
+                     done.stdout, re.M)
+    assert host and int(host.group(1)) > 1000 and 1 <= int(host.group(2)) <= 3, done.stdout
     assert len(results["results"]["default"]["step_seconds"]) == 1
 
 
@@ -55,12 +60,14 @@ def test_each_lever_is_a_setting_changed_and_its_row_says_its_ratio_to_the_defau
     assert "a setting of finetune.py" in capsys.readouterr().err
     assert gpu_train.parse_args(["--set", "precision=fp32", "--set", "max_batch_tokens=512"]).settings == {"precision": "fp32", "max_batch_tokens": 512}
     row = {"precision": "bf16", "batch_size": 8, "method": "lora", "timed_steps": 2, "device": "cuda", "peak": {"resident_gb": 1.0, "cuda_gb": 2.0}}
-    profile = {"step": 3, "wall_seconds": 0.5, "device_busy_seconds": 0.1, "table": "the ops\n"}
+    profile = {"step": 3, "wall_seconds": 0.5, "device_busy_seconds": 0.1, "ops": 9000, "scalar_reads": 3, "kernels": 7000,
+               "table": "the ops\n"}
     results = {"default": dict(row, dataset_tokens_per_second=1000.0),
                "padding_free=true": dict(row, dataset_tokens_per_second=1250.0, profile=profile)}
     report = gpu_train.format_report(results, 1_000_000, 1e15, "a datasheet", "1.7b")
     assert "padding_free=true: 1.25x the default's dataset tokens/s" in report and "| padding_free=true | bf16 | 8 | 1250 |" in report
-    assert report.endswith("padding_free=true: step 4 under torch.profiler (not timed), 0.500 s, the GPU computing 0.100 s of it (20%)\nthe ops")
+    assert report.endswith("padding_free=true: step 4 under torch.profiler (not timed), 0.500 s, the GPU computing 0.100 s of it (20%)\n"
+                           "host: 9000 ops dispatched (7000 GPU kernels), 3 values read back (outside the optimizer; on a GPU each is a sync)\nthe ops")
 
 
 @pytest.mark.slow
