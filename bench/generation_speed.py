@@ -22,6 +22,9 @@ Side by side, in one run, greedy decoding throughout:
         once they loop): generated tokens/s over one batch of the evaluation's English identity probes.
 (i) and (ii) run with --precision auto, and, on a CPU that computes bf16 natively, again with
 --precision int8 (int8 linear weights): the ratio of their tokens/s is printed.
+(ii) and (ii') also answer once more under torch.profiler, untimed: the ops the host dispatched per
+generated token (the prompt's included). On a GPU each costs the host microseconds to dispatch and
+launch, so a small model's tokens/s there is bound by their count, not by arithmetic.
 --shape NAME measures a model of SmolLM2's architecture at that size (bench/gpu_train.py's shapes) with
 random bf16 weights, for a machine that has no trained model and reaches no hub (a lent GPU): the time
 per token is that of any model of that shape; its answers are noise (the report says how long they were).
@@ -44,7 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import example_usage  # noqa: E402
 import finetune  # noqa: E402
 import gpu_train  # noqa: E402
-from train_throughput import BUSY_WARNING, cpu_description, part  # noqa: E402
+from train_throughput import BUSY_WARNING, cpu_description, host_work, part  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Settings of the benchmark.
@@ -119,6 +122,8 @@ def run_command_line(model: str, runs: int, precision: str) -> dict:
 # (ii) The chat in process: time to first token and tokens/s of one streamed answer.
 # --------------------------------------------------------------------------------------------
 def run_chat(settings: dict, model: str, runs: int, static_cache: bool = False) -> dict:
+    import torch
+
     flags = {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS, "static_cache": static_cache}
     chat = example_usage.LocalChat(settings, model, None, flags)
     chat.decoding["min_new_tokens"] = MAX_NEW_TOKENS  # exactly 64 new tokens: the count is known
@@ -132,12 +137,15 @@ def run_chat(settings: dict, model: str, runs: int, static_cache: bool = False) 
 
     warm_up = timed_reply()[1]  # first-call allocations, autocast caches; with a static cache on CUDA, compiling
     replies = [timed_reply() for _ in range(runs)]
+    with torch.profiler.profile() as profiler:  # one more answer, not timed: the host's ops per token
+        timed_reply()
     first_token = statistics.median(r[0] for r in replies)
     total = statistics.median(r[1] for r in replies)
     return {"precision": chat.settings["precision"], "first_token_seconds": [round(r[0], 3) for r in replies],
             "reply_seconds": [round(r[1], 3) for r in replies], "median_first_token_seconds": first_token,
             "median_reply_seconds": total, "new_tokens": MAX_NEW_TOKENS, "tokens_per_second": MAX_NEW_TOKENS / total,
             "warm_up_seconds": warm_up, "static_cache": static_cache,
+            "host_ops_per_token": host_work(profiler)["ops"] / MAX_NEW_TOKENS,
             "answer": replies[-1][2]}
 
 
@@ -194,6 +202,8 @@ def format_report(results: dict) -> str:
         auto = results["chat"]["auto"]
         lines.append(f"chat tok/s, --static-cache / default cache: {static['tokens_per_second'] / auto['tokens_per_second']:.2f}x"
                      + (" (compiled by transformers on CUDA)" if results["device"] == "cuda" else " (not compiled off CUDA)"))
+    chats = {f"(ii) {ii['precision']}": ii for ii in results["chat"].values()} | ({"(ii') --static-cache": static} if static else {})
+    lines.append("host ops dispatched per generated token: " + ", ".join(f"{name} {r['host_ops_per_token']:.0f}" for name, r in chats.items()))
     if "int8" in results["chat"]:
         auto, int8 = results["chat"]["auto"], results["chat"]["int8"]
         lines.append(f"chat tok/s, int8 / {auto['precision']}: {int8['tokens_per_second'] / auto['tokens_per_second']:.2f}x")

@@ -26,7 +26,9 @@ Each --lever KEY=VALUE (a setting of finetune.py, as config.json spells it) adds
 recipe with that setting changed, in a process of its own on the same examples, and its ratio to the
 default: the levers measured one by one, in one run. --set KEY=VALUE changes a setting for every row.
 --profile: each row runs one step more, untimed, under torch.profiler, and the report ends with that
-step's top ops and, on a GPU, the share of its wall time the GPU was computing (where a step's time goes).
+step's top ops, the ops the host dispatched and the values it read back (on a GPU a step of small
+kernels takes the time of its ops' count; each value read back is a sync), and on a GPU the share of
+its wall time the GPU was computing (where a step's time goes).
 Targets (issue 24, 1.7B shape, LoRA, on a GPU): the default at least 2x TRL in dataset tokens/s at
 the same batch, and at least 25% MFU.
 """

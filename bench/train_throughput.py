@@ -232,17 +232,16 @@ def step_profiler(step: int, device: str, rows: int = PROFILE_ROWS):
 
 def host_work(profiler) -> dict:
     """What the host did in a profiled step, whatever the device: "ops", the ops it dispatched one by one
-    (aten ops with no aten op inside them; on a GPU each launches a kernel or makes a view, at some
-    microseconds of host time each, so a step of small kernels is bound by their count); "scalar_reads",
-    the values it read back from tensors outside the optimizer (whose step counts live on the host): on
-    a GPU each waits for every kernel queued before it, so the host cannot run ahead. On CUDA also
-    "kernels", those the GPU ran."""
+    (aten ops called from Python or the autograd engine, not from inside another op; on a GPU each
+    costs microseconds of host time to dispatch and launch, so a step of small kernels is bound by
+    their count); "scalar_reads", the values it read back from tensors outside the optimizer (whose
+    step counts live on the host): on a GPU each waits for every kernel queued before it, so the host
+    cannot run ahead. On CUDA also "kernels", those the GPU ran."""
     ops = reads = kernels = 0
     for event in profiler.events():
         kernels += event.device_type.name == "CUDA"
-        if not event.name.startswith("aten::") or any(child.name.startswith("aten::") for child in event.cpu_children):
-            continue
-        ops += 1
+        if event.name.startswith("aten::") and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::")):
+            ops += 1
         if event.name == "aten::_local_scalar_dense":  # .item(), bool(), int() of a tensor
             parent = event.cpu_parent
             while parent is not None and not parent.name.startswith("Optimizer.step"):

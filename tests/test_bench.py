@@ -85,6 +85,8 @@ def test_the_generation_benchmark_measures_a_random_model_of_a_named_shape(tmp_p
     static = re.search(r"^\| \(ii\) chat in process, example_usage.py --static-cache, 64-token answer \(\w+; first answer [\d.]+ s\) "
                        r"\| ([\d.]+) tok/s \|$", done.stdout, re.M)
     assert prompt and chat and batched and static, done.stdout
+    ops = re.search(r"^host ops dispatched per generated token: \(ii\) (\w+) (\d+), .*\(ii'\) --static-cache (\d+)$", done.stdout, re.M)
+    assert ops and 30 * 20 < int(ops.group(2)) < 30 * 200, done.stdout  # 30 layers: tens of ops each, per token
     assert re.search(r"^chat tok/s, --static-cache / default cache: [\d.]+x \(not compiled off CUDA\)$", done.stdout, re.M)
     assert int(prompt.group(1)) > 0 and float(prompt.group(2)) > 0 and float(chat.group(1)) > 0
     assert int(batched.group(1)) > 1 and float(batched.group(2)) > 0
