@@ -3300,7 +3300,7 @@ class HuggingFaceFineTuner:
             return "model (FSDP or DeepSpeed)"
         import torch
 
-        batch = {key: torch.tensor([row[key][:64]], device=trainer.args.device) for key in ("input_ids", "labels")}
+        batch = one_row(row, trainer.args.device)
         with torch.no_grad(), autocast(trainer.args.device.type, self.settings["precision"]):
             own = trainer.model(**batch).loss
             total, count = labelled_loss(trainer.model, batch, trainer.compute_dtype)
@@ -3339,6 +3339,8 @@ class HuggingFaceFineTuner:
             log(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {folder.checkpoints}")
             log(f"resume with: {resume_command(folder.finished())}")
             return 130
+        if not still_a_model(trainer, train[0], s["precision"]):
+            raise UserError(diverged(trainer.state.log_history, s, folder.path), exit_code=1)
         if val is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in trainer.state.log_history):
             trainer.evaluate()
         wall = time.time() - started
@@ -3597,6 +3599,45 @@ def compiling_layers(model):
     setattr(config, limit, max(getattr(config, limit), 32))
     with mock.patch.dict(os.environ, {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1", "ACCELERATE_DYNAMO_USE_DYNAMIC": "1"}):
         yield  # the variables as they were once the Trainer is made
+
+
+def still_a_model(trainer, row: dict, precision: str) -> bool:
+    """Whether training left a model: every trained weight a number, and so its loss on a row of the data.
+    A run that diverged (a learning rate too high, fp16 overflowing) leaves nan in its weights, or
+    weights so large that every answer is nan, and Trainer neither stops nor says so. One forward pass
+    and one value read back, after training; every process takes part (FSDP and DeepSpeed shard the
+    weights) and all reach the same answer."""
+    import torch
+
+    trained = [p for p in trainer.model.parameters() if p.requires_grad and p.numel()]
+    with torch.no_grad(), autocast(trainer.args.device.type, precision):
+        loss = trainer.model(**one_row(row, trainer.args.device), use_cache=False).loss
+    finite = torch.stack([torch.isfinite(loss.float()), *(torch.isfinite(p).all() for p in trained)]).all()
+    if trainer.args.world_size > 1:
+        import torch.distributed as dist
+
+        flag = finite.to(device=trainer.args.device, dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag
+    return bool(finite)
+
+
+def one_row(row: dict, device) -> dict:
+    """A row of the training data as a batch of one, cut to 64 tokens: what the checks before and after training run."""
+    import torch
+
+    return {key: torch.tensor([row[key][:64]], device=device) for key in ("input_ids", "labels")}
+
+
+def diverged(history: list[dict], settings: dict, folder: Path) -> str:
+    """The error for a run that left no model: from which step its losses were not numbers, and what to change."""
+    first = next((e for e in history for key in ("loss", "eval_loss") if key in e and not math.isfinite(e[key])), None)
+    fp16 = ", or --precision bf16 or fp32 (fp16 overflows)" if settings["precision"] == "fp16" else ""
+    return (f"training diverged: the trained model's loss is not a number"
+            + (f" (from step {first['step']}: {first.get('loss', first.get('eval_loss'))})" if first else "")
+            + f"; no model was saved, and a model already in {folder} is untouched. Start again with a lower "
+              f"--learning-rate (this run: {settings['learning_rate']}){fp16} and --overwrite (this run's "
+              f"checkpoints hold the diverged weights)")
 
 
 def release_freed_memory() -> None:

@@ -801,6 +801,18 @@ def test_refuses_to_overwrite_a_finished_model_and_a_failed_overwrite_keeps_it(t
     assert not list(out.parent.glob(".*partial*"))
 
 
+def test_a_run_that_diverges_saves_nothing_over_the_old_model_and_says_what_to_change(tiny_model, tmp_path):
+    out = tmp_path / "echo"
+    shutil.copytree(tiny_model[0], out)
+    before = (out / "adapter_model.safetensors").read_bytes()
+    result = cli("--output-dir", out, "--overwrite", "--no-eval", *TINY, "--learning-rate", "1e30")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "training diverged: the trained model's loss is not a number" in result.stderr
+    assert "a lower --learning-rate (this run: 1e+30)" in result.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == before and (out / "training_summary.json").is_file()
+    assert not list(tmp_path.glob(".*partial*"))
+
+
 def test_overwrite_never_touches_a_folder_this_tool_did_not_write(tmp_path):
     thesis = tmp_path / "thesis"
     thesis.mkdir()
