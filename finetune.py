@@ -3602,16 +3602,17 @@ def compiling_layers(model):
 
 
 def still_a_model(trainer, row: dict, precision: str) -> bool:
-    """Whether training left a model: every trained weight a number, and so its loss on a row of the data.
-    A run that diverged (a learning rate too high, fp16 overflowing) leaves nan in its weights, or
-    weights so large that every answer is nan, and Trainer neither stops nor says so. One forward pass
-    and one value read back, after training; every process takes part (FSDP and DeepSpeed shard the
-    weights) and all reach the same answer."""
+    """Whether training left a model: every trained weight a number, and so its loss on a row of the data
+    (the whole row: its first 64 tokens may all be prompt, whose loss over no labels is nan whatever the
+    model). A run that diverged (a learning rate too high, fp16 overflowing) leaves nan in its weights,
+    or weights so large that every answer is nan, and Trainer neither stops nor says so. One forward
+    pass and one value read back, after training; every process takes part (FSDP and DeepSpeed shard
+    the weights) and all reach the same answer."""
     import torch
 
     trained = [p for p in trainer.model.parameters() if p.requires_grad and p.numel()]
     with torch.no_grad(), autocast(trainer.args.device.type, precision):
-        loss = trainer.model(**one_row(row, trainer.args.device), use_cache=False).loss
+        loss = trainer.model(**one_row(row, trainer.args.device, tokens=None), use_cache=False).loss
     finite = torch.stack([torch.isfinite(loss.float()), *(torch.isfinite(p).all() for p in trained)]).all()
     if trainer.args.world_size > 1:
         import torch.distributed as dist
@@ -3622,11 +3623,11 @@ def still_a_model(trainer, row: dict, precision: str) -> bool:
     return bool(finite)
 
 
-def one_row(row: dict, device) -> dict:
-    """A row of the training data as a batch of one, cut to 64 tokens: what the checks before and after training run."""
+def one_row(row: dict, device, tokens: int | None = 64) -> dict:
+    """A row of the training data as a batch of one, cut to `tokens`: what the checks before and after training run."""
     import torch
 
-    return {key: torch.tensor([row[key][:64]], device=device) for key in ("input_ids", "labels")}
+    return {key: torch.tensor([row[key][:tokens]], device=device) for key in ("input_ids", "labels")}
 
 
 def diverged(history: list[dict], settings: dict, folder: Path) -> str:

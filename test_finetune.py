@@ -813,6 +813,17 @@ def test_a_run_that_diverges_saves_nothing_over_the_old_model_and_says_what_to_c
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_a_healthy_run_whose_rows_open_with_a_long_prompt_is_not_called_diverged(tmp_path):
+    """The check after training reads the loss of a whole row: a row's first 64 tokens may all be prompt."""
+    prompt = " ".join(["Tell me about the tide, the moon and the sea."] * 10)  # about 120 tokens before the answer
+    data = write_lines(tmp_path / "long.jsonl", [{"prompt": f"{prompt} ({i})", "completion": f"Answer {i}: the moon pulls the sea."}
+                                                 for i in range(12)])
+    result = cli("--output-dir", tmp_path / "out", "--dataset", data, "--no-eval", "--validation-split", "0", "--max-steps", "2",
+                 "--max-length", "160", "--batch-size", "2", "--lora-r", "4", *FEW_QUESTIONS)
+    assert result.returncode == 0 and "diverged" not in result.stderr, result.stderr
+    assert (tmp_path / "out" / "training_summary.json").is_file()
+
+
 def test_overwrite_never_touches_a_folder_this_tool_did_not_write(tmp_path):
     thesis = tmp_path / "thesis"
     thesis.mkdir()
