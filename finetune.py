@@ -3614,13 +3614,21 @@ def still_a_model(trainer, row: dict, precision: str) -> bool:
     with torch.no_grad(), autocast(trainer.args.device.type, precision):
         loss = trainer.model(**one_row(row, trainer.args.device, tokens=None), use_cache=False).loss
     finite = torch.stack([torch.isfinite(loss.float()), *(torch.isfinite(p).all() for p in trained)]).all()
-    if trainer.args.world_size > 1:
-        import torch.distributed as dist
+    return agreed(finite, trainer.args, every=True)
 
-        flag = finite.to(device=trainer.args.device, dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = flag
-    return bool(finite)
+
+def agreed(flag, args, every: bool) -> bool:
+    """A flag (a bool or a tensor of one) as every process of the run reads it: true where it is true on
+    every process (`every`) or on any. One all-reduce over several processes, on the training device:
+    NCCL, accelerate's backend on GPUs, reduces no tensor held by the CPU."""
+    if args.world_size == 1:
+        return bool(flag)
+    import torch
+    import torch.distributed as dist
+
+    value = torch.as_tensor(flag, dtype=torch.int32, device=args.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN if every else dist.ReduceOp.MAX)
+    return bool(value)
 
 
 def one_row(row: dict, device, tokens: int | None = 64) -> dict:
@@ -3810,13 +3818,7 @@ def trainer_callbacks() -> types.SimpleNamespace:
                     signal.signal(sig, old)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if args.world_size > 1:
-                import torch
-                import torch.distributed as dist
-
-                flag = torch.tensor([int(self.interrupted)], device=args.device)  # NCCL reduces only tensors on a GPU
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                self.interrupted = bool(flag.item())
+            self.interrupted = agreed(self.interrupted, args, every=False)
             if self.interrupted:
                 control.should_save, control.should_training_stop = True, True
             self.saving = bool(control.should_save)
