@@ -1089,6 +1089,42 @@ def test_the_chunked_loss_equals_the_models_own_loss_and_gradients(lora_and_batc
     assert difference / size < (1e-4 if precision == "fp32" else 0.05)  # bf16: the rounding of bf16 itself (~4%)
 
 
+def test_a_bf16_adapter_takes_its_inputs_as_they_are_same_loss_and_gradients_fewer_ops(base_path, lora_and_batch):
+    """PEFT casts each adapted layer's bf16 input to the adapter's fp32, and autocast casts it back: the
+    tool's bf16 training model skips both, for the same numbers to the bit."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not finetune.cpu_has_native_bf16():
+        pytest.skip("bf16 autocast is minutes per step on a CPU without native bf16")
+    settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, model=base_path, device="cpu", precision="bf16"))
+    tuner = finetune.HuggingFaceFineTuner(settings)
+    tuner.load_tokenizer()  # finds the base
+    model = tuner.load_model()
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert len(layers) == 30 * 7 and not any(m.cast_input_dtype_enabled for m in layers)
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    batch = lora_and_batch[1]
+
+    def step():
+        with torch.profiler.profile() as profiler, finetune.autocast("cpu", "bf16"):
+            loss, grads = loss_and_gradients(model, lambda: model(**batch).loss)
+        ops = sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+                  for e in profiler.events())
+        return loss, grads, ops
+
+    loss, grads, ops = step()
+    for layer in layers:
+        layer.cast_input_dtype_enabled = True  # PEFT's default
+    cast_loss, cast_grads, cast_ops = step()
+    assert loss == cast_loss and grads.keys() == cast_grads.keys() and len(grads) == 2 * 30 * 7
+    assert all(torch.equal(grads[k], cast_grads[k]) for k in grads)
+    assert ops < cast_ops - 2 * 30 * 2  # at least o_proj's and down_proj's inputs (bf16 outputs of autocast), both ways
+
+
 def test_pieces_cover_the_batch_within_the_budget_and_add_up_to_its_loss(lora_and_batch):
     import torch
 
