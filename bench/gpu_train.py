@@ -24,7 +24,9 @@ device's peak dense bf16 rate (a table of known GPUs, or --peak-tflops; on a CPU
 peak memory: torch.cuda.max_memory_allocated on CUDA, the resident set everywhere.
 Each --lever KEY=VALUE (a setting of finetune.py, as config.json spells it) adds a row: the default
 recipe with that setting changed, in a process of its own on the same examples, and its ratio to the
-default: the levers measured one by one, in one run. --set KEY=VALUE changes a setting for every row.
+default: the levers measured one by one, in one run (KEY=VALUE,KEY=VALUE changes several in one row).
+--set KEY=VALUE changes a setting for every row. "first step" is the untimed warm-up step's time:
+with --lever compile=true, the time it spends compiling.
 --profile: each row runs one step more, untimed, under torch.profiler, and the report ends with that
 step's top ops, the ops the host dispatched and the values it read back (on a GPU a step of small
 kernels takes the time of its ops' count; each value read back is a sync), and on a GPU the share of
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shlex
 import sys
 import tempfile
@@ -77,7 +80,8 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                         help="a setting for every recipe (repeatable), e.g. precision=fp32")
     parser.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
-                        help="also the default recipe with this setting changed (repeatable), e.g. padding_free=true")
+                        help="also the default recipe with this setting changed (repeatable), e.g. padding_free=true; "
+                             "several settings in one row: compile=true,batch_size=32")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s, for a GPU not in the table")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="a folder (or hub id) with SmolLM2's tokenizer, where the embedded model is not installed "
@@ -96,13 +100,16 @@ def parse_args(argv):
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     def setting(text: str, flag: str) -> dict:
-        key, _, value = text.partition("=")
-        if key not in finetune.DEFAULT_SETTINGS or not value:
-            parser.error(f"{flag} takes KEY=VALUE with a setting of finetune.py (config.json's names), not {text!r}")
-        try:
-            return {key: json.loads(value)}  # true, 16, 0.5, "auto"
-        except json.JSONDecodeError:
-            return {key: value}
+        settings = {}
+        for pair in re.split(r",(?=\w+=)", text):  # compile=true,batch_size=32: one row, both changed
+            key, _, value = pair.partition("=")
+            if key not in finetune.DEFAULT_SETTINGS or not value:
+                parser.error(f"{flag} takes KEY=VALUE with a setting of finetune.py (config.json's names), not {pair!r}")
+            try:
+                settings[key] = json.loads(value)  # true, 16, 0.5, "auto"
+            except json.JSONDecodeError:
+                settings[key] = value
+        return settings
 
     args.levers = {lever: setting(lever, "--lever") for lever in args.lever}
     args.settings = {key: value for text in args.settings for key, value in setting(text, "--set").items()}
@@ -177,14 +184,14 @@ def peak_rate(device: str, precision: str, given: float | None) -> tuple[float |
 
 
 def format_report(results: dict, parameters: int, peak: float | None, peak_source: str, shape: str) -> str:
-    lines = ["| recipe | precision | batch | dataset tok/s | MFU | peak GPU memory | peak resident |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| recipe | precision | batch | dataset tok/s | MFU | first step | peak GPU memory | peak resident |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         mfu = r["dataset_tokens_per_second"] * throughput.FLOPS_PER_TOKEN[r["method"]] * parameters / peak if peak else None
         r["mfu"] = mfu
         gpu = f"{r['peak']['cuda_gb']:.2f} GB" if "cuda_gb" in r["peak"] else "-"
         lines.append(f"| {name} | {r['precision']} | {r['batch_size']} | {r['dataset_tokens_per_second']:.0f} | "
-                     f"{'-' if mfu is None else f'{mfu:.1%}'} | {gpu} | {r['peak']['resident_gb']:.2f} GB |")
+                     f"{'-' if mfu is None else f'{mfu:.1%}'} | {r['warmup_seconds']:.1f} s | {gpu} | {r['peak']['resident_gb']:.2f} GB |")
     default, trl = results.get("default"), results.get("trl")
     for name, r in results.items():
         if default and name not in RECIPES:

@@ -442,6 +442,7 @@ def summarise_steps(recipe, method, precision, batch_size, accumulation, step_ba
         "seconds_per_step": seconds / len(timed),
         "step_seconds": [round(e - p, 3) for p, e in zip(ends[WARMUP_STEPS - 1:], ends[WARMUP_STEPS:])],
         "compute_seconds": sum(e - b for b, e in zip(begins[WARMUP_STEPS:], ends[WARMUP_STEPS:])),
+        "warmup_seconds": ends[WARMUP_STEPS - 1] - begins[0],  # the untimed first step: where --compile compiles
         "dataset_tokens": count("dataset_tokens"), "loss_tokens": count("loss_tokens"),
         "computed_tokens": count("computed_tokens"),
         "dataset_tokens_per_second": count("dataset_tokens") / seconds,

@@ -32,9 +32,11 @@ def test_the_gpu_benchmark_runs_the_default_recipe_on_the_cpu_and_reports_rate_m
                           cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     assert "random-weight model of the 135m shape: 135M parameters" in done.stderr
-    row = re.search(r"^\| default \| (\w+) \| 2 \| (\d+) \| ([\d.]+)% \| - \| ([\d.]+) GB \|$", done.stdout, re.M)
+    row = re.search(r"^\| default \| (\w+) \| 2 \| (\d+) \| ([\d.]+)% \| ([\d.]+) s \| - \| ([\d.]+) GB \|$", done.stdout, re.M)
     assert row, done.stdout
-    assert int(row.group(2)) > 0 and 0 < float(row.group(3)) < 100 and float(row.group(4)) > 0.3
+    assert int(row.group(2)) > 0 and 0 < float(row.group(3)) < 100 and float(row.group(5)) > 0.3
+    warmup = json.loads(out.read_text())["results"]["default"]["warmup_seconds"]
+    assert float(row.group(4)) == pytest.approx(warmup, abs=0.05) and 0 < warmup < 600
     assert "of this cpu's measured 2048x2048 matmul rate" in done.stdout and "CPU capability" in done.stdout
     results = json.loads(out.read_text())
     assert results["parameters"] == 134_515_008 and results["results"]["default"]["timed_steps"] == 1
@@ -52,20 +54,25 @@ def test_the_gpu_benchmark_runs_the_default_recipe_on_the_cpu_and_reports_rate_m
 def test_each_lever_is_a_setting_changed_and_its_row_says_its_ratio_to_the_default(capsys):
     import gpu_train
 
-    args = gpu_train.parse_args(["--lever", "padding_free=true", "--lever", "batch_size=16", "--lever", "lr_scheduler=linear"])
+    args = gpu_train.parse_args(["--lever", "padding_free=true", "--lever", "batch_size=16", "--lever", "lr_scheduler=linear",
+                                 "--lever", "compile=true,batch_size=32", "--lever", "lora_target_modules=q_proj,v_proj"])
     assert args.levers == {"padding_free=true": {"padding_free": True}, "batch_size=16": {"batch_size": 16},
-                           "lr_scheduler=linear": {"lr_scheduler": "linear"}}
-    with pytest.raises(SystemExit):
-        gpu_train.parse_args(["--lever", "padding_fre=true"])
-    assert "a setting of finetune.py" in capsys.readouterr().err
+                           "lr_scheduler=linear": {"lr_scheduler": "linear"},
+                           "compile=true,batch_size=32": {"compile": True, "batch_size": 32},
+                           "lora_target_modules=q_proj,v_proj": {"lora_target_modules": "q_proj,v_proj"}}
+    for wrong in ("padding_fre=true", "compile=true,batch_sise=32"):
+        with pytest.raises(SystemExit):
+            gpu_train.parse_args(["--lever", wrong])
+        assert "a setting of finetune.py" in capsys.readouterr().err
     assert gpu_train.parse_args(["--set", "precision=fp32", "--set", "max_batch_tokens=512"]).settings == {"precision": "fp32", "max_batch_tokens": 512}
-    row = {"precision": "bf16", "batch_size": 8, "method": "lora", "timed_steps": 2, "device": "cuda", "peak": {"resident_gb": 1.0, "cuda_gb": 2.0}}
+    row = {"precision": "bf16", "batch_size": 8, "method": "lora", "timed_steps": 2, "device": "cuda", "warmup_seconds": 31.25,
+           "peak": {"resident_gb": 1.0, "cuda_gb": 2.0}}
     profile = {"step": 3, "wall_seconds": 0.5, "device_busy_seconds": 0.1, "ops": 9000, "scalar_reads": 3, "kernels": 7000,
                "table": "the ops\n"}
     results = {"default": dict(row, dataset_tokens_per_second=1000.0),
                "padding_free=true": dict(row, dataset_tokens_per_second=1250.0, profile=profile)}
     report = gpu_train.format_report(results, 1_000_000, 1e15, "a datasheet", "1.7b")
-    assert "padding_free=true: 1.25x the default's dataset tokens/s" in report and "| padding_free=true | bf16 | 8 | 1250 |" in report
+    assert "padding_free=true: 1.25x the default's dataset tokens/s" in report and "| padding_free=true | bf16 | 8 | 1250 | 0.0% | 31.2 s | 2.00 GB | 1.00 GB |" in report
     assert report.endswith("padding_free=true: step 4 under torch.profiler (not timed), 0.500 s, the GPU computing 0.100 s of it (20%)\n"
                            "host: 9000 ops dispatched (7000 GPU kernels), 3 values read back (outside the optimizer; on a GPU each is a sync)\nthe ops")
 
