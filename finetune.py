@@ -1610,9 +1610,8 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
             resolved["precision"] = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             why = "what this GPU supports"
         elif device == "cpu" and cpu_has_native_bf16():
-            lora = resolved.get("method") == "lora"
-            how = (f"bf16 autocast, {'a bf16 base and an fp32 adapter' if lora else 'fp32 weights'}" if training
-                   else "bf16 weights")
+            weights = "a bf16 base and an fp32 adapter" if resolved.get("method") == "lora" else "fp32 weights"
+            how = f"bf16 autocast, {weights}" if training else "bf16 weights"
             resolved["precision"], why = "bf16", f"this CPU computes bf16 natively ({how})"
         else:
             resolved["precision"], why = "fp32", "no native bf16 on this CPU" if device == "cpu" else "safest here"

@@ -1089,7 +1089,7 @@ def test_the_chunked_loss_equals_the_models_own_loss_and_gradients(lora_and_batc
     assert difference / size < (1e-4 if precision == "fp32" else 0.05)  # bf16: the rounding of bf16 itself (~4%)
 
 
-def test_a_bf16_adapter_takes_its_inputs_as_they_are_same_loss_and_gradients_fewer_ops(base_path, lora_and_batch):
+def test_a_bf16_adapter_takes_its_inputs_as_they_are_same_loss_and_gradients_fewer_ops(base_path, lora_and_batch, monkeypatch):
     """PEFT casts each adapted layer's bf16 input to the adapter's fp32, and autocast casts it back: the
     tool's bf16 training model skips both, for the same numbers to the bit."""
     import torch
@@ -1097,6 +1097,8 @@ def test_a_bf16_adapter_takes_its_inputs_as_they_are_same_loss_and_gradients_few
 
     if not finetune.cpu_has_native_bf16():
         pytest.skip("bf16 autocast is minutes per step on a CPU without native bf16")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "bench"))
+    from train_throughput import host_work  # the ops the benchmarks count, counted the same way
     settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, model=base_path, device="cpu", precision="bf16"))
     tuner = finetune.HuggingFaceFineTuner(settings)
     tuner.load_tokenizer()  # finds the base
@@ -1112,9 +1114,7 @@ def test_a_bf16_adapter_takes_its_inputs_as_they_are_same_loss_and_gradients_few
     def step():
         with torch.profiler.profile() as profiler, finetune.autocast("cpu", "bf16"):
             loss, grads = loss_and_gradients(model, lambda: model(**batch).loss)
-        ops = sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
-                  for e in profiler.events())
-        return loss, grads, ops
+        return loss, grads, host_work(profiler)["ops"]
 
     loss, grads, ops = step()
     for layer in layers:
