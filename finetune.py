@@ -69,6 +69,7 @@ DEFAULTS = {
         "padding_free": False,  # a batch's examples end to end in one row, no padding (the model must keep them apart)
         "gradient_checkpointing": False,  # trade time for memory
         "compile": False,  # torch.compile each decoder layer: faster steps after a warm-up of compiling (see compiling_layers)
+        "liger": "auto",  # Liger's fused Triton kernels and loss, CUDA only: auto = where liger-kernel is installed; true | false
         "lora_r": 16,
         "lora_alpha": 32,
         "lora_dropout": 0.0,
@@ -1602,6 +1603,8 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
     why = "set by you"
     if training and resolved.get("compile") and device == "cpu":
         check_compiler()
+    if training:
+        resolved["liger"] = use_liger(resolved.get("liger", "auto"), device)
     if resolved["precision"] == "int8":
         check_int8(device, training)
         why = "set by you: int8 linear weights, bf16 compute"
@@ -3266,7 +3269,7 @@ class HuggingFaceFineTuner:
             disable_tqdm=not sys.stderr.isatty(),
             dataloader_pin_memory=s["device"] == "cuda",
             ddp_find_unused_parameters=False,
-            use_liger_kernel=s["device"] == "cuda" and liger_installed(),  # Liger's fused kernels (its loss too) on CUDA
+            use_liger_kernel=use_liger(s["liger"], s["device"]),  # Liger's fused kernels (its loss too) on CUDA
             torch_compile=s["compile"],  # accelerate compiles the model as training starts, after the checks (compiling_layers)
         )
 
@@ -3703,6 +3706,23 @@ def liger_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("liger_kernel") is not None
+
+
+def use_liger(choice, device: str) -> bool:
+    """The liger setting: "auto" uses Liger's kernels on CUDA where liger-kernel is installed; true
+    insists (they are Triton kernels: CUDA only), false leaves them out (to measure them, or to rule
+    them out when a model trains wrong with them)."""
+    if choice == "auto":
+        return device == "cuda" and liger_installed()
+    if choice is False:
+        return False
+    if choice is not True:
+        raise UserError(f"liger must be auto, true or false, not {json.dumps(choice)}")
+    if device != "cuda":
+        raise UserError(f"--liger true: Liger's kernels run on CUDA only, and this run is on {device} (leave it at auto)")
+    if not liger_installed():
+        raise UserError("--liger true: liger-kernel is not installed (pip install liger-kernel)")
+    return True
 
 
 def evaluate_folder(folder: Path, settings: dict, base_template: str | None, base_path: str, model=None, tokenizer=None) -> dict:
@@ -4197,6 +4217,12 @@ def auto_or(kind):
     return parse
 
 
+def auto_true_or_false(text: str):
+    if text not in ("auto", "true", "false"):
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+    return text if text == "auto" else text == "true"
+
+
 def setting(group, flag: str, key: str, text: str = "", **kwargs) -> None:
     """A flag for a setting; its help shows the default from DEFAULTS, so each default lives in one place."""
     default = DEFAULT_SETTINGS[key]
@@ -4243,6 +4269,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--gradient-checkpointing", "gradient_checkpointing", "save memory, cost time", action="store_const", const=True)
     setting(train, "--compile", "compile", "torch.compile each decoder layer: faster steps after a warm-up of compiling",
             action="store_const", const=True)
+    setting(train, "--liger", "liger", "Liger's fused Triton kernels and loss (CUDA only): auto uses them where liger-kernel is "
+            "installed", type=auto_true_or_false, metavar="auto|true|false")
     setting(train, "--padding-free", "padding_free", "a batch's examples end to end in one row: no compute on padding "
             "(checked at the start: the model's attention must keep them apart)", action="store_const", const=True)
     setting(train, "--lora-r", "lora_r", type=int)

@@ -39,6 +39,12 @@ def test_precedence_flags_over_config_over_defaults(tmp_path):
     assert lines["lora_alpha"].endswith(f"= {finetune.DEFAULT_SETTINGS['lora_alpha']}  (default)")
 
 
+def test_the_readmes_settings_listing_is_what_show_config_prints():
+    shown = cli("--show-config", "--lora-r", "8").stdout  # the README's command, with the shipped config.json
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "`--show-config --lora-r 8` prints" in readme and f"```text\n{shown}```" in readme
+
+
 def test_a_flat_config_works_and_a_misplaced_key_names_its_section(tmp_path):
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"epochs": 7, "persona_name": "Aria"}))
@@ -249,6 +255,22 @@ def test_compile_without_a_cpp_compiler_is_refused_before_anything_is_loaded(tmp
     assert result.returncode == 2, result.stderr  # a usage error, as a missing dataset is
     assert result.stderr.strip().splitlines()[-1].startswith("error: --compile on a CPU needs a C++ compiler (g++ or clang++")
     assert "Traceback" not in result.stderr and not out.exists()  # refused at the settings: no folder, no model loaded
+
+
+def test_liger_is_auto_true_or_false_and_true_off_cuda_is_refused_before_anything_is_loaded(tmp_path):
+    out = tmp_path / "model"
+    result = cli("--output-dir", out, "--device", "cpu", "--liger", "true", "--max-steps", "1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --liger true: Liger's kernels run on CUDA only, and this run is on cpu (leave it at auto)"
+    assert "Traceback" not in result.stderr and not out.exists()
+    wrong = cli("--output-dir", out, "--liger", "yes")
+    assert wrong.returncode == 2 and "expected auto, true or false, got 'yes'" in wrong.stderr
+    config = write_lines(tmp_path / "c.json", [{"liger": "on"}])
+    assert cli("--config", config, "--output-dir", out).stderr.strip().endswith('error: liger must be auto, true or false, not "on"')
+    assert '  liger = false  (flag)' in cli("--show-config", "--liger", "false").stdout
+    # auto and false train without Liger off CUDA; on CUDA, auto is Liger where liger-kernel is installed
+    assert finetune.use_liger("auto", "cpu") is False and finetune.use_liger(False, "cuda") is False
+    assert finetune.use_liger("auto", "cuda") is finetune.liger_installed()
 
 
 def test_prepare_writes_both_formats_and_a_reproducible_split(tmp_path):
