@@ -1,6 +1,7 @@
 """The GPU benchmark's CPU fallback: the same code a CUDA machine runs, on a random-weight model of a
 named shape, one timed step (bench/gpu_train.py; its figures need a GPU, its paths do not)."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -137,3 +138,26 @@ def test_the_generation_benchmark_takes_a_model_or_a_shape(capsys):
         with pytest.raises(SystemExit):
             generation_speed.parse_args(wrong)
     assert "not both" in capsys.readouterr().err
+
+
+def test_the_offline_kit_packs_wheels_and_the_tokenizer_and_runs_a_script_with_them(tmp_path):
+    """bench/offline_kit.sh: the benchmarks on a GPU machine that reaches no index. Packed here for this
+    Python; there (here too) a script runs with the kit's packages ahead of the machine's."""
+    kit = tmp_path / "kit"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    env = dict(os.environ, KIT=str(kit), PYTHON=sys.executable)
+    missing = subprocess.run(["bash", "bench/offline_kit.sh", "run", "bench/gpu_train.py"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert missing.returncode == 2 and "run 'bash bench/offline_kit.sh pack' where there is a package index" in missing.stderr
+    packed = subprocess.run(["bash", "bench/offline_kit.sh", "pack", version], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600, stdin=subprocess.DEVNULL)
+    assert packed.returncode == 0, packed.stderr
+    assert f"wheels for Python {version} and SmolLM2's tokenizer" in packed.stdout
+    wheels = {path.name.split("-")[0] for path in (kit / "wheels").iterdir()}
+    assert {"transformers", "datasets", "peft", "trl", "liger_kernel", "tokenizers"} <= wheels and not any("torch" in w for w in wheels)
+    assert (kit / "tokenizer" / "tokenizer.json").is_file() and not (tmp_path / "kit.partial").exists()
+    ran = subprocess.run(["bash", "bench/offline_kit.sh", "run", "-c", "import trl, transformers; print(trl.__file__, transformers.__version__)"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert ran.returncode == 0, ran.stderr
+    where, transformers = ran.stdout.split()
+    assert where.startswith(str(kit / "site")) and f"transformers=={transformers}" in (ROOT / "requirements.txt").read_text()
