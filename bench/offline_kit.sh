@@ -18,7 +18,6 @@ KIT=${KIT:-.gpukit}  # where the kit is packed and read (a path from the project
 PINNED="transformers datasets accelerate peft gguf trl"  # pinned in requirements.txt or bench/requirements.txt
 HELPERS="tokenizers safetensors huggingface-hub hf-xet dill multiprocess fsspec xxhash"  # at the versions .venv resolved
 LIGER="liger-kernel==0.8.5"  # Triton kernels, CUDA only: not in requirements.txt
-
 PYTHON=${PYTHON:-python3}  # there: the Python that has torch
 
 fail() { echo "offline_kit: $*" >&2; exit 2; }
