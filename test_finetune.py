@@ -1256,6 +1256,22 @@ def accelerate_launch(*args, timeout=900, popen=False):
     return subprocess.run(command, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
+def test_a_command_leaves_its_process_group_before_it_exits_whether_it_succeeds_or_fails(tmp_path, monkeypatch):
+    """Left to the interpreter's exit, a gloo group can abort a finished process (see leave_process_group)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(finetune, "text_models_only", lambda: None)  # run_command's other setting, for this process
+
+    def fails():
+        raise finetune.UserError("no")
+
+    for n, (command, code) in enumerate([(lambda: 0, 0), (fails, 2)]):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{n}'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+        assert finetune.run_command(command, verbose=True) == code
+        assert not dist.is_initialized()
+
+
 def test_two_processes_train_once_evaluate_once_and_the_model_reloads(tmp_path, base_path, small_probe_config):
     out = tmp_path / "runs" / "ddp"
     result = accelerate_launch(ROOT / "finetune.py", "--output-dir", out, "--config", small_probe_config, *TINY)
