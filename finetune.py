@@ -3712,6 +3712,7 @@ def use_liger(choice, device: str) -> bool:
     """The liger setting: "auto" uses Liger's kernels on CUDA where liger-kernel is installed; true
     insists (they are Triton kernels: CUDA only), false leaves them out (to measure them, or to rule
     them out when a model trains wrong with them)."""
+    choice = {"true": True, "false": False}.get(choice, choice) if isinstance(choice, str) else choice  # "false" in a config too
     if choice == "auto":
         return device == "cuda" and liger_installed()
     if choice is False:

@@ -270,6 +270,7 @@ def test_liger_is_auto_true_or_false_and_true_off_cuda_is_refused_before_anythin
     assert '  liger = false  (flag)' in cli("--show-config", "--liger", "false").stdout
     # auto and false train without Liger off CUDA; on CUDA, auto is Liger where liger-kernel is installed
     assert finetune.use_liger("auto", "cpu") is False and finetune.use_liger(False, "cuda") is False
+    assert finetune.use_liger("false", "cuda") is False  # as a config file may spell it
     assert finetune.use_liger("auto", "cuda") is finetune.liger_installed()
 
 
