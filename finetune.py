@@ -3269,7 +3269,7 @@ class HuggingFaceFineTuner:
             disable_tqdm=not sys.stderr.isatty(),
             dataloader_pin_memory=s["device"] == "cuda",
             ddp_find_unused_parameters=False,
-            use_liger_kernel=use_liger(s["liger"], s["device"]),  # Liger's fused kernels (its loss too) on CUDA
+            use_liger_kernel=s["liger"],  # Liger's fused kernels (its loss too): resolved with the device (use_liger)
             torch_compile=s["compile"],  # accelerate compiles the model as training starts, after the checks (compiling_layers)
         )
 
