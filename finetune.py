@@ -1633,6 +1633,7 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
     capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else torch.cuda.get_device_name() if device == "cuda" else device
     resolved["hardware"] = capability
     extra = f", batch size {resolved['batch_size']}, learning rate {resolved['learning_rate']}" if training else ""
+    extra += f", Liger kernels {'on' if resolved['liger'] else 'off'}" if training and device == "cuda" else ""  # never on elsewhere
     log(f"device {device} ({capability}), precision {resolved['precision']} ({why}; --precision overrides){extra}")
     return resolved
 

@@ -274,6 +274,21 @@ def test_liger_is_auto_true_or_false_and_true_off_cuda_is_refused_before_anythin
     assert finetune.use_liger("auto", "cuda") is finetune.liger_installed()
 
 
+def test_the_liger_choice_is_printed_where_it_can_be_on(monkeypatch, capsys):
+    """auto is resolved and printed (DECISIONS); off CUDA Liger is never on, so only CUDA's line says it."""
+    import torch
+
+    monkeypatch.setattr(finetune, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    for installed, shown in ((True, "on"), (False, "off")):
+        monkeypatch.setattr(finetune, "liger_installed", lambda: installed)
+        settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, precision="bf16"))
+        assert settings["liger"] is installed and capsys.readouterr().err.rstrip().endswith(f", Liger kernels {shown}")
+    monkeypatch.undo()
+    finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, device="cpu"))
+    assert "Liger" not in capsys.readouterr().err
+
+
 def test_prepare_writes_both_formats_and_a_reproducible_split(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", good_examples(20) + [{"messages": [
         {"role": "user", "content": "hi", "name": "ada"}, {"role": "assistant", "content": "hello"}], "metadata": {"k": 1}}])
