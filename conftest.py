@@ -47,6 +47,17 @@ def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"
     )
 
 
+def without_torch(*args, script="finetune.py", cwd=ROOT):
+    """A command run by its main() in a fresh interpreter: (exit code, stderr, whether torch got imported),
+    for errors a user should see at once rather than after the seconds torch takes to import."""
+    program = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import {Path(script).stem} as tool; "
+               "code = tool.main(sys.argv[1:]); print(code, 'torch' in sys.modules)")
+    done = subprocess.run([PY, "-c", program, *map(str, args)], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)
+    code, torch = done.stdout.split()[-2:]
+    return int(code), done.stderr, torch == "True"
+
+
 def write_lines(path: Path, lines: list) -> Path:
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8")
     return path

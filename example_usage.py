@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 class LocalChat:
     def __init__(self, settings: dict, name: str, max_context: int | None, decoding: dict | None = None):
+        model, self.tokenizer, _ = finetune.load_for_inference(chat_model(name))  # a wrong --model: the error before torch loads
         import torch
 
-        model, self.tokenizer, _ = finetune.load_for_inference(chat_model(name))
         self.model = finetune.merged(model)  # the chat never needs the base alone: merged, each token costs less
         self.settings = finetune.resolve_hardware(settings, training=False)
         torch.manual_seed(settings["seed"])  # what sampling draws from; transformers.set_seed would import peft, 2.5 s
@@ -769,9 +769,7 @@ SERVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def serve_command(args, settings: dict) -> int:
-    name = args.model or settings["output_dir"]
-    if not Path(name).exists() and name == settings["output_dir"]:
-        raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
+    name = finetune.model_to_load(settings, args.model)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port (0 to 65535)")
     if args.request_timeout <= 0 or args.max_requests < 1:
@@ -944,9 +942,7 @@ def chat_command(args) -> int:
     elif args.provider == "openai":
         chat = OpenAIChat(settings, args.model)
     else:
-        name = args.model or settings["output_dir"]
-        if not Path(name).exists() and name == settings["output_dir"]:
-            raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
+        name = finetune.model_to_load(settings, args.model)
         if settings["precision"] == "int8":
             finetune.check_int8(finetune.resolve_device(settings["device"]))
         chat = LocalChat(settings, name, args.max_context, dict(flags, static_cache=args.static_cache))

@@ -1442,16 +1442,32 @@ def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
 
 def resolve_base(name: str) -> str:
     """The alias, a .gguf file, a local folder or a hub id, as something from_pretrained loads."""
+    check_model_name(name)
     if name == SMOLLM2_ALIAS:
         return str(convert_gguf(embedded_gguf()))
     if name.endswith(".gguf"):
-        if not Path(name).is_file():
-            raise UserError(f"GGUF file {name} does not exist")
         return str(convert_gguf(Path(name)))
+    return name
+
+
+def model_to_load(settings: dict, model: str | None) -> str:
+    """The model that --evaluate, the chat and --serve load: `model` (--model), else the output folder,
+    which must hold one. A wrong name is an error at once, before anything loads (offline, the hub's
+    retries for a name that is not a folder took 52 s)."""
+    name = model or settings["output_dir"]
+    if name == settings["output_dir"] and not Path(name).exists():
+        raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
+    check_model_name(name)
+    return name
+
+
+def check_model_name(name: str) -> None:
+    """A model named by a path that is not there: a UserError, found without loading anything."""
+    if name.endswith(".gguf") and not Path(name).is_file():
+        raise UserError(f"GGUF file {name} does not exist")
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.rstrip("/").split("/", 1)[-1] or name.endswith("/")):
         raise UserError(f"there is no folder {name}; a model is a folder here, the alias {SMOLLM2_ALIAS}, a .gguf file, "
                         f"or a Hugging Face hub id (which needs the internet the first time)")
-    return name
 
 
 def load_tokenizer(name_or_path: str):
@@ -1559,10 +1575,10 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_device(device: str) -> str:
     """"auto": CUDA, then MPS, then the CPU."""
-    import torch
-
     if device != "auto":
         return device
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -4337,6 +4353,7 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
     for path in paths_for(True) + paths_for(False):
         if same_file(path, settings["dataset"]):
             raise UserError(f"{path} is the dataset itself; choose another --output (the dataset is never replaced)")
+    check_paths(settings)
     tokens = base_tokenizer(settings) if provider == "huggingface" else (None, NOT_COUNTED_FOR_OPENAI)
     files = write_prepared(settings, strict, paths_for, overwrite, tokens)
     for path, rows in files:
@@ -4347,6 +4364,16 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
         except UserError as exc:
             log(f"warning: {exc}")
     return 0
+
+
+def check_paths(settings: dict, base_model: bool = False) -> None:
+    """A dataset (and, to train, a base model) named by a path that is not there: the error at once, not
+    after the seconds that importing torch and transformers takes."""
+    source = str(settings["dataset"])
+    if not Path(source).exists() and not is_hub_dataset(source):
+        raise UserError(f"dataset {source} does not exist")
+    if base_model and settings["model"] != "auto":
+        check_model_name(settings["model"])
 
 
 def base_tokenizer(settings: dict) -> tuple[object, str]:
@@ -4383,7 +4410,7 @@ def local_tokenizer(name: str):
 
 
 def evaluate_command(settings: dict) -> int:
-    name = settings["output_dir"] if settings["model"] == "auto" else settings["model"]
+    name = model_to_load(settings, None if settings["model"] == "auto" else settings["model"])
     resolved = resolve_hardware(settings, training=False)
     model, tokenizer, base_name = load_for_inference(name)
     model = answering(model, resolved)
@@ -4403,9 +4430,10 @@ def evaluate_command(settings: dict) -> int:
 
 def train_huggingface(settings: dict, strict: bool = False, overwrite: bool = False, resume: bool = False) -> int:
     """The local fine-tune, in the order it happens."""
-    settings = resolve_hardware(settings)  # 1. the settings, every "auto" resolved
     folder = OutputFolder(settings["output_dir"], overwrite=overwrite, resume=resume)
-    resume_from = folder.check()  # 2. refuse what is in the way, deleting nothing
+    resume_from = folder.check()  # 1. refuse what is in the way, deleting nothing, before anything loads
+    check_paths(settings, base_model=True)
+    settings = resolve_hardware(settings)  # 2. the settings, every "auto" resolved
     report = validate_dataset(settings, strict, *base_tokenizer(settings))  # 3. validate
     train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])  # 4. split once
     return HuggingFaceFineTuner(settings).train(train, val, report, folder, resume_from)  # 5. train, 6. replace

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import finetune
-from conftest import FEW_QUESTIONS, PY, ROOT, TINY, assert_every_line_accounted_for, cli, good_examples, load_jsonl, write_lines
+from conftest import FEW_QUESTIONS, PY, ROOT, TINY, assert_every_line_accounted_for, cli, good_examples, load_jsonl, without_torch, write_lines
 
 
 # ============================================================================================
@@ -246,6 +246,22 @@ def test_missing_dataset_is_a_usage_error(tmp_path):
     result = cli("--prepare-only", "--dataset", tmp_path / "nope.jsonl")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: dataset {tmp_path / 'nope.jsonl'} does not exist"
+
+
+def test_a_path_that_is_not_there_is_an_error_before_torch_is_imported(tmp_path):
+    """A typo in a path is answered in a fraction of a second, not after torch's and transformers' imports
+    (2-10 s here), or the hub's retries (52 s offline for --evaluate with no model folder)."""
+    out, missing = tmp_path / "out", tmp_path / "nope.jsonl"
+    for args, error in ((["--prepare-only", "--dataset", missing], f"dataset {missing} does not exist"),
+                        (["--dataset", missing, "--output-dir", out], f"dataset {missing} does not exist"),
+                        (["--model", "./no-such-model", "--output-dir", out], "there is no folder ./no-such-model"),
+                        (["--model", tmp_path / "base.gguf", "--output-dir", out], "GGUF file"),
+                        (["--resume", "--output-dir", out], "has no complete checkpoint to resume from"),
+                        (["--evaluate", "--output-dir", out], f"no model in {out}; train one with"),
+                        (["--evaluate", "--model", tmp_path / "m/"], "there is no folder")):
+        code, stderr, torch = without_torch(*args)
+        assert code == 2 and stderr.startswith("error: ") and error in stderr and stderr.count("\n") == 1, (args, stderr)
+        assert not torch and not out.exists(), args
 
 
 def test_compile_without_a_cpp_compiler_is_refused_before_anything_is_loaded(tmp_path):

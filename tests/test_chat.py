@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import finetune
-from conftest import PY, ROOT, cli
+from conftest import PY, ROOT, cli, without_torch
 
 
 def test_prompt_prints_only_the_answer_the_model_gives(tiny_model, small_probe_config):
@@ -80,11 +80,12 @@ def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
 
 
 def test_chat_errors_are_one_line(tmp_path):
-    missing = cli("--model", tmp_path / "nope/", "--prompt", "hi", script="example_usage.py")
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "there is no folder" in missing.stderr
     (tmp_path / "empty").mkdir()
-    empty = cli("--model", tmp_path / "empty", "--prompt", "hi", script="example_usage.py")
-    assert empty.returncode == 2 and "holds no model" in empty.stderr and "Traceback" not in empty.stderr
+    for args, error in ((["--model", tmp_path / "nope/"], "there is no folder"), (["--model", tmp_path / "empty"], "holds no model"),
+                        (["--output-dir", tmp_path / "none"], "no model in"), (["--model", tmp_path / "empty", "--serve"], "holds no model")):
+        code, stderr, torch = without_torch(*args, *[] if "--serve" in args else ["--prompt", "hi"], script="example_usage.py")
+        assert code == 2 and stderr.count("\n") == 1 and error in stderr, stderr
+        assert not torch, args  # said at once, before torch's seconds of imports
     nokey = cli("--provider", "openai", "--prompt", "hi", env={"OPENAI_API_KEY": ""}, script="example_usage.py")
     assert nokey.returncode == 2 and "OPENAI_API_KEY" in nokey.stderr
 
