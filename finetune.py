@@ -114,6 +114,53 @@ DEFAULTS = {
 }
 DEFAULT_SETTINGS = {key: value for section in DEFAULTS.values() for key, value in section.items()}
 SECTION_OF = {key: section for section, values in DEFAULTS.items() for key in values}
+
+
+def whole(least: int, most: int | None = None, auto: bool = False) -> tuple:
+    """A rule: (what it says, the check) for a whole number of at least `least` (and at most `most`)."""
+    text = f"a whole number of at least {least}" + (f" and at most {most}" if most is not None else "")
+    fits = lambda v: type(v) is int and v >= least and (most is None or v <= most)  # noqa: E731 (True is no number)
+    return text + (", or auto" if auto else ""), (lambda v: v == "auto" or fits(v)) if auto else fits
+
+
+def number(above: float | None = None, least: float | None = None, below: float | None = None, most: float | None = None,
+           auto: bool = False) -> tuple:
+    """A rule for a number: above/below are open bounds, least/most closed ones."""
+    bounds = [f"above {above}" if above is not None else f"of at least {least}" if least is not None else "",
+              f"below {below}" if below is not None else f"at most {most}" if most is not None else ""]
+    text = "a number " + " and ".join(bound for bound in bounds if bound)
+
+    def fits(v) -> bool:
+        return (type(v) in (int, float) and (above is None or v > above) and (least is None or v >= least)
+                and (below is None or v < below) and (most is None or v <= most))
+    return text + (", or auto" if auto else ""), (lambda v: v == "auto" or fits(v)) if auto else fits
+
+
+def one_of(*values) -> tuple:
+    return "one of " + ", ".join(json.dumps(v) if not isinstance(v, str) else v for v in values), lambda v: v in values
+
+
+SHARE = number(least=0, most=1)
+FLAG = ("true or false", lambda v: type(v) is bool)
+# What each setting takes, checked once the config file and the flags are merged, before anything loads: a
+# wrong value is one line naming where it came from. (A learning rate of -1 reached torch's optimizer as a
+# ValueError; an lora_alpha of 0 trained an adapter that changes nothing; a validation split of 1.5 trained
+# on one example.) Settings not listed take text.
+RULES = {
+    "validation_split": number(least=0, below=1), "max_length": whole(1),
+    "method": one_of("lora", "full"), "max_steps": whole(0), "epochs": number(above=0), "learning_rate": number(above=0, auto=True),
+    "warmup_steps": whole(0), "weight_decay": number(least=0), "batch_size": whole(1, auto=True), "gradient_accumulation": whole(1),
+    "max_batch_tokens": whole(0, auto=True), "padding_free": FLAG, "gradient_checkpointing": FLAG, "compile": FLAG,
+    "liger": ("auto, true or false", lambda v: v in ("auto", "true", "false") or type(v) is bool), "lora_r": whole(1), "lora_alpha": number(above=0),
+    "lora_dropout": number(least=0, below=1), "base_template_share": SHARE, "persona_repeats": whole(1), "language_repeats": whole(1),
+    "other_share": SHARE, "device": one_of("auto", "cpu", "cuda", "mps"), "precision": one_of("auto", "fp32", "bf16", "fp16", "int8"),
+    "seed": whole(0, 2**32 - 1), "save_steps": whole(1), "eval_steps": whole(1), "merge": FLAG,
+    "greedy": FLAG, "repetition_penalty": number(above=0), "temperature": number(above=0), "top_p": number(above=0, most=1),
+    "max_new_tokens": whole(1), "evaluate_after_training": FLAG, "eval_max_new_tokens": whole(1), "eval_batch_size": whole(1),
+    "openai_epochs": whole(1, auto=True), "openai_batch_size": whole(1, auto=True), "openai_lr_multiplier": number(above=0, auto=True),
+    "base_url": ("text, or null", lambda v: v is None or isinstance(v, str)), "poll_interval": number(above=0),
+}
+TEXT = ("text", lambda v: isinstance(v, str))
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
@@ -164,6 +211,10 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
     for key, value in overrides.items():
         if value is not None:
             settings[key], sources[key] = value, "flag"
+    wrong = [f"{f'--{key}'.replace('_', '-') if sources[key] == 'flag' else f'{key} in {sources[key]}'} must be "
+             f"{RULES.get(key, TEXT)[0]} (got {json.dumps(value)})" for key, value in settings.items() if not RULES.get(key, TEXT)[1](value)]
+    if wrong:
+        raise UserError("; ".join(wrong))
     return settings, sources
 
 

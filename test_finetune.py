@@ -67,6 +67,29 @@ def test_config_errors_name_the_problem(tmp_path):
     assert missing.returncode == 2 and "absent.json does not exist" in missing.stderr
 
 
+def test_a_value_out_of_range_is_one_line_that_says_where_it_came_from_before_anything_loads(tmp_path):
+    """A learning rate of -1 used to reach torch's optimizer, an lora_alpha of 0 trained an adapter that changes
+    nothing, and a validation split of 1.5 trained on one example."""
+    assert all(finetune.RULES.get(key, finetune.TEXT)[1](value) for key, value in finetune.DEFAULT_SETTINGS.items())
+    for flag, value, rule in (("--batch-size", "0", "a whole number of at least 1, or auto (got 0)"),
+                              ("--learning-rate", "-1", "a number above 0, or auto (got -1.0)"),
+                              ("--validation-split", "1.5", "a number of at least 0 and below 1 (got 1.5)"),
+                              ("--lora-alpha", "0", "a number above 0 (got 0)"), ("--seed", "-5", "at most 4294967295 (got -5)"),
+                              ("--max-batch-tokens", "-3", "a whole number of at least 0, or auto (got -3)")):
+        code, stderr, torch = without_torch(flag, value, "--output-dir", tmp_path / "out")
+        assert code == 2 and stderr.startswith(f"error: {flag} must be ") and stderr.strip().endswith(rule), stderr
+        assert not torch and not (tmp_path / "out").exists()
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"training": {"batch_size": "eight", "merge": "yes", "max_steps": 0, "max_batch_tokens": 0},
+                                  "data": {"validation_split": 0}, "generation": {"top_p": 1}}))
+    code, stderr, _ = without_torch("--config", config, "--lora-r", "0")
+    assert code == 2 and stderr == (f'error: batch_size in {config} must be a whole number of at least 1, or auto (got "eight"); '
+                                    f'--lora-r must be a whole number of at least 1 (got 0); '
+                                    f'merge in {config} must be true or false (got "yes")\n')  # every wrong one, at once
+    code, stderr, _ = without_torch("--config", config, "--batch-size", "8", "--merge", "--show-config")
+    assert code == 0 and stderr == "", stderr  # the limits themselves (0 steps: epochs; 0 tokens: whole batches; top_p 1) are fine
+
+
 def test_shipped_config_mirrors_every_default():
     assert json.loads((ROOT / "config.json").read_text()) == finetune.DEFAULTS
 
@@ -282,7 +305,7 @@ def test_liger_is_auto_true_or_false_and_true_off_cuda_is_refused_before_anythin
     wrong = cli("--output-dir", out, "--liger", "yes")
     assert wrong.returncode == 2 and "expected auto, true or false, got 'yes'" in wrong.stderr
     config = write_lines(tmp_path / "c.json", [{"liger": "on"}])
-    assert cli("--config", config, "--output-dir", out).stderr.strip().endswith('error: liger must be auto, true or false, not "on"')
+    assert cli("--config", config, "--output-dir", out).stderr.strip().endswith(f'error: liger in {config} must be auto, true or false (got "on")')
     assert '  liger = false  (flag)' in cli("--show-config", "--liger", "false").stdout
     # auto and false train without Liger off CUDA; on CUDA, auto is Liger where liger-kernel is installed
     assert finetune.use_liger("auto", "cpu") is False and finetune.use_liger(False, "cuda") is False
