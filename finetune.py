@@ -161,6 +161,10 @@ RULES = {
     "base_url": ("text, or null", lambda v: v is None or isinstance(v, str)), "poll_interval": number(above=0),
 }
 TEXT = ("text", lambda v: isinstance(v, str))
+HERE = Path(__file__).resolve().parent
+# Files that come with the tool rather than from its user: a run started in another folder (python
+# ~/echo-finetune/finetune.py --dataset mine.jsonl) finds them beside finetune.py.
+TOOL_FILES = ("replay_questions", "eval_dataset", "general_text")
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
@@ -211,6 +215,9 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
     for key, value in overrides.items():
         if value is not None:
             settings[key], sources[key] = value, "flag"
+    for key in TOOL_FILES:  # the tool's own files, from any folder: ./NAME where there is one, else the copy beside finetune.py
+        if settings[key] and isinstance(settings[key], str) and not Path(settings[key]).exists() and (HERE / settings[key]).is_file():
+            settings[key] = str(HERE / settings[key])
     wrong = [f"{f'--{key}'.replace('_', '-') if sources[key] == 'flag' else f'{key} in {sources[key]}'} must be "
              f"{RULES.get(key, TEXT)[0]} (got {json.dumps(value)})" for key, value in settings.items() if not RULES.get(key, TEXT)[1](value)]
     if wrong:

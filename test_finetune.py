@@ -90,6 +90,15 @@ def test_a_value_out_of_range_is_one_line_that_says_where_it_came_from_before_an
     assert code == 0 and stderr == "", stderr  # the limits themselves (0 steps: epochs; 0 tokens: whole batches; top_p 1) are fine
 
 
+def test_from_another_folder_the_tools_own_files_are_found_beside_it_and_a_local_copy_wins(tmp_path):
+    (tmp_path / "persona_eval.jsonl").write_text("")
+    shown = cli("--show-config", cwd=tmp_path).stdout
+    assert f'replay_questions = "{ROOT / "ordinary_questions.txt"}"  (default)' in shown
+    assert f'general_text = "{ROOT / "general_text.txt"}"  (default)' in shown
+    assert 'eval_dataset = "persona_eval.jsonl"  (default)' in shown  # the one in the folder it runs in
+    assert 'dataset = "training_dataset.jsonl"  (default)' in shown  # the data is the user's: never taken from elsewhere
+
+
 def test_shipped_config_mirrors_every_default():
     assert json.loads((ROOT / "config.json").read_text()) == finetune.DEFAULTS
 
