@@ -4425,13 +4425,15 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
 
 
 def check_paths(settings: dict, base_model: bool = False) -> None:
-    """A dataset (and, to train, a base model) named by a path that is not there: the error at once, not
-    after the seconds that importing torch and transformers takes."""
+    """A dataset (and, to train, a base model or replay questions) named by a path that is not there: the
+    error at once, not after the seconds that importing torch and transformers takes."""
     source = str(settings["dataset"])
     if not Path(source).exists() and not is_hub_dataset(source):
         raise UserError(f"dataset {source} does not exist")
     if base_model and settings["model"] != "auto":
         check_model_name(settings["model"])
+    if base_model and settings["replay_questions"] and not Path(settings["replay_questions"]).is_file():
+        raise UserError(f"cannot read --replay-questions {settings['replay_questions']}: no such file ('' for none)")
 
 
 def base_tokenizer(settings: dict) -> tuple[object, str]:

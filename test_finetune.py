@@ -289,6 +289,7 @@ def test_a_path_that_is_not_there_is_an_error_before_torch_is_imported(tmp_path)
                         (["--model", "./no-such-model", "--output-dir", out], "there is no folder ./no-such-model"),
                         (["--model", tmp_path / "base.gguf", "--output-dir", out], "GGUF file"),
                         (["--resume", "--output-dir", out], "has no complete checkpoint to resume from"),
+                        (["--replay-questions", tmp_path / "q.txt", "--output-dir", out], "cannot read --replay-questions"),
                         (["--evaluate", "--output-dir", out], f"no model in {out}; train one with"),
                         (["--evaluate", "--model", tmp_path / "m/"], "there is no folder")):
         code, stderr, torch = without_torch(*args)
