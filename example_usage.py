@@ -96,7 +96,7 @@ class LocalChat:
 
     def fit(self, messages: list[dict]) -> list[int]:
         """Drops the oldest exchanges (never the system prompt or the new question) until it fits."""
-        budget = self.max_context - self.decoding.get("max_new_tokens", self.model.generation_config.max_new_tokens or 256)
+        budget = room_for_prompt(self.max_context, self.decoding.get("max_new_tokens", self.model.generation_config.max_new_tokens or 256))
         while True:
             ids = finetune.render(self.tokenizer, messages, add_generation_prompt=True)["input_ids"]
             first = 1 if messages[0]["role"] == "system" else 0
@@ -127,6 +127,14 @@ class LocalChat:
         except KeyboardInterrupt:
             write(" [stopped]")
         return "".join(pieces).strip()
+
+
+def room_for_prompt(max_context: int, max_new_tokens: int) -> int:
+    """The tokens a conversation may take: the context less the answer's room."""
+    if max_context - max_new_tokens < 1:
+        raise UserError(f"--max-context {max_context} leaves no room for the conversation beside an answer of up to "
+                        f"{max_new_tokens} tokens; give a larger --max-context, or a smaller --max-new-tokens")
+    return max_context - max_new_tokens
 
 
 def chat_model(name: str) -> str:
@@ -238,7 +246,7 @@ class ServerChat:
 
     def fit(self, messages: list[dict]) -> None:
         """Drops the oldest exchanges (never the system prompt or the new question) until it fits."""
-        budget = self.max_context - self.decoding.get("max_new_tokens", 256)
+        budget = room_for_prompt(self.max_context, self.decoding.get("max_new_tokens", 256))
         first = 1 if messages[0]["role"] == "system" else 0
         while self.estimate(messages) > budget and len(messages) - first > 1:
             del messages[first : first + 2]
@@ -929,6 +937,8 @@ def chat_command(args) -> int:
         raise UserError("--serve serves a local model (--provider huggingface)")
     if not args.serve and not args.interactive and args.prompt is None:
         raise UserError("give --prompt TEXT (or - for stdin), or --interactive (or --serve)")
+    if args.max_context is not None and args.max_context < 1:
+        raise UserError(f"--max-context must be a whole number of at least 1 (got {args.max_context})")
     keys = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy", "seed", "device", "precision", "output_dir")
     settings, _ = finetune.load_settings(args.config, {k: getattr(args, k) for k in keys})
     settings = finetune.output_dir_for(settings, args.provider)

@@ -6,6 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 import finetune
 from conftest import PY, ROOT, cli, without_torch
 
@@ -77,11 +79,15 @@ def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
     assert history[0]["content"] == "Be brief." and history[-1]["content"] == "And the last question?"
     assert "Question 0" not in str(history) and len(history) < 10  # the oldest exchanges went first
     assert ids == finetune.render(chat.tokenizer, history, add_generation_prompt=True)["input_ids"]
+    chat.max_context = 16  # no room beside the answer's 16 tokens: said, not an empty prompt handed to the model
+    with pytest.raises(finetune.UserError, match="--max-context 16 leaves no room for the conversation beside an answer of up to 16"):
+        chat.fit(history)
 
 
 def test_chat_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    for args, error in ((["--model", tmp_path / "nope/"], "there is no folder"), (["--model", tmp_path / "empty"], "holds no model"),
+    for args, error in ((["--max-context", "0"], "--max-context must be a whole number of at least 1 (got 0)"),
+                        (["--model", tmp_path / "nope/"], "there is no folder"), (["--model", tmp_path / "empty"], "holds no model"),
                         (["--output-dir", tmp_path / "none"], "no model in"), (["--model", tmp_path / "empty", "--serve"], "holds no model")):
         code, stderr, torch = without_torch(*args, *[] if "--serve" in args else ["--prompt", "hi"], script="example_usage.py")
         assert code == 2 and stderr.count("\n") == 1 and error in stderr, stderr
@@ -143,7 +149,6 @@ def test_ctrl_c_in_chat_stops_the_answer_not_the_program(tiny_model, small_probe
 
 
 def test_int8_weights_are_for_answering_on_a_cpu_with_native_bf16(tiny_model, small_probe_config):
-    import pytest
     import torch
 
     out, _ = tiny_model
