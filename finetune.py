@@ -147,18 +147,47 @@ FLAG = ("true or false", lambda v: type(v) is bool)
 # ValueError; an lora_alpha of 0 trained an adapter that changes nothing; a validation split of 1.5 trained
 # on one example.) Settings not listed take text.
 RULES = {
-    "validation_split": number(least=0, below=1), "max_length": whole(1),
-    "method": one_of("lora", "full"), "max_steps": whole(0), "epochs": number(above=0), "learning_rate": number(above=0, auto=True),
-    "warmup_steps": whole(0), "weight_decay": number(least=0), "batch_size": whole(1, auto=True), "gradient_accumulation": whole(1),
-    "max_batch_tokens": whole(0, auto=True), "padding_free": FLAG, "gradient_checkpointing": FLAG, "compile": FLAG,
-    "liger": ("auto, true or false", lambda v: v in ("auto", "true", "false") or type(v) is bool), "lora_r": whole(1), "lora_alpha": number(above=0),
-    "lora_dropout": number(least=0, below=1), "base_template_share": SHARE, "persona_repeats": whole(1), "language_repeats": whole(1),
-    "other_share": SHARE, "device": one_of("auto", "cpu", "cuda", "mps"), "precision": one_of("auto", "fp32", "bf16", "fp16", "int8"),
-    "seed": whole(0, 2**32 - 1), "save_steps": whole(1), "eval_steps": whole(1), "merge": FLAG,
-    "greedy": FLAG, "repetition_penalty": number(above=0), "temperature": number(above=0), "top_p": number(above=0, most=1),
-    "max_new_tokens": whole(1), "evaluate_after_training": FLAG, "eval_max_new_tokens": whole(1), "eval_batch_size": whole(1),
-    "openai_epochs": whole(1, auto=True), "openai_batch_size": whole(1, auto=True), "openai_lr_multiplier": number(above=0, auto=True),
-    "base_url": ("text, or null", lambda v: v is None or isinstance(v, str)), "poll_interval": number(above=0),
+    "validation_split": number(least=0, below=1),
+    "max_length": whole(1),
+    "method": one_of("lora", "full"),
+    "max_steps": whole(0),
+    "epochs": number(above=0),
+    "learning_rate": number(above=0, auto=True),
+    "warmup_steps": whole(0),
+    "weight_decay": number(least=0),
+    "batch_size": whole(1, auto=True),
+    "gradient_accumulation": whole(1),
+    "max_batch_tokens": whole(0, auto=True),
+    "padding_free": FLAG,
+    "gradient_checkpointing": FLAG,
+    "compile": FLAG,
+    "liger": ("auto, true or false", lambda v: v in ("auto", "true", "false") or type(v) is bool),
+    "lora_r": whole(1),
+    "lora_alpha": number(above=0),
+    "lora_dropout": number(least=0, below=1),
+    "base_template_share": SHARE,
+    "persona_repeats": whole(1),
+    "language_repeats": whole(1),
+    "other_share": SHARE,
+    "device": one_of("auto", "cpu", "cuda", "mps"),
+    "precision": one_of("auto", "fp32", "bf16", "fp16", "int8"),
+    "seed": whole(0, 2**32 - 1),
+    "save_steps": whole(1),
+    "eval_steps": whole(1),
+    "merge": FLAG,
+    "greedy": FLAG,
+    "repetition_penalty": number(above=0),
+    "temperature": number(above=0),
+    "top_p": number(above=0, most=1),
+    "max_new_tokens": whole(1),
+    "evaluate_after_training": FLAG,
+    "eval_max_new_tokens": whole(1),
+    "eval_batch_size": whole(1),
+    "openai_epochs": whole(1, auto=True),
+    "openai_batch_size": whole(1, auto=True),
+    "openai_lr_multiplier": number(above=0, auto=True),
+    "base_url": ("text, or null", lambda v: v is None or isinstance(v, str)),
+    "poll_interval": number(above=0),
 }
 TEXT = ("text", lambda v: isinstance(v, str))
 HERE = Path(__file__).resolve().parent
@@ -218,9 +247,13 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
     for key in TOOL_FILES:  # the tool's own files, from any folder: ./NAME where there is one, else the copy beside finetune.py
         if settings[key] and isinstance(settings[key], str) and not Path(settings[key]).exists() and (HERE / settings[key]).is_file():
             settings[key] = str(HERE / settings[key])
-    wrong = [f"{f'--{key}'.replace('_', '-') if sources[key] == 'flag' else f'{key} in {sources[key]}'} must be "
-             f"{RULES.get(key, TEXT)[0]} (got {json.dumps(value)})" for key, value in settings.items() if not RULES.get(key, TEXT)[1](value)]
-    if wrong:
+    wrong = []
+    for key, value in settings.items():
+        text, fits = RULES.get(key, TEXT)
+        if not fits(value):
+            where = f"--{key.replace('_', '-')}" if sources[key] == "flag" else f"{key} in {sources[key]}"
+            wrong.append(f"{where} must be {text} (got {json.dumps(value)})")
+    if wrong:  # every one at once, as the validator reports every bad line
         raise UserError("; ".join(wrong))
     return settings, sources
 
