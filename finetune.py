@@ -223,7 +223,7 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
     settings, sources = dict(DEFAULT_SETTINGS), dict.fromkeys(DEFAULT_SETTINGS, "default")
     path = Path(config_path or "config.json")
     if config_path and not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     if path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -234,8 +234,10 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
         for section, values in data.items():
             if section in DEFAULT_SETTINGS:  # setting names are unique, so a flat {"epochs": 7} is fine too
                 values, section = {section: values}, SECTION_OF[section]
-            elif section not in DEFAULTS or not isinstance(values, dict):
+            elif section not in DEFAULTS:
                 raise UserError(f"unknown setting or section '{section}' in {path}{did_you_mean(section)}")
+            elif not isinstance(values, dict):
+                raise UserError(f"section '{section}' in {path} must be an object of settings, as in config.json (got {json.dumps(values)})")
             for key, value in values.items():
                 if key not in DEFAULTS[section]:
                     where = f" (it belongs in \"{SECTION_OF[key]}\")" if key in SECTION_OF else did_you_mean(key)
@@ -1162,6 +1164,8 @@ def write_prepared(settings: dict, strict: bool, paths_for, overwrite: bool, tok
     train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])
     files = list(zip(paths_for(bool(val)), (train, val) if val else (train,)))
     for path, _ in files:
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; --output names the file to write (default {DEFAULT_SETTINGS['output']})")
         if path.exists() and not overwrite:
             raise UserError(f"{path} already exists; pass --overwrite to replace it")
     for path, rows in files:
@@ -4448,7 +4452,7 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
     tokens = base_tokenizer(settings) if provider == "huggingface" else (None, NOT_COUNTED_FOR_OPENAI)
     files = write_prepared(settings, strict, paths_for, overwrite, tokens)
     for path, rows in files:
-        print(f"wrote {len(rows)} examples to {path}")
+        print(f"wrote {len(rows)} example{'' if len(rows) == 1 else 's'} to {path}")
     if provider == "openai":
         try:  # OpenAI's own rules and the cost estimate; the files stand either way
             check_and_estimate(files, openai_model(settings), settings["openai_epochs"])

@@ -65,6 +65,10 @@ def test_config_errors_name_the_problem(tmp_path):
     assert "did you mean 'learning_rate'" in result.stderr
     missing = cli("--show-config", "--config", tmp_path / "absent.json")
     assert missing.returncode == 2 and "absent.json does not exist" in missing.stderr
+    assert cli("--show-config", "--config", tmp_path).stderr == f"error: config file {tmp_path} is a folder\n"
+    config.write_text(json.dumps({"training": []}))
+    listed = cli("--show-config", "--config", config)
+    assert listed.stderr == f"error: section 'training' in {config} must be an object of settings, as in config.json (got [])\n"
 
 
 def test_a_value_out_of_range_is_one_line_that_says_where_it_came_from_before_anything_loads(tmp_path):
@@ -364,6 +368,11 @@ def test_nothing_is_overwritten_without_overwrite(tmp_path):
     result = cli("--prepare-only", "--dataset", path, "--output", out, "--validation-split", "0")
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert out.read_text() == "precious\n"
+    (tmp_path / "model").mkdir()  # a folder (the model's, say) is never a file to write, with or without --overwrite
+    folder = cli("--prepare-only", "--dataset", path, "--output", tmp_path / "model", "--validation-split", "0", "--overwrite")
+    assert folder.returncode == 2 and folder.stderr.strip().endswith(f"error: {tmp_path / 'model'} is a folder; --output names the "
+                                                                     "file to write (default prepared.jsonl)"), folder.stderr
+    assert not list(tmp_path.glob(".model*")) and not list((tmp_path / "model").iterdir())
 
 
 def test_prepare_never_replaces_the_dataset_itself_whatever_the_spelling(tmp_path):
