@@ -88,7 +88,7 @@ def test_chat_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for args, error in ((["--max-context", "0"], "--max-context must be a whole number of at least 1 (got 0)"),
                         (["--model", tmp_path / "nope/"], "there is no folder"), (["--model", tmp_path / "empty"], "holds no model"),
-                        (["--output-dir", tmp_path / "none"], "no model in"), (["--model", tmp_path / "empty", "--serve"], "holds no model")):
+                        (["--output-dir", tmp_path / "none"], "no model in"), (["--model", tmp_path / "empty", "--serve", "--port", "0"], "holds no model")):
         code, stderr, torch = without_torch(*args, *[] if "--serve" in args else ["--prompt", "hi"], script="example_usage.py")
         assert code == 2 and stderr.count("\n") == 1 and error in stderr, stderr
         assert not torch, args  # said at once, before torch's seconds of imports
