@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--greedy", action=argparse.BooleanOptionalAction, help="greedy decoding; --no-greedy samples (default: the model folder's generation_config.json)")
     parser.add_argument("--seed", type=int, help="makes sampled answers repeatable")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+    parser.add_argument("--device", choices=finetune.CHOICES["device"])
+    parser.add_argument("--precision", choices=finetune.CHOICES["precision"],
                         help="auto: bf16 where native, else fp32; int8: int8 linear weights, bf16 compute (about 1.5x faster "
                              "answers on a CPU with native bf16; slightly different answers from the bf16 model)")
     parser.add_argument("--max-context", type=int, metavar="TOKENS", help="trim the oldest turns beyond this (default: the model's)")

@@ -116,11 +116,15 @@ DEFAULT_SETTINGS = {key: value for section in DEFAULTS.values() for key, value i
 SECTION_OF = {key: section for section, values in DEFAULTS.items() for key in values}
 
 
+def rule(text: str, fits, auto: bool = False) -> tuple:
+    """(what a setting takes, in words; the check), "auto" allowed beside the values where `auto`."""
+    return (text + ", or auto", lambda v: v == "auto" or fits(v)) if auto else (text, fits)
+
+
 def whole(least: int, most: int | None = None, auto: bool = False) -> tuple:
-    """A rule: (what it says, the check) for a whole number of at least `least` (and at most `most`)."""
+    """A rule for a whole number of at least `least` (and at most `most`)."""
     text = f"a whole number of at least {least}" + (f" and at most {most}" if most is not None else "")
-    fits = lambda v: type(v) is int and v >= least and (most is None or v <= most)  # noqa: E731 (True is no number)
-    return text + (", or auto" if auto else ""), (lambda v: v == "auto" or fits(v)) if auto else fits
+    return rule(text, lambda v: type(v) is int and v >= least and (most is None or v <= most), auto)  # True is no number
 
 
 def number(above: float | None = None, least: float | None = None, below: float | None = None, most: float | None = None,
@@ -133,11 +137,15 @@ def number(above: float | None = None, least: float | None = None, below: float 
     def fits(v) -> bool:
         return (type(v) in (int, float) and (above is None or v > above) and (least is None or v >= least)
                 and (below is None or v < below) and (most is None or v <= most))
-    return text + (", or auto" if auto else ""), (lambda v: v == "auto" or fits(v)) if auto else fits
+    return rule(text, fits, auto)
 
 
-def one_of(*values) -> tuple:
-    return "one of " + ", ".join(json.dumps(v) if not isinstance(v, str) else v for v in values), lambda v: v in values
+# The settings that take one of a few words: the flags offer these as their choices (finetune.py and example_usage.py).
+CHOICES = {"method": ("lora", "full"), "device": ("auto", "cpu", "cuda", "mps"), "precision": ("auto", "fp32", "bf16", "fp16", "int8")}
+
+
+def one_of(key: str) -> tuple:
+    return rule("one of " + ", ".join(CHOICES[key]), lambda v: v in CHOICES[key])
 
 
 SHARE = number(least=0, most=1)
@@ -149,7 +157,7 @@ FLAG = ("true or false", lambda v: type(v) is bool)
 RULES = {
     "validation_split": number(least=0, below=1),
     "max_length": whole(1),
-    "method": one_of("lora", "full"),
+    "method": one_of("method"),
     "max_steps": whole(0),
     "epochs": number(above=0),
     "learning_rate": number(above=0, auto=True),
@@ -169,8 +177,8 @@ RULES = {
     "persona_repeats": whole(1),
     "language_repeats": whole(1),
     "other_share": SHARE,
-    "device": one_of("auto", "cpu", "cuda", "mps"),
-    "precision": one_of("auto", "fp32", "bf16", "fp16", "int8"),
+    "device": one_of("device"),
+    "precision": one_of("precision"),
     "seed": whole(0, 2**32 - 1),
     "save_steps": whole(1),
     "eval_steps": whole(1),
@@ -4340,6 +4348,8 @@ def setting(group, flag: str, key: str, text: str = "", **kwargs) -> None:
     """A flag for a setting; its help shows the default from DEFAULTS, so each default lives in one place."""
     default = DEFAULT_SETTINGS[key]
     shown = default if isinstance(default, str) else json.dumps(default)
+    if key in CHOICES:
+        kwargs["choices"] = CHOICES[key]
     group.add_argument(flag, dest=key, help=f"{text} (default: {shown})".strip(), **kwargs)
 
 
@@ -4368,7 +4378,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = parser.add_argument_group("training (huggingface)")
     setting(train, "--model", "model", "base model: smollm2-135m, a hub id, a folder or a .gguf file")
     setting(train, "--output-dir", "output_dir", "where the model (echo-model) or the OpenAI job record (echo-openai) goes", metavar="DIR")
-    setting(train, "--method", "method", choices=("lora", "full"))
+    setting(train, "--method", "method")
     setting(train, "--max-steps", "max_steps", "optimizer steps (0: use --epochs)", type=int)
     setting(train, "--epochs", "epochs", type=float)
     setting(train, "--learning-rate", "learning_rate", type=auto_or(float), metavar="LR")
@@ -4398,9 +4408,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--replay-questions", "replay_questions", "everyday questions, one a line, that the base model answers before "
             "training; its answers are trained on beside the persona (self-distillation), so ordinary questions keep "
             "the base model's answers; '' for none", metavar="FILE")
-    setting(train, "--device", "device", choices=("auto", "cpu", "cuda", "mps"))
-    setting(train, "--precision", "precision", "auto: bf16 where native, else fp32; int8 (int8 weights, bf16 compute) only with --evaluate",
-            choices=("auto", "fp32", "bf16", "fp16", "int8"))
+    setting(train, "--device", "device")
+    setting(train, "--precision", "precision", "auto: bf16 where native, else fp32; int8 (int8 weights, bf16 compute) only with --evaluate")
     setting(train, "--seed", "seed", type=int)
     setting(train, "--save-steps", "save_steps", "a checkpoint every N steps", type=int, metavar="N")
     setting(train, "--eval-steps", "eval_steps", "the validation loss every N steps (and at the end)", type=int, metavar="N")
