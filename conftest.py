@@ -47,15 +47,20 @@ def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"
     )
 
 
-def without_torch(*args, script="finetune.py", cwd=ROOT):
+def without_torch(*args, script="finetune.py", cwd=ROOT, env=None):
     """A command run by its main() in a fresh interpreter: (exit code, stderr, whether torch got imported),
     for errors a user should see at once rather than after the seconds torch takes to import."""
     program = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import {Path(script).stem} as tool; "
                "code = tool.main(sys.argv[1:]); print(code, 'torch' in sys.modules)")
-    done = subprocess.run([PY, "-c", program, *map(str, args)], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([PY, "-c", program, *map(str, args)], cwd=cwd, env=dict(os.environ, **(env or {})),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     code, torch = done.stdout.split()[-2:]
     return int(code), done.stderr, torch == "True"
+
+
+def offline_hub(tmp_path: Path) -> dict:
+    """An empty Hugging Face cache and a hub whose name never resolves (.invalid, RFC 2606), online or not."""
+    return {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "0"}
 
 
 def write_lines(path: Path, lines: list) -> Path:

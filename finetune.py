@@ -1560,8 +1560,15 @@ def model_to_load(settings: dict, model: str | None) -> str:
     name = model or settings["output_dir"]
     if name == settings["output_dir"] and not Path(name).exists():
         raise UserError(f"no model in {name}; train one with: python finetune.py --provider huggingface")
-    check_model_name(name)
+    check_model_source(name)
     return name
+
+
+def check_model_source(name: str) -> None:
+    """A model about to be loaded: a path that is not there, or a hub id that cannot be downloaded, said at once."""
+    check_model_name(name)
+    if name != SMOLLM2_ALIAS and not name.endswith(".gguf") and not Path(name).exists():
+        check_hub_reachable("model", name)
 
 
 def check_model_name(name: str) -> None:
@@ -1571,6 +1578,37 @@ def check_model_name(name: str) -> None:
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.rstrip("/").split("/", 1)[-1] or name.endswith("/")):
         raise UserError(f"there is no folder {name}; a model is a folder here, the alias {SMOLLM2_ALIAS}, a .gguf file, "
                         f"or a Hugging Face hub id (which needs the internet the first time)")
+
+
+def check_hub_reachable(kind: str, name: str) -> None:
+    """A hub id that is not in this machine's cache needs the hub. Where the hub's name does not resolve (offline)
+    and no proxy would resolve it, or HF_HUB_OFFLINE forbids asking, the error at once: huggingface_hub retries a
+    file it has no copy of for 24 s before it gives up (a model's first two files: 48 s, offline, here)."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    folders = [Path(constants.HF_HUB_CACHE) / f"{kind}s--{name.replace('/', '--')}"]
+    if kind == "dataset":  # what `datasets` made of it, kept apart from the downloaded files
+        datasets_cache = os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets"
+        folders.append(Path(datasets_cache) / name.replace("/", "___"))
+    if any(folder.exists() for folder in folders):
+        return  # a copy to fall back on: the libraries try the hub once, then use it
+    where = f"the {kind} {name} is not in this machine's Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{where}, and HF_HUB_OFFLINE is set, so it cannot be downloaded; unset it to download "
+                        f"{name}, or name a local {'file' if kind == 'dataset' else 'folder'}")
+    proxies = urllib.request.getproxies()
+    if "https" in proxies or "all" in proxies:
+        return  # the proxy resolves the hub's name, not this machine
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):  # socket.gaierror: no network, or no such name
+        raise UserError(f"{where}, and the hub cannot be reached to download it ({host} does not resolve: offline?); "
+                        f"connect and run again, or name a local {'file' if kind == 'dataset' else 'folder'}") from None
 
 
 def load_tokenizer(name_or_path: str):
@@ -2301,6 +2339,7 @@ def start_job(tuner: OpenAIFineTuner, settings: dict, strict: bool, overwrite: b
         raise UserError(f"{Path(settings['output_dir']) / OPENAI_JOB_RECORD} records job {record.get('job_id')}; "
                         f"pass --overwrite to start another there, or choose another --output-dir")
     method = supervised_method(settings)
+    check_paths(settings)
     files = prepare_openai_files(settings, strict)
     check_and_estimate(files, model, method["supervised"]["hyperparameters"]["n_epochs"])
     if not confirm(yes, f"Start a fine-tuning job on {model}?"):
@@ -4476,8 +4515,10 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
     source = str(settings["dataset"])
     if not Path(source).exists() and not is_hub_dataset(source):
         raise UserError(f"dataset {source} does not exist")
+    if is_hub_dataset(source):
+        check_hub_reachable("dataset", source)
     if base_model and settings["model"] != "auto":
-        check_model_name(settings["model"])
+        check_model_source(settings["model"])
     if base_model and settings["replay_questions"] and not Path(settings["replay_questions"]).is_file():
         raise UserError(f"cannot read --replay-questions {settings['replay_questions']}: no such file ('' for none)")
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import finetune
-from conftest import FEW_QUESTIONS, PY, ROOT, TINY, assert_every_line_accounted_for, cli, good_examples, load_jsonl, without_torch, write_lines
+from conftest import FEW_QUESTIONS, PY, ROOT, TINY, assert_every_line_accounted_for, cli, good_examples, load_jsonl, offline_hub, without_torch, write_lines
 
 
 # ============================================================================================
@@ -563,14 +563,23 @@ def test_csv_and_parquet_rows_are_read_and_problems_name_their_row(tmp_path):
                     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
 
 
-def test_a_hub_dataset_offline_is_a_one_line_error(tmp_path):
-    result = cli("--prepare-only", "--dataset", "someone/some-persona-data", "--dataset-split", "validation",
-                 "--output", tmp_path / "p.jsonl", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("error: cannot load the hub dataset someone/some-persona-data (split "
-                                                     "validation): there is no file someone/some-persona-data here, and a hub "
-                                                     "dataset needs the internet"), result.stderr
-    assert len(result.stderr.splitlines()) == 2  # the line saying what it loads, then the error
+def test_a_hub_id_that_cannot_be_downloaded_is_said_at_once(tmp_path):
+    """Offline, huggingface_hub retries a file it has no copy of for 24 s before it gives up (48 s for a model)."""
+    out, pieces = tmp_path / "out", ("--dataset-split", "validation", "--output", tmp_path / "p.jsonl")
+    unreachable = "is not in this machine's Hugging Face cache, and the hub cannot be reached to download it (hub.invalid does not resolve"
+    for args, env, error in ((["--prepare-only", "--dataset", "someone/persona-data", *pieces], offline_hub(tmp_path),
+                              f"the dataset someone/persona-data {unreachable}"),
+                             (["--prepare-only", "--dataset", "someone/persona-data", *pieces], {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"},
+                              "the dataset someone/persona-data is not in this machine's Hugging Face cache, and HF_HUB_OFFLINE is set"),
+                             (["--model", "someone/base-model", "--output-dir", out], offline_hub(tmp_path), f"the model someone/base-model {unreachable}"),
+                             (["--evaluate", "--model", "someone/echo"], offline_hub(tmp_path), f"the model someone/echo {unreachable}")):
+        code, stderr, torch = without_torch(*args, env=env)
+        assert code == 2 and stderr.startswith("error: ") and error in stderr and stderr.count("\n") == 1, (args, stderr)
+        assert not torch and not out.exists() and not (tmp_path / "p.jsonl").exists(), args
+    code, stderr, _ = without_torch("--provider", "openai", "--dataset", "someone/persona-data", "--yes", "--output-dir", out,
+                                    env=dict(offline_hub(tmp_path), OPENAI_API_KEY="sk-test"))
+    assert code == 2 and stderr.splitlines()[-1] == f"error: the dataset someone/persona-data {unreachable}: offline?); connect " \
+                                                    "and run again, or name a local file" and not out.exists(), stderr
 
 
 def test_the_token_line_says_why_it_counts_no_tokens(tmp_path):

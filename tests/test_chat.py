@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import finetune
-from conftest import PY, ROOT, cli, without_torch
+from conftest import PY, ROOT, cli, offline_hub, without_torch
 
 
 def test_prompt_prints_only_the_answer_the_model_gives(tiny_model, small_probe_config):
@@ -88,8 +88,10 @@ def test_chat_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for args, error in ((["--max-context", "0"], "--max-context must be a whole number of at least 1 (got 0)"),
                         (["--model", tmp_path / "nope/"], "there is no folder"), (["--model", tmp_path / "empty"], "holds no model"),
-                        (["--output-dir", tmp_path / "none"], "no model in"), (["--model", tmp_path / "empty", "--serve", "--port", "0"], "holds no model")):
-        code, stderr, torch = without_torch(*args, *[] if "--serve" in args else ["--prompt", "hi"], script="example_usage.py")
+                        (["--output-dir", tmp_path / "none"], "no model in"), (["--model", tmp_path / "empty", "--serve", "--port", "0"], "holds no model"),
+                        (["--model", "someone/echo"], "the model someone/echo is not in this machine's Hugging Face cache, and the hub cannot")):
+        code, stderr, torch = without_torch(*args, *[] if "--serve" in args else ["--prompt", "hi"], script="example_usage.py",
+                                            env=offline_hub(tmp_path))
         assert code == 2 and stderr.count("\n") == 1 and error in stderr, stderr
         assert not torch, args  # said at once, before torch's seconds of imports
     nokey = cli("--provider", "openai", "--prompt", "hi", env={"OPENAI_API_KEY": ""}, script="example_usage.py")
