@@ -21,11 +21,9 @@ import contextvars
 import errno
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -343,17 +341,11 @@ def merged_model(folder: Path) -> Path:
             model, tokenizer, _ = finetune.load_for_inference(str(folder))
             merged = finetune.merged(model)
             finetune.load_generation_config(merged, folder)
-            partial = Path(tempfile.mkdtemp(dir=folder, prefix=f".partial-{MERGED}-"))
-            try:
-                partial.chmod(0o777 & ~finetune._UMASK)
+            with finetune.staged(target) as partial:
                 merged.save_pretrained(partial)
                 tokenizer.save_pretrained(partial)
                 (partial / MERGED_STAMP).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
                 finetune.mark(partial)
-                finetune.swap_folders(partial, target)
-            except BaseException:
-                shutil.rmtree(partial, ignore_errors=True)
-                raise
             log(f"merged in {time.time() - started:.1f} s")
     except OSError as exc:
         raise UserError(f"cannot write the merged model into {target}: {exc.strerror or exc}") from None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import errno
 import functools
 import glob
 import itertools
@@ -290,22 +291,59 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class DiskFull(UserError):
+    """A full disk (or a spent quota) while a path was written. What this tool writes goes beside its place
+    and moves there only once whole, so nothing that was there before is replaced by a part."""
+
+    def __init__(self, path: str | Path, why: str):
+        super().__init__(f"the disk is full while writing {path} ({why}); free some space there and run again (what was "
+                         f"being written is not used, and nothing that was there before was replaced)", exit_code=1)
+
+
+DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|os error (?:28|122)\b")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """A full disk while `path` is written: a DiskFull naming it (so which disk to free). The libraries say it
+    in their own ways: an OSError naming no file (a write()), safetensors' "os error 28", and torch.save only
+    "unexpected pos 576 vs 534", so an error with under 16 MiB left there counts too."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path, exc.strerror) from exc
+        if DISK_FULL.search(str(exc)) or free_space(Path(path)) < 16 * 2**20:
+            raise DiskFull(path, os.strerror(errno.ENOSPC)) from exc
+        raise
+
+
+def free_space(path: Path) -> int:
+    """Bytes free on the disk that holds `path` (or would: its nearest folder that exists)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def write_atomic(path: str | Path, text: str, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs are ordinary files
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs are ordinary files
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -353,6 +391,31 @@ def swap_folders(new: Path, target: Path) -> None:
         os.replace(new, target)
         new = old
     shutil.rmtree(new)
+
+
+@contextlib.contextmanager
+def staged(target: Path, prefix: str = ""):
+    """A folder beside `target` to write its new content into. When the block ends, its files get the
+    permissions any file of the user's gets (safetensors writes its files private) and it takes `target`'s
+    place in one step; on any error it is removed and `target` is as it was (a full disk: one line naming it)."""
+    with writing(target):
+        partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix or f".partial-{target.name}-"))
+        try:
+            partial.chmod(0o777 & ~_UMASK)  # mkdtemp makes folders private; outputs are ordinary folders
+            yield partial
+            ordinary_permissions(partial)
+            swap_folders(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+
+def ordinary_permissions(folder: Path) -> None:
+    """Every file in `folder` readable as the user's umask allows: safetensors 0.8 writes each file through
+    a private temporary one (0600), so a model folder could not be read by a server or a teammate."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~_UMASK)
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
@@ -1531,16 +1594,10 @@ def _convert(gguf: Path, target: Path) -> None:
 def save_pretrained_atomic(model, tokenizer, target: Path) -> None:
     """Model and tokenizer written into a temporary folder beside `target`, the manifest of what was written
     last, then the folder takes `target`'s place (a damaged one it replaces goes only after)."""
-    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".partial-{target.name}-"))
-    try:
-        partial.chmod(0o777 & ~_UMASK)  # mkdtemp makes folders private; outputs are ordinary folders
+    with staged(target) as partial:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         write_manifest(partial)
-        swap_folders(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def resolve_base(name: str) -> str:
@@ -3208,6 +3265,7 @@ class OutputFolder:
         for name in KEPT_ON_OVERWRITE:
             if (self.path / name).is_file() and not (staging / name).exists():
                 shutil.copy2(self.path / name, staging / name)
+        ordinary_permissions(staging)
         swap_folders(staging, self.path)
 
 
@@ -3498,7 +3556,7 @@ class HuggingFaceFineTuner:
         progress, stopper = callbacks.ProgressLog(), callbacks.InterruptToCheckpoint()
         trainer = self.make_trainer(model, tokenizer, train, val, folder.checkpoints, [progress, stopper])
         started = time.time()
-        with stopper.catching_signals():
+        with stopper.catching_signals(), writing(folder.checkpoints):  # checkpoints: a full disk said as one line
             output = trainer.train(resume_from_checkpoint=resume_from)
         if stopper.interrupted:
             log(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {folder.checkpoints}")
@@ -3511,20 +3569,21 @@ class HuggingFaceFineTuner:
         wall = time.time() - started
         staging = folder.staging
         try:
-            self.save(trainer, tokenizer, staging)  # every process: FSDP and DeepSpeed gather the weights here
-            if not state.is_main_process:
-                return 0
-            summary = self.summary(trainer, output, report, len(train), len(val) if val else 0, wall, progress)
-            plot_losses(trainer.state.log_history, staging / "loss.png")
-            result = None
-            if s["evaluate_after_training"]:
-                trainer.optimizer = trainer.lr_scheduler = None  # the evaluation holds the model alone
-                release_freed_memory()
-                result = self.evaluate(trainer.model, tokenizer, staging, trainer.args.world_size)
-                summary["evaluation"] = evaluation_summary(result)
-            summary["peak_memory"] = peak_memory()  # training and evaluation
-            write_atomic(staging / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
-            folder.replace_with(staging)  # step 6: only now does the old model go
+            with writing(folder.path):  # a full disk is said with the folder's name
+                self.save(trainer, tokenizer, staging)  # every process: FSDP and DeepSpeed gather the weights here
+                if not state.is_main_process:
+                    return 0
+                summary = self.summary(trainer, output, report, len(train), len(val) if val else 0, wall, progress)
+                plot_losses(trainer.state.log_history, staging / "loss.png")
+                result = None
+                if s["evaluate_after_training"]:
+                    trainer.optimizer = trainer.lr_scheduler = None  # the evaluation holds the model alone
+                    release_freed_memory()
+                    result = self.evaluate(trainer.model, tokenizer, staging, trainer.args.world_size)
+                    summary["evaluation"] = evaluation_summary(result)
+                summary["peak_memory"] = peak_memory()  # training and evaluation
+                write_atomic(staging / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
+                folder.replace_with(staging)  # step 6: only now does the old model go
         finally:
             if state.is_main_process:  # the others return early, while the main process still writes here
                 shutil.rmtree(staging, ignore_errors=True)
@@ -4100,9 +4159,7 @@ def export_gguf(folder: Path, overwrite: bool = False) -> list[Path]:
     name = folder.resolve().name
     for old in folder.glob(f".{GGUF_FOLDER}.partial-*"):  # left by an export that was killed
         shutil.rmtree(old, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{GGUF_FOLDER}.partial-"))
-    try:
-        staging.chmod(0o777 & ~_UMASK)
+    with staged(target, prefix=f".{GGUF_FOLDER}.partial-") as staging:
         tensors = dict(gguf_tensors(model))
         for kind in GGUF_KINDS:
             log(f"writing {target / f'{name}-{kind}.gguf'}")
@@ -4111,10 +4168,6 @@ def export_gguf(folder: Path, overwrite: bool = False) -> list[Path]:
         if text:
             write_atomic(staging / "Modelfile", text)
         mark(staging)
-        swap_folders(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return sorted(p for p in target.iterdir() if p.name != TOOL_MARKER)
 
 

@@ -7,6 +7,7 @@ input have their own files in tests/.
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
 import re
@@ -397,6 +398,34 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         finetune.write_jsonl(target, [{"a": 1}])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_naming_what_was_written_and_nothing_is_lost(tmp_path, monkeypatch, capsys):
+    """A write() that fills the disk raises an OSError with no file name; the user is told which file or
+    folder (so which disk), and neither a half-written file nor a lost earlier one is left behind."""
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class Saves:  # what save_pretrained_atomic asks of a model and a tokenizer: the first file, then a full disk
+        def save_pretrained(self, folder):
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+            full()
+
+    monkeypatch.setattr(finetune, "text_models_only", lambda: None)  # run_command's settings, for a whole process
+    monkeypatch.setattr(finetune, "quiet_libraries", lambda: None)
+    data, target, model = write_lines(tmp_path / "d.jsonl", good_examples(4)), tmp_path / "p.jsonl", tmp_path / "model"
+    target.write_text("the earlier file\n")
+    (model / "weights").mkdir(parents=True)
+    monkeypatch.setattr(os, "fsync", full)
+    for command, written in ((lambda: finetune.main(["--prepare-only", "--dataset", str(data), "--output", str(target),
+                                                     "--validation-split", "0", "--overwrite"]), target),
+                             (lambda: finetune.run_command(lambda: finetune.save_pretrained_atomic(Saves(), Saves(), model), False), model)):
+        assert command() == 1
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: the disk is full while writing {written} (No space left on device); free some space there and run "
+            "again (what was being written is not used, and nothing that was there before was replaced)")
+    assert target.read_text() == "the earlier file\n" and sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "model", "p.jsonl"]
+    assert [p.name for p in model.iterdir()] == ["weights"]
 
 
 # -- the formats and sources a user comes with ------------------------------------------------
@@ -824,6 +853,8 @@ def test_tiny_fine_tune_saves_everything_and_reloads_to_answer(tiny_model):
     assert (out / "loss.png").stat().st_size > 1000 and (out / "adapter_model.safetensors").is_file()
     assert (out / finetune.TOOL_MARKER).is_file() and not (out / "checkpoints").exists()
     assert not list(out.parent.glob(".*partial*"))
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in out.iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~finetune._UMASK)}, modes  # safetensors writes its files 0600: a server could not read them
     shipped = json.loads((out / "generation_config.json").read_text())
     assert shipped["repetition_penalty"] == finetune.DEFAULT_SETTINGS["repetition_penalty"] and shipped["do_sample"] is False
     model, tokenizer, base = finetune.load_for_inference(str(out))

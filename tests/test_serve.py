@@ -110,6 +110,7 @@ def test_the_adapter_is_merged_once_with_the_training_template(served):
     assert "merging the adapter" in server.stderr
     stamp = json.loads((merged / "merged_from.json").read_text())
     assert "adapter_model.safetensors" in stamp["files"]
+    assert {path.stat().st_mode & 0o777 for path in merged.iterdir()} == {0o666 & ~finetune._UMASK}  # not safetensors' 0600
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == \
         json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
     # The served template is the one training used: an empty system turn, never SmolLM's default message.
