@@ -338,10 +338,21 @@ def llama_cpp_greedy(llm, prompt: list[int], n: int, stop: list[int]) -> list[in
     return tokens
 
 
+def margin(model, ids: list[int], chosen: int, other: int) -> float:
+    """How far transformers' logit for `chosen` is above `other`'s after `ids`."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    return (logits[chosen] - logits[other]).item()
+
+
 @pytest.mark.export
 def test_llama_cpp_answers_with_transformers_tokens(exported, merged):
-    """llama.cpp, with the chat template read from the GGUF and no system message, greedy: its first
-    32 tokens are transformers' for at least 9 of 10 questions (F16). Q8_0 is measured and printed."""
+    """llama.cpp, with the chat template read from the GGUF and no system message, greedy, gives transformers'
+    first 32 tokens, except where transformers' own choice was a near tie: where an F16 answer first departs,
+    transformers had put its token less than 0.25 above llama.cpp's (F16 moves these logits by up to 0.07, see
+    above; a wrong weight, template or token would move them by whole units). Q8_0 is measured and printed."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-export installs it)")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -351,20 +362,24 @@ def test_llama_cpp_answers_with_transformers_tokens(exported, merged):
     for question in PROBES:
         prompt = finetune.render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)["input_ids"]
         expected[question] = (prompt, transformers_greedy(model, tokenizer, prompt, 32))
-    agreement = {}
+    agreement, departures = {}, {}
     for kind, path in gguf_files(exported[0]).items():
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0)
         formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token)
-        same, prefix = 0, 0
+        same, prefix, departures[kind] = 0, 0, []
         for question, (prompt, want) in expected.items():
             text = formatter(messages=[{"role": "user", "content": question}]).prompt
             tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
             assert tokens == prompt, (kind, question)  # llama.cpp's tokenizer and the template in the file: training's tokens
             got = llama_cpp_greedy(llm, tokens, 32, stop)
             same += got == want
-            prefix += next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            prefix += at
+            if got != want:  # one cut short where the other went on is no tie: an infinite margin
+                departures[kind].append(round(margin(model, prompt + want[:at], want[at], got[at]), 3)
+                                        if at < min(len(got), len(want)) else float("inf"))
         agreement[kind] = (same, prefix / len(expected))
         print(f"{kind}: {same}/{len(expected)} answers equal to transformers' for 32 greedy tokens, "
-              f"first {prefix / len(expected):.1f} tokens equal on average")
+              f"first {prefix / len(expected):.1f} tokens equal on average; transformers' margin where one departs: {departures[kind]}")
         del llm
-    assert agreement["F16"][0] >= 9, agreement
+    assert all(gap < 0.25 for gap in departures["F16"]), (agreement, departures)
