@@ -3579,7 +3579,8 @@ class HuggingFaceFineTuner:
                 if s["evaluate_after_training"]:
                     trainer.optimizer = trainer.lr_scheduler = None  # the evaluation holds the model alone
                     release_freed_memory()
-                    result = self.evaluate(trainer.model, tokenizer, staging, trainer.args.world_size)
+                    result = self.evaluate_unless_stopped(trainer.model, tokenizer, staging, folder.path, trainer.args.world_size)
+                if result:
                     summary["evaluation"] = evaluation_summary(result)
                 summary["peak_memory"] = peak_memory()  # training and evaluation
                 write_atomic(staging / FINISHED_MARKER, json.dumps(summary, indent=2) + "\n", overwrite=True)
@@ -3592,6 +3593,9 @@ class HuggingFaceFineTuner:
         if result:
             print(format_evaluation(result))
             print("sample answers (no system prompt, plain greedy):\n" + sample_answers(result))
+        elif s["evaluate_after_training"]:
+            log(f"evaluate it with: python {Path(sys.argv[0]).name} --evaluate --model {folder.path}")
+            return 130
         return 0
 
     def save(self, trainer, tokenizer, staging: Path) -> None:
@@ -3613,6 +3617,19 @@ class HuggingFaceFineTuner:
             whole.save_pretrained(staging / "merged")
             tokenizer.save_pretrained(staging / "merged")
             log(f"merged model written in {time.time() - started:.1f} s")
+
+    def evaluate_unless_stopped(self, model, tokenizer, staging: Path, folder: Path, processes: int) -> dict | None:
+        """The evaluation; Ctrl-C (or SIGTERM) during it stops it and keeps the model it was judging, which is
+        trained and whole: None. Only a second Ctrl-C, while the model moves into place, loses it."""
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            return self.evaluate(model, tokenizer, staging, processes)
+        except KeyboardInterrupt:  # EvaluationStopped too
+            (staging / "evaluation.json").unlink(missing_ok=True)
+            log(f"evaluation stopped: the trained model is kept without it, in {folder}")
+            return None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def evaluate(self, model, tokenizer, staging: Path, processes: int) -> dict:
         """The persona evaluation, on the main process. On a CPU, or over several processes (FSDP shards
@@ -3955,6 +3972,10 @@ def evaluate_folder(folder: Path, settings: dict, base_template: str | None, bas
     return result
 
 
+class EvaluationStopped(KeyboardInterrupt):
+    """The evaluation's process was stopped by a signal (Ctrl-C), not by a failure."""
+
+
 def evaluate_in_fresh_process(folder: Path, settings: dict, base_template: str | None, base_path: str) -> dict:
     """evaluate_folder in a new Python process (about 5 s to start); its memory is returned when it ends."""
     import multiprocessing
@@ -3962,10 +3983,17 @@ def evaluate_in_fresh_process(folder: Path, settings: dict, base_template: str |
     child = multiprocessing.get_context("spawn").Process(target=_evaluate_child, args=(folder, settings, base_template, base_path,
                                                                                       VERBOSE[0]))
     child.start()
-    child.join()
+    try:
+        child.join()
+    except BaseException:  # Ctrl-C reaches the child too; a signal sent to this process alone does not
+        child.terminate()
+        child.join()
+        raise
+    if child.exitcode in (130, -signal.SIGINT, -signal.SIGTERM):
+        raise EvaluationStopped()
     if child.exitcode != 0:
         raise UserError(f"the evaluation of the new model failed (exit code {child.exitcode}; see above); nothing was replaced",
-                        exit_code=130 if child.exitcode in (130, -signal.SIGINT) else 1)
+                        exit_code=1)
     return json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
 
 

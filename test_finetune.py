@@ -1095,6 +1095,28 @@ def test_a_persona_no_example_names_is_a_warning_that_says_which_flags(capsys):
     assert "no example names the persona 'Echo'" in err and "--persona-name" in err
 
 
+def test_ctrl_c_during_the_evaluation_keeps_the_trained_model(tmp_path, small_probe_config):
+    """Training is done when the evaluation starts: Ctrl-C there stops the evaluation, not the model."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([PY, str(ROOT / "finetune.py"), "--output-dir", str(out), "--config", str(small_probe_config), *TINY],
+                               cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("evaluating on"):  # the evaluation's own process says it: a terminal's Ctrl-C reaches both
+            os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=300)
+    stderr = "".join(lines)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert f"evaluation stopped: the trained model is kept without it, in {out}" in stderr
+    assert stderr.splitlines()[-1] == f"evaluate it with: python finetune.py --evaluate --model {out}"
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 2 and "evaluation" not in summary and not (out / "evaluation.json").exists()
+    assert (out / "adapter_model.safetensors").is_file() and not list(tmp_path.glob(".*partial*"))
+    assert "identity adoption" not in process.stdout.read()
+
+
 def test_max_length_too_short_for_any_answer_is_explained(tmp_path):
     data = write_lines(tmp_path / "d.jsonl", good_examples(6))  # no system message: SmolLM2's own fills the window
     result = cli("--output-dir", tmp_path / "short", "--dataset", data, "--validation-split", "0", "--no-eval", "--max-length", "32",
