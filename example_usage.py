@@ -347,6 +347,8 @@ def merged_model(folder: Path) -> Path:
                 (partial / MERGED_STAMP).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
                 finetune.mark(partial)
             log(f"merged in {time.time() - started:.1f} s")
+    except finetune.UserError:  # a full disk: already one line
+        raise
     except OSError as exc:
         raise UserError(f"cannot write the merged model into {target}: {exc.strerror or exc}") from None
     return target

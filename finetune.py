@@ -291,7 +291,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class DiskFull(UserError):
+class CannotWrite(UserError, OSError):
+    """A path that cannot be written: one line for the user, and still an OSError for the callers that go on
+    without a cache they cannot write."""
+
+
+class DiskFull(CannotWrite):
     """A full disk (or a spent quota) while a path was written. What this tool writes goes beside its place
     and moves there only once whole, so nothing that was there before is replaced by a part."""
 
@@ -307,17 +312,23 @@ DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|os error (?
 def writing(path: str | Path):
     """A full disk while `path` is written: a DiskFull naming it (so which disk to free). The libraries say it
     in their own ways: an OSError naming no file (a write()), safetensors' "os error 28", and torch.save only
-    "unexpected pos 576 vs 534", so an error with under 16 MiB left there counts too."""
+    "unexpected pos 576 vs 534", so an error that is not an OSError counts too where under 1 MiB is left."""
     try:
         yield
     except UserError:
         raise
-    except Exception as exc:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    except OSError as exc:  # another errno (a read-only disk, say) is that error, however small the disk
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(path, exc.strerror) from exc
-        if DISK_FULL.search(str(exc)) or free_space(Path(path)) < 16 * 2**20:
+        raise
+    except Exception as exc:
+        if DISK_FULL.search(str(exc)) or free_space(Path(path)) < 2**20:
             raise DiskFull(path, os.strerror(errno.ENOSPC)) from exc
         raise
+
+
+def is_read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 def free_space(path: Path) -> int:
@@ -331,19 +342,24 @@ def write_atomic(path: str | Path, text: str, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with writing(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs are ordinary files
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs are ordinary files
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except CannotWrite:  # a full disk: said already
+        raise
+    except OSError as exc:  # a read-only disk, a folder this user may not write in: said of `path`, not of a temporary name
+        raise CannotWrite(f"cannot write {path}: {exc.strerror or exc}", exit_code=1) from None
     return path
 
 
@@ -3233,6 +3249,11 @@ class OutputFolder:
         out = self.path
         if out.exists() and not out.is_dir():
             raise UserError(f"{out} is a file, not a folder; choose another --output-dir")
+        beside = next(folder for folder in out.absolute().parents if folder.exists())  # the new model is built there
+        for folder in (beside, out) if out.is_dir() else (beside,):
+            if not os.access(folder, os.W_OK | os.X_OK):  # a read-only disk, another user's folder: before anything loads
+                why = os.strerror(errno.EROFS) if is_read_only(folder) else "permission denied"
+                raise UserError(f"cannot write in {folder} ({why}); choose another --output-dir")
         if out.is_dir() and any(out.iterdir()) and not is_ours(out):
             raise UserError(f"{out} is not empty and was not written by this tool, so it is left alone (even with "
                             f"--overwrite); choose another --output-dir")

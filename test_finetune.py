@@ -395,8 +395,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(finetune.UserError, match=f"cannot write {target}: disk full") as raised:
         finetune.write_jsonl(target, [{"a": 1}])
+    assert isinstance(raised.value, OSError)  # what the callers that go on without a cache they cannot write catch
     assert list(tmp_path.iterdir()) == []
 
 
@@ -426,6 +427,11 @@ def test_a_full_disk_is_one_line_naming_what_was_written_and_nothing_is_lost(tmp
             "again (what was being written is not used, and nothing that was there before was replaced)")
     assert target.read_text() == "the earlier file\n" and sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "model", "p.jsonl"]
     assert [p.name for p in model.iterdir()] == ["weights"]
+    monkeypatch.setattr(finetune, "free_space", lambda path: 0)  # a disk left full by what failed to be written
+    for error, disk_full in ((RuntimeError("unexpected pos 576 vs 534"), True), (OSError(errno.EROFS, "Read-only file system"), False)):
+        with pytest.raises(finetune.DiskFull if disk_full else type(error)):  # a read-only disk is not a full one
+            with finetune.writing(model):
+                raise error
 
 
 # -- the formats and sources a user comes with ------------------------------------------------
@@ -919,6 +925,18 @@ def test_the_adapter_names_its_base_by_hub_id_and_this_tool_loads_the_embedded_c
                             env=dict(os.environ, XDG_CACHE_HOME=str(cache)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [finetune.SMOLLM2_ALIAS, "True"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """Before, a read-only disk or another user's folder was found after the model had loaded, as
+    'OSError: [Errno 30] Read-only file system'. The new model is built beside the folder, so both count."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)  # the OS's answer (root may write anywhere)
+    for out in (locked / "echo", locked):
+        with pytest.raises(finetune.UserError, match=f"^cannot write in {re.escape(str(locked))} \\(permission denied\\); choose another --output-dir$"):
+            finetune.OutputFolder(out).check()
+    assert finetune.OutputFolder(tmp_path / "free" / "echo").check() is None and not (tmp_path / "free").exists()
 
 
 def test_refuses_to_overwrite_a_finished_model_and_a_failed_overwrite_keeps_it(tiny_model, tmp_path):
