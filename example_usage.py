@@ -931,8 +931,9 @@ def chat_command(args) -> int:
         raise UserError("--serve serves a local model (--provider huggingface)")
     if not args.serve and not args.interactive and args.prompt is None:
         raise UserError("give --prompt TEXT (or - for stdin), or --interactive (or --serve)")
-    if args.max_context is not None and args.max_context < 1:
-        raise UserError(f"--max-context must be a whole number of at least 1 (got {args.max_context})")
+    takes, fits = finetune.whole(1)  # the rule finetune.py's settings use
+    if args.max_context is not None and not fits(args.max_context):
+        raise UserError(f"--max-context must be {takes} (got {args.max_context})")
     keys = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "greedy", "seed", "device", "precision", "output_dir")
     settings, _ = finetune.load_settings(args.config, {k: getattr(args, k) for k in keys})
     settings = finetune.output_dir_for(settings, args.provider)

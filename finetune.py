@@ -1670,9 +1670,9 @@ def check_hub_reachable(kind: str, name: str) -> None:
     if any(folder.exists() for folder in folders):
         return  # a copy to fall back on: the libraries try the hub once, then use it
     where = f"the {kind} {name} is not in this machine's Hugging Face cache"
+    instead = f"or name a local {'file' if kind == 'dataset' else 'folder'}"
     if constants.HF_HUB_OFFLINE:
-        raise UserError(f"{where}, and HF_HUB_OFFLINE is set, so it cannot be downloaded; unset it to download "
-                        f"{name}, or name a local {'file' if kind == 'dataset' else 'folder'}")
+        raise UserError(f"{where}, and HF_HUB_OFFLINE is set, so it cannot be downloaded; unset it to download {name}, {instead}")
     proxies = urllib.request.getproxies()
     if "https" in proxies or "all" in proxies:
         return  # the proxy resolves the hub's name, not this machine
@@ -1681,7 +1681,7 @@ def check_hub_reachable(kind: str, name: str) -> None:
         socket.getaddrinfo(host, 443)
     except (OSError, UnicodeError):  # socket.gaierror: no network, or no such name
         raise UserError(f"{where}, and the hub cannot be reached to download it ({host} does not resolve: offline?); "
-                        f"connect and run again, or name a local {'file' if kind == 'dataset' else 'folder'}") from None
+                        f"connect and run again, {instead}") from None
 
 
 def load_tokenizer(name_or_path: str):
@@ -4615,10 +4615,10 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
     """A dataset (and, to train, a base model or replay questions) named by a path that is not there: the
     error at once, not after the seconds that importing torch and transformers takes."""
     source = str(settings["dataset"])
-    if not Path(source).exists() and not is_hub_dataset(source):
-        raise UserError(f"dataset {source} does not exist")
-    if is_hub_dataset(source):
+    if is_hub_dataset(source):  # org/name where there is no such file
         check_hub_reachable("dataset", source)
+    elif not Path(source).exists():
+        raise UserError(f"dataset {source} does not exist")
     if base_model and settings["model"] != "auto":
         check_model_source(settings["model"])
     if base_model and settings["replay_questions"] and not Path(settings["replay_questions"]).is_file():
