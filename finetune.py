@@ -1642,6 +1642,19 @@ def check_model_source(name: str) -> None:
     check_model_name(name)
     if name != SMOLLM2_ALIAS and not name.endswith(".gguf") and not Path(name).exists():
         check_hub_reachable("model", name)
+    if (Path(name) / "adapter_config.json").is_file():  # an adapter loads its base first: the same check for it
+        try:
+            base = adapter_base(Path(name))
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # a malformed adapter: said when it loads
+        if isinstance(base, str) and Path(base).resolve() != Path(name).resolve():
+            try:
+                check_model_source(base)
+            except UserError as exc:
+                named_in = "training_summary.json's base_model" if read_summary(Path(name)).get("base_model") \
+                    else "adapter_config.json's base_model_name_or_path"
+                raise UserError(f"{name} is an adapter on the base model {base}, which loads first: {exc} "
+                                f"(the base is named in {named_in})") from None
 
 
 def check_model_name(name: str) -> None:

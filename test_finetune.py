@@ -602,12 +602,17 @@ def test_a_hub_id_that_cannot_be_downloaded_is_said_at_once(tmp_path):
     """Offline, huggingface_hub retries a file it has no copy of for 24 s before it gives up (48 s for a model)."""
     out, pieces = tmp_path / "out", ("--dataset-split", "validation", "--output", tmp_path / "p.jsonl")
     unreachable = "is not in this machine's Hugging Face cache, and the hub cannot be reached to download it (hub.invalid does not resolve"
+    adapter = tmp_path / "copied-adapter"  # an adapter without this tool's summary: its config names the base
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "someone/base-model"}))
     for args, env, error in ((["--prepare-only", "--dataset", "someone/persona-data", *pieces], offline_hub(tmp_path),
                               f"the dataset someone/persona-data {unreachable}"),
                              (["--prepare-only", "--dataset", "someone/persona-data", *pieces], {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"},
                               "the dataset someone/persona-data is not in this machine's Hugging Face cache, and HF_HUB_OFFLINE is set"),
                              (["--model", "someone/base-model", "--output-dir", out], offline_hub(tmp_path), f"the model someone/base-model {unreachable}"),
-                             (["--evaluate", "--model", "someone/echo"], offline_hub(tmp_path), f"the model someone/echo {unreachable}")):
+                             (["--evaluate", "--model", "someone/echo"], offline_hub(tmp_path), f"the model someone/echo {unreachable}"),
+                             (["--evaluate", "--model", adapter], offline_hub(tmp_path),  # its base loads first
+                              f"{adapter} is an adapter on the base model someone/base-model, which loads first: the model someone/base-model {unreachable}")):
         code, stderr, torch = without_torch(*args, env=env)
         assert code == 2 and stderr.startswith("error: ") and error in stderr and stderr.count("\n") == 1, (args, stderr)
         assert not torch and not out.exists() and not (tmp_path / "p.jsonl").exists(), args

@@ -86,10 +86,14 @@ def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
 
 def test_chat_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "adapter").mkdir()  # a copied adapter, no summary: its base is a hub id, not downloaded
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "someone/base"}')
     for args, error in ((["--max-context", "0"], "--max-context must be a whole number of at least 1 (got 0)"),
                         (["--model", tmp_path / "nope/"], "there is no folder"), (["--model", tmp_path / "empty"], "holds no model"),
                         (["--output-dir", tmp_path / "none"], "no model in"), (["--model", tmp_path / "empty", "--serve", "--port", "0"], "holds no model"),
-                        (["--model", "someone/echo"], "the model someone/echo is not in this machine's Hugging Face cache, and the hub cannot")):
+                        (["--model", "someone/echo"], "the model someone/echo is not in this machine's Hugging Face cache, and the hub cannot"),
+                        (["--model", tmp_path / "adapter"], "adapter is an adapter on the base model someone/base, which loads first: the model "
+                                                            "someone/base is not in this machine's Hugging Face cache")):
         code, stderr, torch = without_torch(*args, *[] if "--serve" in args else ["--prompt", "hi"], script="example_usage.py",
                                             env=offline_hub(tmp_path))
         assert code == 2 and stderr.count("\n") == 1 and error in stderr, stderr
