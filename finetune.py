@@ -3984,10 +3984,8 @@ def use_liger(choice, device: str) -> bool:
     choice = {"true": True, "false": False}.get(choice, choice) if isinstance(choice, str) else choice  # "false" in a config too
     if choice == "auto":
         return device == "cuda" and liger_installed()
-    if choice is False:
+    if not choice:  # settings are checked against RULES: auto, true or false
         return False
-    if choice is not True:
-        raise UserError(f"liger must be auto, true or false, not {json.dumps(choice)}")
     if device != "cuda":
         raise UserError(f"--liger true: Liger's kernels run on CUDA only, and this run is on {device} (leave it at auto)")
     if not liger_installed():

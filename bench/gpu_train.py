@@ -109,6 +109,9 @@ def parse_args(argv):
                 settings[key] = json.loads(value)  # true, 16, 0.5, "auto"
             except json.JSONDecodeError:
                 settings[key] = value
+            text, fits = finetune.RULES.get(key, finetune.TEXT)  # the rule config.json and the flags are held to
+            if not fits(settings[key]):
+                parser.error(f"{flag} {key} must be {text} (got {value})")
         return settings
 
     args.levers = {lever: setting(lever, "--lever") for lever in args.lever}

@@ -94,6 +94,11 @@ def test_each_lever_is_a_setting_changed_and_its_row_says_its_ratio_to_the_defau
         with pytest.raises(SystemExit):
             gpu_train.parse_args(["--lever", wrong])
         assert "a setting of finetune.py" in capsys.readouterr().err
+    for wrong, error in (("batch_size=0", "--lever batch_size must be a whole number of at least 1, or auto (got 0)"),
+                         ("liger=maybe", "--lever liger must be auto, true or false (got maybe)")):  # config.json's rules
+        with pytest.raises(SystemExit):
+            gpu_train.parse_args(["--lever", wrong])
+        assert error in capsys.readouterr().err
     assert gpu_train.parse_args(["--set", "precision=fp32", "--set", "max_batch_tokens=512"]).settings == {"precision": "fp32", "max_batch_tokens": 512}
     row = {"precision": "bf16", "batch_size": 8, "method": "lora", "timed_steps": 2, "device": "cuda", "warmup_seconds": 31.25,
            "peak": {"resident_gb": 1.0, "cuda_gb": 2.0}}
