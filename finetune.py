@@ -1963,7 +1963,7 @@ def autocast(device: str, precision: str):
 # is, LOSS_CHUNK positions at a time, each chunk's gradient computed at once and its logits
 # dropped (what Liger's fused linear cross-entropy does on CUDA, used there when installed).
 # --------------------------------------------------------------------------------------------
-LOSS_CHUNK = 512  # labelled positions per chunk: 512 x 49,152 fp32 logits are 100 MB
+LOSS_CHUNK = 256  # labelled positions per chunk: 256 x 49,152 fp32 logits are 50 MB
 
 
 def labelled_targets(labels):
@@ -3897,12 +3897,13 @@ def still_a_model(trainer, row: dict, precision: str) -> bool:
     model). A run that diverged (a learning rate too high, fp16 overflowing) leaves nan in its weights,
     or weights so large that every answer is nan, and Trainer neither stops nor says so. One forward
     pass and one value read back, after training; every process takes part (FSDP and DeepSpeed shard
-    the weights) and all reach the same answer."""
+    the weights) and all reach the same answer. The loss is the trainer's, chunked where training's was:
+    the model's own holds the row's logits over the whole vocabulary, and was a CPU run's peak memory."""
     import torch
 
     trained = [p for p in trainer.model.parameters() if p.requires_grad and p.numel()]
     with torch.no_grad(), autocast(trainer.args.device.type, precision):
-        loss = trainer.model(**one_row(row, trainer.args.device, tokens=None), use_cache=False).loss
+        loss = trainer.compute_loss(trainer.model, one_row(row, trainer.args.device, tokens=None))
     finite = torch.stack([torch.isfinite(loss.float()), *(torch.isfinite(p).all() for p in trained)]).all()
     return agreed(finite, trainer.args, every=True)
 
@@ -3925,7 +3926,8 @@ def one_row(row: dict, device, tokens: int | None = 64) -> dict:
     """A row of the training data as a batch of one, cut to `tokens`: what the checks before and after training run."""
     import torch
 
-    return {key: torch.tensor([row[key][:tokens]], device=device) for key in ("input_ids", "labels")}
+    batch = {key: torch.tensor([row[key][:tokens]], device=device) for key in ("input_ids", "labels")}
+    return dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))  # a padded batch's row, not a flattened one
 
 
 def diverged(history: list[dict], settings: dict, folder: Path) -> str:

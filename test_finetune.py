@@ -983,6 +983,33 @@ def test_a_healthy_run_whose_rows_open_with_a_long_prompt_is_not_called_diverged
     assert (tmp_path / "out" / "training_summary.json").is_file()
 
 
+def test_the_check_after_training_projects_no_position_onto_the_whole_vocabulary(tmp_path):
+    """The model's own loss on a whole row held its logits over the 49,152-token vocabulary (about 150 MB for
+    a long row): the peak of a CPU run's memory, 2.02 GB against the 2 GB budget. It uses the chunked loss."""
+    import torch
+    from datasets import Dataset
+
+    settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, output_dir=str(tmp_path / "out"), max_steps=1,
+                                              batch_size=1, device="cpu", precision="fp32", lora_r=4))
+    tuner = finetune.HuggingFaceFineTuner(settings)
+    tokenizer = tuner.load_tokenizer()
+    row = tuner.rows(load_jsonl("training_dataset.jsonl")[:1], tokenizer)[0]
+    trainer = tuner.make_trainer(tuner.load_model(), tokenizer, Dataset.from_list([row]), None, tmp_path / "ck")
+    projected = []
+    head = trainer.model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, output: projected.append(output.shape[-2]))
+    try:
+        for mode in (trainer.model.train, trainer.model.eval):  # after training's last validation: eval, in pieces
+            mode()
+            assert finetune.still_a_model(trainer, row, "fp32")
+        assert len(row["input_ids"]) > settings["max_batch_tokens"] and projected == [0, 0], projected  # own loss: [329]
+        with torch.no_grad():
+            next(p for p in trainer.model.parameters() if p.requires_grad).fill_(float("nan"))
+        assert not finetune.still_a_model(trainer, row, "fp32")  # a diverged model is still told from a healthy one
+    finally:
+        hook.remove()
+
+
 def test_overwrite_never_touches_a_folder_this_tool_did_not_write(tmp_path):
     thesis = tmp_path / "thesis"
     thesis.mkdir()
