@@ -984,8 +984,8 @@ def test_a_healthy_run_whose_rows_open_with_a_long_prompt_is_not_called_diverged
 
 
 def test_the_check_after_training_projects_no_position_onto_the_whole_vocabulary(tmp_path):
-    """The model's own loss on a whole row held its logits over the 49,152-token vocabulary (about 150 MB for
-    a long row): the peak of a CPU run's memory, 2.02 GB against the 2 GB budget. It uses the chunked loss."""
+    """The model's own loss on a whole row held its logits over the 49,152-token vocabulary (about 190 MB for
+    this row of 329 tokens): the peak of a CPU run's memory, 2.02 GB against the 2 GB budget. It uses the chunked loss."""
     import torch
     from datasets import Dataset
 
