@@ -306,13 +306,15 @@ class DiskFull(CannotWrite):
 
 
 DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|os error (?:28|122)\b")
+WRITE_CUT_SHORT = re.compile(r"unexpected pos \d+ vs \d+|file write failed")  # torch.save's words, which never say why
 
 
 @contextlib.contextmanager
 def writing(path: str | Path):
     """A full disk while `path` is written: a DiskFull naming it (so which disk to free). The libraries say it
     in their own ways: an OSError naming no file (a write()), safetensors' "os error 28", and torch.save only
-    "unexpected pos 576 vs 534", so an error that is not an OSError counts too where under 1 MiB is left."""
+    "unexpected pos 576 vs 534", which counts where under 1 MiB is left. Any other error is itself, however
+    full the disk (a training run's own error, on a disk that happens to be nearly full)."""
     try:
         yield
     except UserError:
@@ -322,7 +324,7 @@ def writing(path: str | Path):
             raise DiskFull(path, exc.strerror) from exc
         raise
     except Exception as exc:
-        if DISK_FULL.search(str(exc)) or free_space(Path(path)) < 2**20:
+        if DISK_FULL.search(str(exc)) or (WRITE_CUT_SHORT.search(str(exc)) and free_space(Path(path)) < 2**20):
             raise DiskFull(path, os.strerror(errno.ENOSPC)) from exc
         raise
 

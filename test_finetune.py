@@ -428,10 +428,14 @@ def test_a_full_disk_is_one_line_naming_what_was_written_and_nothing_is_lost(tmp
     assert target.read_text() == "the earlier file\n" and sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "model", "p.jsonl"]
     assert [p.name for p in model.iterdir()] == ["weights"]
     monkeypatch.setattr(finetune, "free_space", lambda path: 0)  # a disk left full by what failed to be written
-    for error, disk_full in ((RuntimeError("unexpected pos 576 vs 534"), True), (OSError(errno.EROFS, "Read-only file system"), False)):
-        with pytest.raises(finetune.DiskFull if disk_full else type(error)):  # a read-only disk is not a full one
+    for error, disk_full in ((RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 534"), True),
+                             (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), True),
+                             (OSError(errno.EROFS, "Read-only file system"), False),  # a read-only disk is not a full one,
+                             (RuntimeError("expected scalar type Float but found BFloat16"), False)):  # nor is training's own error
+        with pytest.raises(finetune.DiskFull if disk_full else type(error)) as raised:
             with finetune.writing(model):
                 raise error
+        assert disk_full or raised.value is error
 
 
 # -- the formats and sources a user comes with ------------------------------------------------
