@@ -3248,16 +3248,27 @@ class OutputFolder:
     def finished(self) -> bool:
         return (self.path / FINISHED_MARKER).is_file()
 
-    def last_checkpoint(self) -> str | None:
-        """The newest checkpoint that was written to the end: its trainer_state.json, written last, parses."""
-        complete = []
+    def checkpoint_steps(self) -> dict[Path, int | None]:
+        """Each checkpoint and its step; None for one cut short (a kill, a full disk) while it was written:
+        its trainer_state.json, written last, does not parse."""
+        steps = {}
         for folder in self.checkpoints.glob("checkpoint-*") if self.checkpoints.is_dir() else []:
             try:
-                step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
-            except (OSError, ValueError, KeyError):
-                continue  # interrupted while it was written
-            complete.append((step, str(folder)))
+                steps[folder] = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+            except (OSError, ValueError, KeyError, TypeError):
+                steps[folder] = None
+        return steps
+
+    def last_checkpoint(self) -> str | None:
+        """The newest checkpoint that was written to the end."""
+        complete = [(step, str(folder)) for folder, step in self.checkpoint_steps().items() if step is not None]
         return max(complete)[1] if complete else None
+
+    def drop_unfinished_checkpoints(self) -> None:
+        """Checkpoints cut short are never resumed from; after a full disk, the space they hold is given back."""
+        for folder, step in self.checkpoint_steps().items():
+            if step is None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def check(self) -> str | None:
         """The checkpoint to resume from, if any; a UserError for anything in the way."""
@@ -3592,8 +3603,13 @@ class HuggingFaceFineTuner:
         progress, stopper = callbacks.ProgressLog(), callbacks.InterruptToCheckpoint()
         trainer = self.make_trainer(model, tokenizer, train, val, folder.checkpoints, [progress, stopper])
         started = time.time()
-        with stopper.catching_signals(), writing(folder.checkpoints):  # checkpoints: a full disk said as one line
-            output = trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            with stopper.catching_signals(), writing(folder.checkpoints):  # checkpoints: a full disk said as one line
+                output = trainer.train(resume_from_checkpoint=resume_from)
+        except DiskFull:
+            if state.is_main_process:
+                folder.drop_unfinished_checkpoints()
+            raise
         if stopper.interrupted:
             log(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {folder.checkpoints}")
             log(f"resume with: {resume_command(folder.finished())}")

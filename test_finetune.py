@@ -1224,6 +1224,30 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_final_step(tmp_pa
         assert merged.generate(probe, **greedy).tolist() == adapter.generate(probe, **greedy).tolist()
 
 
+def test_a_disk_that_fills_during_a_checkpoint_keeps_the_complete_ones_and_gives_back_the_cut_one(tmp_path, base_path):
+    """The second checkpoint's optimizer state meets a full disk after its adapter was written: one line
+    names the folder, the first checkpoint stays for --resume, and the cut one is removed (it held the
+    space the user is asked to free, and it is never resumed from)."""
+    out = tmp_path / "run"
+    program = (f"import errno, os, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+               "from transformers import Trainer\n"
+               "save = Trainer._save_optimizer_and_scheduler\n"
+               "def full(self, output_dir):\n"
+               "    if self.state.global_step == 2:\n"
+               "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+               "    save(self, output_dir)\n"
+               "Trainer._save_optimizer_and_scheduler = full\n"
+               "import finetune\n"
+               "sys.exit(finetune.main(sys.argv[1:]))")
+    result = subprocess.run([PY, "-c", program, "--output-dir", str(out), "--no-eval", *TINY], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"error: the disk is full while writing {out / 'checkpoints'} (No space left")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert json.loads((out / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
+    assert not (out / "training_summary.json").exists()
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     result = cli("--output-dir", tmp_path / "none", "--resume")
     assert result.returncode == 2 and "no complete checkpoint to resume from" in result.stderr
