@@ -3609,6 +3609,8 @@ class HuggingFaceFineTuner:
         except DiskFull:
             if state.is_main_process:
                 folder.drop_unfinished_checkpoints()
+                if last := folder.last_checkpoint():
+                    log(f"{Path(last).name} is complete: once there is space, resume with: {resume_command(folder.finished())}")
             raise
         if stopper.interrupted:
             log(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {folder.checkpoints}")

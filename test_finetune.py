@@ -1226,8 +1226,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_final_step(tmp_pa
 
 def test_a_disk_that_fills_during_a_checkpoint_keeps_the_complete_ones_and_gives_back_the_cut_one(tmp_path, base_path):
     """The second checkpoint's optimizer state meets a full disk after its adapter was written: one line
-    names the folder, the first checkpoint stays for --resume, and the cut one is removed (it held the
-    space the user is asked to free, and it is never resumed from)."""
+    names the folder, the first checkpoint stays for --resume (the line before says how), and the cut one
+    is removed (it held the space the user is asked to free, and it is never resumed from)."""
     out = tmp_path / "run"
     program = (f"import errno, os, sys; sys.path.insert(0, {str(ROOT)!r})\n"
                "from transformers import Trainer\n"
@@ -1242,7 +1242,9 @@ def test_a_disk_that_fills_during_a_checkpoint_keeps_the_complete_ones_and_gives
     result = subprocess.run([PY, "-c", program, "--output-dir", str(out), "--no-eval", *TINY], cwd=ROOT, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.splitlines()[-1].startswith(f"error: the disk is full while writing {out / 'checkpoints'} (No space left")
+    *_, resume, error = result.stderr.splitlines()
+    assert error.startswith(f"error: the disk is full while writing {out / 'checkpoints'} (No space left")
+    assert resume.startswith("checkpoint-1 is complete: once there is space, resume with: python ") and resume.endswith(" --resume")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
     assert json.loads((out / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
     assert not (out / "training_summary.json").exists()
