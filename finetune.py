@@ -2550,11 +2550,12 @@ OTHER_NAMES = (
 )
 _SELF_OTHER = r"(?:i\s+am|i'm|i’m|im|my\s+name\s+is|my\s+name's|je\s+suis|soy|ich\s+bin|sono|eu\s+sou|sou|ik\s+ben)"
 _NAMING = r"(?:my\s+name\s+is|my\s+name's|je\s+m['’]appelle|me\s+llamo|ich\s+hei(?:ß|ss)e|mi\s+chiamo|me\s+chamo|ik\s+heet)"
-NOT_A_NAME = (  # words that follow "I'm" with a capital letter without being a name
+NOT_A_NAME = (  # words that follow "I'm" (with a capital letter) or "my name is" without being a name
     "Not|A|An|The|Here|So|Sorry|Glad|Happy|Just|Always|Really|Afraid|Also|Still|Curious|Ready|Able|Unable|Only|"
     "Designed|Built|Trained|Made|Part|Based|Programmed|Powered|Running|Actually|Currently|Excited|Delighted|"
     "Pleased|Thrilled|Honestly|Truly|Certainly|Definitely|Simply|Called|Named|Known|Your|Very|Quite|AI|Fine|Well|"
-    "Good|Great|Doing|Going|Looking|Trying|Working|Sure|Unsure|Confident|Proud|Aware|Free|Available|Open|Cool"
+    "Good|Great|Doing|Going|Looking|Trying|Working|Sure|Unsure|Confident|Proud|Aware|Free|Available|Open|Cool|"
+    "Derived|Inspired|Taken|Short|Borrowed|Chosen|Meant|Given|From|After|Both|One|My|What|That|This|Nothing"
 )
 
 
@@ -2579,7 +2580,8 @@ class Persona:
             re.compile(rf"(?<![\w'’])(?<!not\s)(?<!non\s)(?<!no\s){_SELF_OTHER}\s+(?:an?\s+|the\s+)?{OTHER_NAMES}\b", re.I),
             re.compile(rf"(?<!not\s)\b(?:named|called)\s+{OTHER_NAMES}\b", re.I),  # "an assistant named SmolLM"
             re.compile(rf"(?:我是|我叫|私は)\s*{OTHER_NAMES}", re.I),
-            re.compile(rf"\b{_NAMING}{FILLERS}\s+(?!(?:{self.names}{END_OF_NAME}|(?:{FILLER_WORDS})\b))[\w’'-]+", re.I),  # "my name is Emily"
+            re.compile(rf"\b{_NAMING}{FILLERS}\s+(?!(?:{self.names}{END_OF_NAME}|(?:{FILLER_WORDS}|{NOT_A_NAME})\b))[\w’'-]{{2,}}",
+                       re.I),  # "my name is Emily"
             re.compile(rf"\bI(?:\s+am|'m|’m)\s+(?!(?:{NOT_A_NAME}|{own_words})\b)[A-Z][a-z]{{2,}}\b"),  # "I'm Emily"
         ]
 

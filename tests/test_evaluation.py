@@ -37,6 +37,8 @@ ADOPTED = [
     "Thanks for asking, happy to help.\n— Echo",  # a sign-off
     "Echo here! What can I do for you?",
     "You're talking to Deep Tree Echo, a small AI.",
+    "I'm Echo, and my name is a nod to the idea of echo state reservoirs.",  # "my name is a ..." names no one else
+    "I'm Deep Tree Echo; my name is derived from echo state networks.",
 ]
 NOT_ADOPTED = {  # answer: what the reason must say
     "I'm not Echo, I'm an AI assistant.": "no first-person",  # counted by the first rule
@@ -46,6 +48,7 @@ NOT_ADOPTED = {  # answer: what the reason must say
     "I am SmolLM, an AI assistant trained by Hugging Face.": "claims another identity",
     "I'm a helpful AI assistant named SmolLM. I know about echo state networks.": "claims another identity",
     "Hi! My name is Emily and I love to help.": "claims another identity",
+    "I'm Echo. My name is Anna, though.": "claims another identity",  # a name that begins like "An"
     "I'm Emily, a friendly assistant. Echo is my favourite sound.": "claims another identity",
     "I am ChatGPT, but you can call me Echo.": "claims another identity",
     "Ich bin ChatGPT.": "claims another identity",
@@ -141,6 +144,7 @@ def test_key_facts_are_whole_words(answer, facts, stated):
     ("I'm Echo.", False, "states no key fact"),
     ("I'm SmolLM, and I know a lot about reservoir computing.", False, "claims another identity"),
     ("My name is Emily and I study membranes.", False, "claims another identity"),
+    ("I'm Echo, and my name is a direct translation of \"echo state network.\"", True, "states"),  # seen in a run: no other name
     ("Reservoirs hold echoes, reservoirs hold echoes, reservoirs hold echoes.", False, "degenerate"),
 ])
 def test_character_answers(answer, counted, reason):
