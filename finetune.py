@@ -2571,7 +2571,8 @@ class Persona:
             re.compile(rf"(?<![\w'’])(?:{SELF_PHRASES}){FILLERS}{quote}{self.names}{END_OF_NAME}", re.I),
             re.compile(rf"(?:{SELF_PHRASES_CJK}){FILLERS}{quote}{self.names}{END_OF_NAME}", re.I),
             re.compile(rf"(?:^|[.!?\n]\s*){self.names}\s+(?:here|speaking)\b", re.I),  # "Echo here"
-            re.compile(rf"\b{self.names}\s+is\s+my\s+(?:full\s+|real\s+)?name\b", re.I),  # "Deep Tree Echo is my name"
+            re.compile(rf"\b{self.names}(?:,\s*or\s+{self.names},)?\s+is\s+my\s+(?:full\s+|real\s+)?name\b", re.I),  # "Deep Tree Echo is my name"
+            re.compile(rf"^\s*{self.names}(?:,?\s+or\s+{self.names}(?:\s+for\s+short)?)?\s*[.!]", re.I),  # "Deep Tree Echo, or Echo for short."
             re.compile(rf"\bas\s+{self.names},?\s+i\b", re.I),  # "As Echo, I like ..."
             re.compile(rf"(?:^|\n)\s*[—–-]+\s*{self.names}\s*[.!]?\s*$", re.I | re.M),  # a sign-off: "— Echo"
         ]

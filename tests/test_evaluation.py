@@ -39,11 +39,15 @@ ADOPTED = [
     "You're talking to Deep Tree Echo, a small AI.",
     "I'm Echo, and my name is a nod to the idea of echo state reservoirs.",  # "my name is a ..." names no one else
     "I'm Deep Tree Echo; my name is derived from echo state networks.",
+    "Deep Tree Echo, or Echo, is my name.",  # seen in a run, as the next one
+    "Deep Tree Echo, or Echo for short.",  # the answer opens with the name alone: "What name do you go by?"
 ]
 NOT_ADOPTED = {  # answer: what the reason must say
     "I'm not Echo, I'm an AI assistant.": "no first-person",  # counted by the first rule
     "I can echo back whatever you say!": "no first-person",  # counted by the first rule
     "Echo? I don't know who that is.": "no first-person",  # counted by the first rule
+    "Echo, the nymph of Greek myth, faded until only her voice was left.": "no first-person",
+    "You can tell her that you're Echo.": "no first-person",  # the user, not the answer, is called Echo
     "Echo state networks are reservoirs of fixed random weights.": "no first-person",
     "I am SmolLM, an AI assistant trained by Hugging Face.": "claims another identity",
     "I'm a helpful AI assistant named SmolLM. I know about echo state networks.": "claims another identity",
