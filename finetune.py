@@ -227,6 +227,12 @@ def log(*args) -> None:
         print(*args, file=sys.stderr, flush=True)
 
 
+def broken_rule(key: str, value) -> str | None:
+    """What `value` must be for setting `key`, where it is not that (its rule in RULES; text if none)."""
+    text, fits = RULES.get(key, TEXT)
+    return None if fits(value) else text
+
+
 def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]:
     """Defaults, then the config file, then flags. Returns (settings, source of each key)."""
     settings, sources = dict(DEFAULT_SETTINGS), dict.fromkeys(DEFAULT_SETTINGS, "default")
@@ -260,8 +266,7 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
             settings[key] = str(HERE / settings[key])
     wrong = []
     for key, value in settings.items():
-        text, fits = RULES.get(key, TEXT)
-        if not fits(value):
+        if text := broken_rule(key, value):
             where = f"--{key.replace('_', '-')}" if sources[key] == "flag" else f"{key} in {sources[key]}"
             wrong.append(f"{where} must be {text} (got {json.dumps(value)})")
     if wrong:  # every one at once, as the validator reports every bad line

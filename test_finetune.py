@@ -75,7 +75,7 @@ def test_config_errors_name_the_problem(tmp_path):
 def test_a_value_out_of_range_is_one_line_that_says_where_it_came_from_before_anything_loads(tmp_path):
     """A learning rate of -1 used to reach torch's optimizer, an lora_alpha of 0 trained an adapter that changes
     nothing, and a validation split of 1.5 trained on one example."""
-    assert all(finetune.RULES.get(key, finetune.TEXT)[1](value) for key, value in finetune.DEFAULT_SETTINGS.items())
+    assert not any(finetune.broken_rule(key, value) for key, value in finetune.DEFAULT_SETTINGS.items())
     for flag, value, rule in (("--batch-size", "0", "a whole number of at least 1, or auto (got 0)"),
                               ("--learning-rate", "-1", "a number above 0, or auto (got -1.0)"),
                               ("--validation-split", "1.5", "a number of at least 0 and below 1 (got 1.5)"),

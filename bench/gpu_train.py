@@ -109,8 +109,7 @@ def parse_args(argv):
                 settings[key] = json.loads(value)  # true, 16, 0.5, "auto"
             except json.JSONDecodeError:
                 settings[key] = value
-            text, fits = finetune.RULES.get(key, finetune.TEXT)  # the rule config.json and the flags are held to
-            if not fits(settings[key]):
+            if text := finetune.broken_rule(key, settings[key]):  # the rule config.json and the flags are held to
                 parser.error(f"{flag} {key} must be {text} (got {value})")
         return settings
 
