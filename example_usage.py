@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import errno
 import json
+import math
 import os
 import signal
 import socket
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"--serve holds at most N requests, waiting or answered; more get a 503 (default: {SERVE_MAX_REQUESTS})")
     parser.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction,
                         help="--serve generates requests that decode alike together (default: on a CPU or a CUDA GPU)")
+    parser.add_argument("--api-key", help="with --provider openai: prefer the OPENAI_API_KEY environment variable (a flag shows "
+                        "in ps and in shell history)")
     parser.add_argument("--base-url", metavar="URL", help="chat through an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
                         "(one started with --serve); no API key is sent")
     parser.add_argument("--output-dir", metavar="DIR", help=argparse.SUPPRESS)
@@ -86,20 +90,30 @@ class LocalChat:
         self.settings = finetune.resolve_hardware(settings, training=False)
         torch.manual_seed(settings["seed"])  # what sampling draws from; transformers.set_seed would import peft, 2.5 s
         self.model = finetune.answering(self.model, self.settings)
-        self.max_context = max_context or getattr(self.model.config, "max_position_embeddings", 2048)
+        context = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        if max_context is not None and max_context > context:
+            raise UserError(f"--max-context {max_context:,} is past the model's context of {context:,} tokens")
+        self.max_context = max_context or context
+        self.stopped = False  # the last answer was cut short by Ctrl-C
         self.decoding = decoding_overrides(decoding or {})  # the flags given; the folder's generation_config.json for the rest
         if (decoding or {}).get("static_cache"):  # one cache of the whole context: every turn the same shapes, one compile
             self.decoding.update(cache_implementation="static", max_cache_len=self.max_context)
         self.torch = torch
 
     def fit(self, messages: list[dict]) -> list[int]:
-        """Drops the oldest exchanges (never the system prompt or the new question) until it fits."""
-        budget = room_for_prompt(self.max_context, self.decoding.get("max_new_tokens", self.model.generation_config.max_new_tokens or 256))
+        """Drops the oldest exchanges (never the system prompt or the new question) until it fits; a question
+        that does not fit alone is an error (cut, it lost its start and the chat template's header)."""
+        answer = self.decoding.get("max_new_tokens", self.model.generation_config.max_new_tokens or 256)
+        budget = room_for_prompt(self.max_context, answer)
         while True:
             ids = finetune.render(self.tokenizer, messages, add_generation_prompt=True)["input_ids"]
             first = 1 if messages[0]["role"] == "system" else 0
-            if len(ids) <= budget or len(messages) - first <= 1:
-                return ids[-budget:]
+            if len(ids) <= budget:
+                return ids
+            if len(messages) - first <= 1:
+                raise UserError(f"the question is {len(ids):,} tokens (with the chat template{' and the system prompt' if first else ''}); "
+                                f"at most {budget:,} fit beside an answer of up to {answer:,} tokens in a context of "
+                                f"{self.max_context:,} (--max-context, --max-new-tokens)")
             del messages[first : first + 2]
 
     def reply(self, messages: list[dict], write) -> str:
@@ -109,7 +123,7 @@ class LocalChat:
         from transformers import TextStreamer
 
         ids = self.torch.tensor([self.fit(messages)], device=self.model.device)
-        pieces = []
+        pieces, self.stopped = [], False
 
         class Writer(TextStreamer):
             def on_finalized_text(self, text, stream_end=False):
@@ -123,6 +137,7 @@ class LocalChat:
                 self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids),
                                     streamer=Writer(self.tokenizer, skip_prompt=True, skip_special_tokens=True), **kwargs)
         except KeyboardInterrupt:
+            self.stopped = True
             write(" [stopped]")
         return "".join(pieces).strip()
 
@@ -162,9 +177,9 @@ def decoding_overrides(flags: dict) -> dict:
 # An OpenAI fine-tuned model: the id comes from the job record the OpenAI provider wrote.
 # --------------------------------------------------------------------------------------------
 class OpenAIChat:
-    def __init__(self, settings: dict, model: str | None):
+    def __init__(self, settings: dict, model: str | None, api_key: str | None):
         self.settings = settings
-        self.tuner = finetune.OpenAIFineTuner(os.environ.get("OPENAI_API_KEY"), settings.get("base_url"))
+        self.tuner = finetune.OpenAIFineTuner(api_key, settings.get("base_url"))
         self.model = model or self.model_from_record(settings["output_dir"])
 
     @staticmethod
@@ -209,6 +224,8 @@ class ServerChat:
         import openai
 
         self.base_url = base_url.rstrip("/")
+        self.shown_url = without_password(self.base_url)  # what messages name: a password in the URL is no one's business
+        self.stopped = False
         # The --serve server checks no key: a placeholder keeps the client happy. OPENAI_API_KEY is never
         # sent: it would go to whatever listens at the URL.
         self.client = openai.OpenAI(base_url=self.base_url, api_key="not-needed", max_retries=1, timeout=600)
@@ -225,18 +242,18 @@ class ServerChat:
         try:
             return request()
         except openai.APIConnectionError:
-            raise UserError(f"cannot reach a server at {self.base_url}: is it running? "
+            raise UserError(f"cannot reach a server at {self.shown_url}: is it running? "
                             f"Start one with: python example_usage.py --serve", exit_code=1) from None
         except openai.APIStatusError as exc:
             detail = finetune.first_line(Exception(api_detail(exc)))
-            raise UserError(f"the server at {self.base_url} answered {exc.status_code}: {detail}", exit_code=1) from None
+            raise UserError(f"the server at {self.shown_url} answered {exc.status_code}: {detail}", exit_code=1) from None
         except openai.APIError as exc:
-            raise UserError(f"the server at {self.base_url} failed: {finetune.first_line(exc)}", exit_code=1) from None
+            raise UserError(f"the server at {self.shown_url} failed: {finetune.first_line(exc)}", exit_code=1) from None
 
     def served_model(self) -> str:
         models = self.call(lambda: list(self.client.models.list()))
         if not models:
-            raise UserError(f"the server at {self.base_url} lists no model; pass --model NAME", exit_code=1)
+            raise UserError(f"the server at {self.shown_url} lists no model; pass --model NAME", exit_code=1)
         return models[0].id
 
     def estimate(self, messages: list[dict]) -> int:
@@ -257,11 +274,12 @@ class ServerChat:
         chat = [{"role": m["role"], "content": m["content"]} for m in messages]
         stream = self.call(lambda: self.client.chat.completions.create(model=self.model, messages=chat, stream=True,
                                                                        extra_body=extra))
-        pieces = []
+        pieces, self.stopped = [], False
         try:
             self.call(lambda: self._read(stream, pieces, write))
         except KeyboardInterrupt:
             stream.close()  # the server notices the closed connection and stops generating
+            self.stopped = True
             write(" [stopped]")
         if self.usage and self.usage.prompt_tokens:
             self.tokens_per_char = max(0.1, (self.usage.prompt_tokens - 8 * len(chat)) / max(1, sum(len(m["content"]) for m in chat)))
@@ -278,6 +296,16 @@ class ServerChat:
                     write(choice.delta.content)
                 if choice.finish_reason:
                     self.finish_reason = choice.finish_reason
+
+
+def without_password(url: str) -> str:
+    """The URL with the password of its user part (http://user:secret@host/) shown as ***."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def api_detail(exc) -> str:
@@ -384,27 +412,53 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")  # the roles of OpenAI's chat API
+MAX_STOPS, STOP_CHARS = 4, 32  # OpenAI takes up to 4 stop sequences. transformers' stop-string matcher holds
+# about 0.75 MB per character of the longest, for each distinct set (it caches 8): one stop string of 100,000
+# characters took 23 GB, and the server with it; 32 characters cost about 35 MB.
+INT64 = 2**63  # a seed is a signed 64-bit integer (OpenAI's range, and torch.manual_seed's)
+
+
 def request_problem(body: dict) -> str | None:
     """What is wrong with a chat completion request, for the 4xx answers transformers serve 5.24 does not
-    give: a missing or malformed `messages`, or a parameter of the wrong type, is a 500 there."""
+    give: a missing or malformed `messages`, or a parameter of the wrong type, is a 500 there; `n`,
+    `logprobs` and `response_format` it would ignore, answering something other than what was asked."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "the request holds text that is not valid Unicode (a lone surrogate such as \\ud800)"
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "`messages` must be a non-empty list of {role, content} objects"
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            return f"messages[{i}] must be an object with a string `role`"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"messages[{i}] must be an object with a `role` of {', '.join(ROLES)}"
         content = message.get("content")
         parts_ok = isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("type"), str)
                                                      and (part["type"] != "text" or isinstance(part.get("text"), str)) for part in content)
         if not (isinstance(content, str) or parts_ok or (content is None and message.get("tool_calls"))):
             return f"messages[{i}].content must be a string or a list of content parts"
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    stops = lambda v: [v] if isinstance(v, str) else v if isinstance(v, list) else None  # noqa: E731
     checks = {"model": (lambda v: isinstance(v, str), "a string"), "stream": (lambda v: isinstance(v, bool), "true or false"),
               "temperature": (lambda v: number(v) and v >= 0, "a number >= 0"), "top_p": (lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]"),
               "max_tokens": (lambda v: whole(v) and v >= 1, "an integer >= 1"), "max_completion_tokens": (lambda v: whole(v) and v >= 1, "an integer >= 1"),
-              "frequency_penalty": (number, "a number"), "seed": (whole, "an integer"),
-              "stop": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a string or a list of strings")}
+              "frequency_penalty": (lambda v: number(v) and -1 < v <= 2,
+                                    "a number above -1 and at most 2 (it becomes a repetition penalty of 1 + frequency_penalty)"),
+              "presence_penalty": (lambda v: number(v) and v == 0, "0: this server does not apply it (frequency_penalty it does)"),
+              "seed": (lambda v: whole(v) and -INT64 <= v < INT64, "a 64-bit integer"),
+              "stop": (lambda v: stops(v) is not None and len(stops(v)) <= MAX_STOPS
+                       and all(isinstance(x, str) and 0 < len(x) <= STOP_CHARS for x in stops(v)),
+                       f"a string or a list of at most {MAX_STOPS} strings, each of 1 to {STOP_CHARS} characters"),
+              "n": (lambda v: whole(v) and v == 1, "1: this server gives one choice per request"),
+              "logprobs": (lambda v: v is False, "false: this server does not return log probabilities"),
+              "top_logprobs": (lambda v: whole(v) and v == 0, "0: this server does not return log probabilities"),
+              "response_format": (lambda v: isinstance(v, dict) and v.get("type") == "text",
+                                  '{"type": "text"}: this server does not hold answers to a JSON format'),
+              "logit_bias": (lambda v: isinstance(v, dict) and all(key.isdigit() and number(bias) and -100 <= bias <= 100
+                                                                   for key, bias in v.items()),
+                             "an object of token ids (as strings) to numbers from -100 to 100")}
     for key, (ok, what) in checks.items():
         if body.get(key) is not None and not ok(body[key]):
             return f"`{key}` must be {what}"
@@ -418,7 +472,28 @@ def request_problem(body: dict) -> str | None:
             return f"`generation_config` must be a JSON object of generation options: {finetune.first_line(exc)}"
         if options.get("max_new_tokens") is not None and not (whole(options["max_new_tokens"]) and options["max_new_tokens"] >= 1):
             return "`generation_config`'s max_new_tokens must be an integer >= 1"
+        if options.get("stop_strings") is not None and not checks["stop"][0](options["stop_strings"]):
+            return f"`generation_config`'s stop_strings must be {checks['stop'][1]}"
     return None
+
+
+def openai_meaning(build):
+    """transformers serve's generation config builder, with OpenAI's meaning of three parameters:
+    - `temperature` above 0 or `top_p` below 1 samples. transformers serve set them on the folder's config and
+      left its greedy decoding on, so an OpenAI client could never sample. A `do_sample` in the request's
+      `generation_config` wins.
+    - `logit_bias` takes integers (OpenAI's type): transformers serve passed them on as they are, and generate()
+      failed on anything but floats (a 500)."""
+    def built(body: dict, shipped, use_cb: bool = False):
+        config = build(body, shipped, use_cb=use_cb)
+        asked = (body.get("temperature") or 0) > 0 or (body.get("top_p") is not None and body["top_p"] < 1)
+        given = body.get("generation_config") is not None and "do_sample" in json.loads(body["generation_config"])
+        if asked and not given:
+            config.do_sample = True
+        if body.get("logit_bias"):
+            config.sequence_bias = {(int(token),): float(bias) for token, bias in body["logit_bias"].items()}
+        return config
+    return built
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,6 +506,7 @@ SERVE_MAX_REQUESTS = 64  # requests in the server at once, waiting or answered (
 MAX_BODY_BYTES = 1_000_000  # a larger body is a 413: the model's whole context is ~40 KB of text
 DRAIN_BYTES = 32_000_000  # a body too large is still read up to this, so that its client reads the 413, not a reset
 BODY_SECONDS = 10  # a body that has not arrived by then is a 408: a slow sender holds a connection, never a worker
+HEADER_SECONDS = 10  # a connection whose request headers have not all come by then is closed (idle, or half a request)
 SERVED_POSTS = ("/v1/chat/completions",)  # transformers serve's other POSTs bypass the checks (/v1/completions),
 # or change what the server holds (/load_model loads any model into memory, /reset unloads the served one)
 CB_PAGE_TOKENS = 256  # continuous batching's page size (transformers' default)
@@ -477,7 +553,7 @@ class Limits:
     """What a chat request may ask of the served model, checked before any work."""
 
     def __init__(self, model_id: str, model, tokenizer, handler, build, batching: bool):
-        self.model_id, self.tokenizer, self.handler, self.build = model_id, tokenizer, handler, build
+        self.model_id, self.model, self.tokenizer, self.handler, self.build = model_id, model, tokenizer, handler, build
         self.context = getattr(model.config, "max_position_embeddings", None) or 2048
         self.shipped = model.generation_config
         self.batched_config = build({}, self.shipped, use_cb=True) if batching else None  # what batching decodes with
@@ -495,11 +571,36 @@ class Limits:
         limit = self.context - (new or 1)
         count, exact = prompt_tokens(self.tokenizer, self.render(body), limit)
         if count > limit:
-            size = f"{count:,} tokens" if exact else f"over {limit:,} tokens"
+            size = f"{count:,} tokens" if exact else f"at least {count:,} tokens"
             beside = f"beside max_tokens {new:,}" if new else "with one left for the answer"
             raise HTTPException(400, f"the prompt is {size}; at most {limit:,} fit {beside} in the model's context of {self.context:,} tokens")
         call.room = self.context - count
+        problem = self.decoding_problem(body)
+        if problem:
+            raise HTTPException(422, f"the request's decoding options cannot be used: {problem}")
         call.batchable = self.batchable(body)
+
+    def decoding_problem(self, body: dict) -> str | None:
+        """What generate() would fail on, found before any work: the request's generation config is checked
+        and its logits processors (penalties, biases, bad words, top-k...) run on one made-up step. transformers
+        serve alone answered a `generation_config` with top_k -3 or a bad word past the vocabulary with a 500."""
+        import torch
+        from transformers import LogitsProcessorList
+
+        vocabulary = self.model.config.vocab_size
+        if any(int(token) >= vocabulary for token in (body.get("logit_bias") or {})):
+            return f"`logit_bias` names a token past the vocabulary of {vocabulary:,}"
+        try:
+            config = self.build(dict(body, seed=None), self.shipped)
+            config.validate()
+            self.model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=self.model.device)
+            ids = torch.zeros((1, 1), dtype=torch.long, device=self.model.device)
+            processors = self.model._get_logits_processor(generation_config=config, input_ids_seq_length=1, encoder_input_ids=ids,
+                                                          logits_processor=LogitsProcessorList(), device=self.model.device, model_kwargs={})
+            processors(ids, torch.zeros((1, vocabulary), device=self.model.device))
+        except Exception as exc:  # ValueError, IndexError, TypeError: whatever a bad option raises
+            return finetune.first_line(exc)
+        return None
 
     def render(self, body: dict) -> str:
         """The prompt as the chat handler renders it (its messages, tools and template options)."""
@@ -561,8 +662,8 @@ class Guard:
     full (503), its body is too large (413) or too slow (408); otherwise it runs in the app while the guard
     watches for its client leaving, its deadline and the server stopping, and stops its generation then."""
 
-    def __init__(self, app, timeout: float, max_requests: int):
-        self.app, self.timeout, self.max_requests = app, timeout, max_requests
+    def __init__(self, app, timeout: float, max_requests: int, verbose: bool = False):
+        self.app, self.timeout, self.max_requests, self.verbose = app, timeout, max_requests, verbose
         self.calls: dict[str, Call] = {}
         self.by_config: dict[int, Call] = {}  # generation config id -> its Call, for generate() in its own thread
         self.closing = False
@@ -664,7 +765,25 @@ class Guard:
             for wait in waits:
                 wait.cancel()
         if not app.cancelled() and app.exception() is not None and not call.answered:
-            raise app.exception()
+            await self.failed(call, app.exception(), send)
+
+    async def failed(self, call: Call, exc: BaseException, send) -> None:
+        """A request the app failed on (a case the checks do not foresee): one line in the server's log (the
+        traceback with --verbose), and its client a 500 in the guard's words, or the end of its stream."""
+        log(f"error: a request failed: {type(exc).__name__}: {finetune.first_line(exc)}"
+            + ("" if self.verbose else " (run with --verbose for the traceback)"))
+        if self.verbose:
+            import traceback
+
+            traceback.print_exception(exc)
+        call.answered = True
+        if not call.started:
+            return await reply(send, 500, f"the server failed on this request: {finetune.first_line(exc)}")
+        if not call.finished:
+            call.why, call.reason = f"the server failed on this request: {finetune.first_line(exc)}", "error"
+            if call.streaming:
+                await send(stream_error(call))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def stop(self, call: Call, app, gone: asyncio.Event, send) -> None:
         """Stops a call's generation and ends its answer: nothing more for a client that left; a 504 or a 503
@@ -687,6 +806,51 @@ class Guard:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def headers_in_time():
+    """uvicorn's HTTP protocol (h11), with a deadline for each request's headers: uvicorn has none, so a client
+    that opens connections and sends nothing, or half a request line, held each one for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadersInTime(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.header_deadline = self.loop.call_later(HEADER_SECONDS, self.headers_late)
+
+        def handle_events(self):
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE and self.header_deadline is not None:  # the headers are in
+                self.header_deadline.cancel()
+                self.header_deadline = None
+
+        def on_response_complete(self):
+            super().on_response_complete()  # a kept-alive connection: its next request has the same time
+            if self.header_deadline is None and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.header_deadline = self.loop.call_later(HEADER_SECONDS, self.headers_late)
+
+        def connection_lost(self, exc):
+            if self.header_deadline is not None:
+                self.header_deadline.cancel()
+            super().connection_lost(exc)
+
+        def headers_late(self):
+            self.header_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadersInTime
+
+
+def more_files() -> None:
+    """The soft limit of open files raised to the hard one: each connection is a file."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def stream_error(call: Call) -> dict:
     """An error event as transformers serve sends one (the openai client raises it as an APIError)."""
     event = json.dumps({"error": {"message": call.why, "type": call.reason}})
@@ -704,8 +868,7 @@ def hook_generation(serve, guard: Guard, limits: Limits, model) -> None:
     from transformers.cli.serving.utils import _GenerationCancelled
 
     handler, state = serve._chat_handler, serve._generation_state
-    validate, build, use_batching, generate = (handler._validate_request, handler._build_generation_config,
-                                               state.use_continuous_batching, model.generate)
+    validate, build, use_batching, generate = handler._validate_request, limits.build, state.use_continuous_batching, model.generate
 
     def checked(body: dict) -> None:
         validate(body)
@@ -771,11 +934,11 @@ SERVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def serve_command(args, settings: dict) -> int:
-    name = finetune.model_to_load(settings, args.model)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port (0 to 65535)")
-    if args.request_timeout <= 0 or args.max_requests < 1:
-        raise UserError("--request-timeout must be above 0 and --max-requests at least 1")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0) or args.max_requests < 1:
+        raise UserError("--request-timeout must be a number of seconds above 0 and --max-requests at least 1")
+    name = finetune.model_to_load(settings, args.model)
     check_port(args.host, args.port)
     model = model_to_serve(name)
     try:
@@ -806,9 +969,16 @@ def serve_command(args, settings: dict) -> int:
     model_id = serve._model_manager.process_model_name(model)
     loaded, tokenizer = serve._model_manager.load_model_and_processor(model_id)  # loaded already: the one served
     config = serve.server.config
-    guard = Guard(config.app, args.request_timeout, args.max_requests)
-    config.app, config.timeout_graceful_shutdown, config.limit_concurrency = guard, 1, 4 * args.max_requests
-    limits = Limits(model_id, loaded, tokenizer, serve._chat_handler, serve._chat_handler._build_generation_config, batching)
+    guard = Guard(config.app, args.request_timeout, args.max_requests, args.verbose)
+    # Requests are bounded by the guard (--max-requests, a 503 in JSON). Connections are not counted against
+    # them: uvicorn's own limit counted idle ones too, so 256 sockets that sent nothing shut every client out.
+    # Each has HEADER_SECONDS to send its request's headers instead, and the process may hold as many as the
+    # system lets it.
+    config.app, config.timeout_graceful_shutdown, config.limit_concurrency = guard, 1, None
+    config.http = headers_in_time()
+    more_files()
+    limits = Limits(model_id, loaded, tokenizer, serve._chat_handler, openai_meaning(serve._chat_handler._build_generation_config),
+                    batching)
     hook_generation(serve, guard, limits, loaded)
     if batching:
         start_batching(serve, model_id, loaded, limits, guard)
@@ -893,7 +1063,7 @@ def interactive(chat, system: str | None) -> None:
     log("Chatting with the model: /reset forgets, /exit or Ctrl-D quits, Ctrl-C stops an answer.")
     while True:
         try:
-            text = input("you> ").strip()
+            text = readable(input("you> ")).strip()
             if not sys.stdin.isatty():
                 print(text)  # piped questions: show them, so the output reads as a transcript
         except EOFError:
@@ -912,9 +1082,25 @@ def interactive(chat, system: str | None) -> None:
             continue
         history.append({"role": "user", "content": text})
         print("echo> ", end="", flush=True)
-        answer = chat.reply(history, lambda piece: print(piece, end="", flush=True))
+        try:
+            answer = chat.reply(history, lambda piece: print(piece, end="", flush=True))
+        except UserError as exc:  # this question's problem (too long, the server refused it or is down): ask another
+            print()
+            log(f"error: {exc}")
+            history.pop()
+            continue
         print()
         history.append({"role": "assistant", "content": answer})
+
+
+def readable(text: str) -> str:
+    """Text as typed, with bytes that are not UTF-8 (Python reads them as lone surrogates, which the tokenizer
+    and the openai client refuse with a TypeError) shown as U+FFFD."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -942,23 +1128,29 @@ def chat_command(args) -> int:
         raise UserError("--static-cache is for a local model's chat and --prompt (--serve batches requests its own way)")
     if args.serve:
         return serve_command(args, settings)
+    system = readable(args.system) if args.system else None
+    prompt = None
+    if not args.interactive:  # read before the model loads: an empty prompt is an error at once
+        prompt = readable(sys.stdin.read() if args.prompt == "-" else args.prompt).strip()
+        if not prompt:
+            raise UserError("the prompt is empty")
     if args.base_url:
         chat = ServerChat(args.base_url, args.model, args.max_context, flags, args.seed)
     elif args.provider == "openai":
-        chat = OpenAIChat(settings, args.model)
+        chat = OpenAIChat(settings, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"))
     else:
         name = finetune.model_to_load(settings, args.model)
         if settings["precision"] == "int8":
             finetune.check_int8(finetune.resolve_device(settings["device"]))
         chat = LocalChat(settings, name, args.max_context, dict(flags, static_cache=args.static_cache))
     if args.interactive:
-        interactive(chat, args.system)
+        interactive(chat, system)
         return 0
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
-        raise UserError("the prompt is empty")
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt.strip()}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     print(chat.reply(messages, lambda piece: None))
+    if getattr(chat, "stopped", False):
+        log("stopped by Ctrl-C: the answer above is cut short")
+        return 130
     return 0
 
 

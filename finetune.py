@@ -136,7 +136,7 @@ def number(above: float | None = None, least: float | None = None, below: float 
     text = "a number " + " and ".join(bound for bound in bounds if bound)
 
     def fits(v) -> bool:
-        return (type(v) in (int, float) and (above is None or v > above) and (least is None or v >= least)
+        return (type(v) in (int, float) and math.isfinite(v) and (above is None or v > above) and (least is None or v >= least)
                 and (below is None or v < below) and (most is None or v <= most))
     return rule(text, fits, auto)
 
@@ -4785,12 +4785,30 @@ def run_command(command, verbose: bool) -> int:
         log("interrupted")
         return 130
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and not verbose and stdout_gone():
+            return 141  # whoever read stdout left (| head): quiet, as cat and grep are; 128 + SIGPIPE, as a shell reports them
         if verbose:
             raise
         log(f"error: {type(exc).__name__}: {first_line(exc)} (run with --verbose for the traceback)")
         return 1
     finally:
         leave_process_group()
+
+
+def stdout_gone() -> bool:
+    """Whether stdout is a pipe its reader has left (poll says POLLERR); if so, stdout now goes nowhere, so that
+    Python's own flush at exit is quiet. A broken pipe elsewhere (a socket) is an error like any other."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file behind stdout
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
 
 
 def leave_process_group() -> None:

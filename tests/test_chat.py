@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -82,6 +83,12 @@ def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
     chat.max_context = 16  # no room beside the answer's 16 tokens: said, not an empty prompt handed to the model
     with pytest.raises(finetune.UserError, match="--max-context 16 leaves no room for the conversation beside an answer of up to 16"):
         chat.fit(history)
+    chat.max_context = 40  # a question that does not fit alone: said (cut, it lost its start and the template's header)
+    with pytest.raises(finetune.UserError, match=r"the question is \d+ tokens \(with the chat template and the system prompt\); "
+                                                 "at most 24 fit beside an answer of up to 16 tokens in a context of 40"):
+        chat.fit([history[0], {"role": "user", "content": "tides " * 40}])
+    with pytest.raises(finetune.UserError, match="--max-context 9,000 is past the model's context of 8,192 tokens"):
+        example_usage.LocalChat(settings, str(out), max_context=9000)
 
 
 def test_chat_errors_are_one_line(tmp_path):
@@ -100,6 +107,40 @@ def test_chat_errors_are_one_line(tmp_path):
         assert not torch, args  # said at once, before torch's seconds of imports
     nokey = cli("--provider", "openai", "--prompt", "hi", env={"OPENAI_API_KEY": ""}, script="example_usage.py")
     assert nokey.returncode == 2 and "OPENAI_API_KEY" in nokey.stderr
+    assert "--api-key" in nokey.stderr and "--api-key" in cli("--help", script="example_usage.py").stdout  # the flag it names exists
+    for args, error in ((["--prompt", "  "], "the prompt is empty"),  # before the model loads, not after
+                        (["--serve", "--request-timeout", "nan"], "--request-timeout must be a number of seconds above 0"),
+                        (["--temperature", "inf", "--prompt", "hi"], "--temperature must be a number above 0 (got Infinity)"),
+                        (["--base-url", "http://user:hunter2@127.0.0.1:9/v1", "--prompt", "hi"], "http://user:***@127.0.0.1:9/v1")):
+        code, stderr, torch = without_torch(*args, script="example_usage.py")
+        assert code in (1, 2) and stderr.count("\n") == 1 and error in stderr and "hunter2" not in stderr, stderr
+        assert not torch, args
+
+
+def test_text_that_is_not_utf8_is_read_and_a_closed_stdout_is_quiet(tiny_model, small_probe_config):
+    """Bytes that are not UTF-8 (read as lone surrogates) were a TypeError from the tokenizer, and the interactive
+    chat ended on them; a reader of stdout that left (| head) was an error line and exit 1."""
+    out, _ = tiny_model
+    common = ["--model", out, "--config", small_probe_config, "--max-new-tokens", "4"]
+    one = subprocess.run([PY, str(ROOT / "example_usage.py"), *map(str, common), "--prompt", "-"], cwd=ROOT, input=b"caf\xe9?\n",
+                         capture_output=True, timeout=300)
+    assert one.returncode == 0 and one.stdout.strip(), one.stderr
+    chat = subprocess.run([PY, str(ROOT / "example_usage.py"), *map(str, common), "--interactive"], cwd=ROOT,
+                          input=b"caf\xe9?\nAnd you?\n", capture_output=True, timeout=300)
+    assert chat.returncode == 0 and chat.stdout.count(b"echo> ") == 2 and "caf\ufffd?".encode() in chat.stdout, chat.stderr
+    closed = subprocess.run(f"{PY} {ROOT / 'example_usage.py'} {' '.join(map(str, common))} --prompt hi | (exec 0<&-)",
+                            shell=True, executable="/bin/bash", cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "error" not in closed.stderr and "Broken pipe" not in closed.stderr, closed.stderr
+
+
+def test_a_question_too_long_is_said_and_the_chat_goes_on(tiny_model, small_probe_config):
+    out, _ = tiny_model
+    common = ["--model", out, "--config", small_probe_config, "--max-new-tokens", "4", "--max-context", "64"]
+    alone = cli(*common, "--prompt", "tides " * 100, script="example_usage.py")
+    assert alone.returncode == 2 and "at most 60 fit" in alone.stderr and not alone.stdout, alone.stderr
+    chat = cli(*common, "--interactive", input="tides " * 100 + "\nWho are you?\n", script="example_usage.py")
+    assert chat.returncode == 0 and "at most 60 fit" in chat.stderr, chat.stderr
+    assert len([line for line in chat.stdout.splitlines() if line.startswith("echo> ") and line[6:].strip()]) == 1, chat.stdout
 
 
 def test_interactive_chat_keeps_history_resets_and_ends_on_ctrl_d(tiny_model, small_probe_config):
@@ -152,6 +193,16 @@ def test_ctrl_c_in_chat_stops_the_answer_not_the_program(tiny_model, small_probe
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    one = subprocess.Popen([PY, str(ROOT / "example_usage.py"), "--model", str(out), "--greedy", "--max-new-tokens", "2000",
+                            "--config", str(small_probe_config), "--prompt", "Write a very long story about the sea."],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while "device" not in (line := one.stderr.readline()) and time.monotonic() < deadline:
+        pass
+    time.sleep(3)
+    one.send_signal(signal.SIGINT)  # --prompt: a cut answer is no answer to a script; the exit says so
+    answer, stderr = one.communicate(timeout=60)
+    assert one.returncode == 130 and "stopped by Ctrl-C: the answer above is cut short" in stderr, stderr
 
 
 def test_int8_weights_are_for_answering_on_a_cpu_with_native_bf16(tiny_model, small_probe_config):

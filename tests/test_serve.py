@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import example_usage
 import finetune
 from bench import serve_latency as load
 from conftest import PY, ROOT, cli
@@ -166,6 +167,21 @@ def test_sixteen_concurrent_streaming_chats_all_complete(served):
     (json.dumps({"messages": [{"role": "user", "content": "word " * 9000}], "max_tokens": 8}), 400, "at most 8,184 fit"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}), 400, "context of 8,192 tokens"),
     (json.dumps({"messages": [{"role": "user", "content": "word " * 240_000}]}), 413, "1,000,000 bytes"),  # 1.2 MB
+    # Each below was a 500 or was accepted in transformers serve 5.24 alone; the first took 23 GB and the server with it.
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 100_000]}), 422, "at most 4 strings, each of 1 to 32"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}), 422, "at most 4 strings"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "generation_config": json.dumps({"stop_strings": ["x" * 40]})}), 422, "32"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}), 422, "64-bit"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -1}), 422, "above -1"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 5}}), 422, "token ids"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 5}}), 422, "past the vocabulary"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "generation_config": json.dumps({"top_k": -3, "do_sample": True})}), 422, "top_k"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "generation_config": json.dumps({"bad_words_ids": [[99999999]]})}), 422, "99999999"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 3}), 422, "one choice"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}), 422, "JSON"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), 422, "`role` of system"),
+    ('{"messages": [{"role": "user", "content": "\\ud800"}]}', 422, "not valid Unicode"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 422, "temperature"),
 ])
 def test_malformed_requests_get_a_4xx_at_once_and_the_server_goes_on(served, body, status, says):
     _, server = served
@@ -176,6 +192,26 @@ def test_malformed_requests_get_a_4xx_at_once_and_the_server_goes_on(served, bod
     code, answer = post(server.url + "/chat/completions", json.dumps(
         {"model": server.model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}))
     assert code == 200 and answer["choices"][0]["message"]["content"], answer
+
+
+@slow
+def test_openai_parameters_mean_what_they_mean_at_openai(served):
+    """temperature above 0 samples (transformers serve alone stayed greedy: every answer the same), and logit_bias
+    takes OpenAI's integers (transformers serve alone failed on them with a 500)."""
+    _, server = served
+    ask = lambda **extra: post(server.url + "/chat/completions", json.dumps(  # noqa: E731
+        {"messages": [{"role": "user", "content": "Write a poem about the sea."}], "max_tokens": 12, **extra}))
+    answers = {seed: ask(temperature=1.0, seed=seed) for seed in (1, 2, 1)}
+    assert all(code == 200 for code, _ in answers.values()), answers
+    text = {seed: answer["choices"][0]["message"]["content"] for seed, (_, answer) in answers.items()}
+    assert text[1] != text[2], text  # sampled: another seed, another answer
+    _, greedy = ask(temperature=0)
+    first = greedy["choices"][0]["message"]["content"]
+    from transformers import AutoTokenizer
+
+    token = AutoTokenizer.from_pretrained(served[0] / "merged").encode(first, add_special_tokens=False)[0]
+    code, biased = ask(temperature=0, logit_bias={str(token): -100})  # the greedy answer's first token, barred
+    assert code == 200 and biased["choices"][0]["message"]["content"] != first, biased
 
 
 @slow
@@ -340,6 +376,25 @@ def test_a_request_past_its_time_limit_is_stopped_with_the_reason(bounded):
 
 
 @slow
+def test_idle_connections_shut_no_one_out_and_are_closed(bounded):
+    """Twenty connections that send nothing, or half a request, beside a server of three requests: uvicorn's own
+    limit (4 x --max-requests) counted them and answered everyone else 503 for as long as they stayed open."""
+    sockets = [load.socket_to(bounded.url) for _ in range(20)]
+    for half in sockets[:5]:
+        half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    start = time.perf_counter()
+    with DIRECT.open(bounded.url.removesuffix("/v1") + "/health", timeout=10) as response:
+        assert response.status == 200 and time.perf_counter() - start < 2
+    code, answer = post(bounded.url + "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}))
+    assert code == 400, answer  # checked, not turned away
+    time.sleep(example_usage.HEADER_SECONDS + 3)
+    for idle_socket in sockets:
+        idle_socket.settimeout(5)
+        assert idle_socket.recv(10) == b"", "the server kept a connection that sent no request"
+        idle_socket.close()
+
+
+@slow
 def test_sigterm_mid_stream_ends_it_and_exits_within_two_seconds(bounded, capsys):
     stream = long_stream(bounded, batched=True)  # a batched stream, and the one-at-a-time one of the benchmark
     seconds, others = load.sigterm_to_exit(bounded.process, bounded.url, bounded.model)
@@ -352,3 +407,33 @@ def test_sigterm_mid_stream_ends_it_and_exits_within_two_seconds(bounded, capsys
     for reader in bounded.readers:
         reader.join(5)
     assert bounded.stderr.rstrip().endswith("server stopped") and "Traceback" not in bounded.stderr, bounded.stderr
+
+
+def test_a_request_the_app_fails_on_is_a_500_in_json_and_one_line_in_the_log(capsys):
+    """A failure no check foresees: its client gets a 500 in the guard's words, the log one line (uvicorn alone
+    printed a traceback, and its client a plain-text 500)."""
+    import asyncio
+
+    async def app(scope, receive, send):
+        await receive()
+        raise RuntimeError("the kernel said no\nand more")
+
+    async def run() -> list[dict]:
+        sent, body = [], [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+        async def receive():
+            if body:
+                return body.pop()
+            await asyncio.Event().wait()  # the client stays
+
+        async def send(message):
+            sent.append(message)
+
+        guard = example_usage.Guard(app, timeout=30, max_requests=2)
+        await guard({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}, receive, send)
+        return sent
+
+    sent = asyncio.run(run())
+    assert sent[0]["status"] == 500 and json.loads(sent[1]["body"]) == {"detail": "the server failed on this request: the kernel said no"}
+    log = capsys.readouterr().err
+    assert log.count("\n") == 1 and "RuntimeError: the kernel said no" in log and "Traceback" not in log, log
