@@ -1243,6 +1243,8 @@ def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, li
 def prepared_paths(output: str, split: bool) -> list[Path]:
     """--output names the file; with a validation split, two files named from it sit beside it."""
     path = Path(output)
+    if path.name in ("", ".", ".."):
+        raise UserError(f"--output {output!r} names a folder, not a file; give a file name such as {DEFAULT_SETTINGS['output']}")
     if not split:
         return [path]
     return [path.with_name(f"{path.stem}_train{path.suffix}"), path.with_name(f"{path.stem}_validation{path.suffix}")]
@@ -1652,8 +1654,9 @@ def check_model_source(name: str) -> None:
     if (Path(name) / "adapter_config.json").is_file():  # an adapter loads its base first: the same check for it
         try:
             base = adapter_base(Path(name))
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # a malformed adapter: said when it loads
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged adapter: said now, not as a JSONDecodeError
+            raise UserError(f"{name} holds an adapter whose adapter_config.json or training_summary.json cannot be read "
+                            f"({type(exc).__name__}: {first_line(exc)}); copy the folder whole again, or train it again") from None
         if isinstance(base, str) and Path(base).resolve() != Path(name).resolve():
             try:
                 check_model_source(base)
@@ -2203,6 +2206,10 @@ def prepare_openai_files(settings: dict, strict: bool) -> list[tuple[Path, list[
     if output_dir.is_dir() and any(output_dir.iterdir()) and not is_ours(output_dir):
         raise UserError(f"{output_dir} is not empty and was not written by this tool; choose another --output-dir")
     paths = [output_dir / "openai_train.jsonl", output_dir / "openai_validation.jsonl"]
+    for path in paths:
+        if same_file(path, settings["dataset"]):  # rewritten with its own training share, it lost its held-out examples
+            raise UserError(f"{path} is the dataset itself, which this job's files would replace; copy it elsewhere "
+                            f"first, or choose another --output-dir (the dataset is never replaced)")
     files = write_prepared(settings, strict, lambda split: paths, True, (None, NOT_COUNTED_FOR_OPENAI))  # derived: nothing is lost
     mark(output_dir)
     for path, rows in files:
@@ -3283,7 +3290,7 @@ class OutputFolder:
         out = self.path
         if out.exists() and not out.is_dir():
             raise UserError(f"{out} is a file, not a folder; choose another --output-dir")
-        beside = next(folder for folder in out.absolute().parents if folder.exists())  # the new model is built there
+        beside = next((folder for folder in out.absolute().parents if folder.exists()), out.absolute())  # the new model is built there
         for folder in (beside, out) if out.is_dir() else (beside,):
             if not os.access(folder, os.W_OK | os.X_OK):  # a read-only disk, another user's folder: before anything loads
                 why = os.strerror(errno.EROFS) if is_read_only(folder) else "permission denied"
@@ -3325,8 +3332,13 @@ class OutputFolder:
 
 
 def resume_command(overwrite: bool = False) -> str:
+    """The command that resumes this run, ready to paste: quoted ('my model', an empty ''), with finetune.py as it
+    was named (a path, when it was started from another folder)."""
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else "finetune.py"
+    if Path(script).resolve() == Path(Path(script).name).resolve():
+        script = Path(script).name
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
-    return " ".join(["python", Path(sys.argv[0]).name, *args, "--resume"] + (["--overwrite"] if overwrite else []))
+    return shlex.join(["python", script, *args, "--resume"] + (["--overwrite"] if overwrite else []))
 
 
 class HuggingFaceFineTuner:
@@ -4664,6 +4676,19 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
         check_model_source(settings["model"])
     if base_model and settings["replay_questions"] and not Path(settings["replay_questions"]).is_file():
         raise UserError(f"cannot read --replay-questions {settings['replay_questions']}: no such file ('' for none)")
+    for key in ("eval_dataset", "general_text") if base_model and settings["evaluate_after_training"] else ():
+        if not Path(settings[key]).is_file():  # found after training, it cost the run: the evaluation is part of it
+            raise UserError(f"cannot read --{key.replace('_', '-')} {settings[key]}: no such file (or skip the evaluation: --no-eval)")
+
+
+def inputs_inside(folder: Path, settings: dict) -> None:
+    """An input (the dataset, the probes...) kept inside the folder a training run replaces with the new model would
+    be gone with the old one: refused before anything is written."""
+    for key in ("dataset", "eval_dataset", "replay_questions", "general_text"):
+        path = Path(settings[key]) if settings[key] else None
+        if path is not None and path.is_file() and folder.is_dir() and folder.resolve() in path.resolve().parents:
+            raise UserError(f"--{key.replace('_', '-')} {path} is inside {folder}, which this run replaces with the new model; "
+                            f"move it out first, or choose another --output-dir")
 
 
 def base_tokenizer(settings: dict) -> tuple[object, str]:
@@ -4723,6 +4748,7 @@ def train_huggingface(settings: dict, strict: bool = False, overwrite: bool = Fa
     folder = OutputFolder(settings["output_dir"], overwrite=overwrite, resume=resume)
     resume_from = folder.check()  # 1. refuse what is in the way, deleting nothing, before anything loads
     check_paths(settings, base_model=True)
+    inputs_inside(folder.path, settings)
     settings = resolve_hardware(settings)  # 2. the settings, every "auto" resolved
     report = validate_dataset(settings, strict, *base_tokenizer(settings))  # 3. validate
     train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])  # 4. split once

@@ -1250,6 +1250,54 @@ def test_a_disk_that_fills_during_a_checkpoint_keeps_the_complete_ones_and_gives
     assert not (out / "training_summary.json").exists()
 
 
+def test_the_resume_command_can_be_pasted_as_it_is_printed(monkeypatch, tmp_path):
+    import shlex
+
+    args = ["--output-dir", "my model", "--replay-questions", "", "--persona-name", "Aria Blue", "--overwrite"]
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "finetune.py"), *args])
+    monkeypatch.chdir(ROOT)
+    command = finetune.resume_command()
+    assert command == "python finetune.py --output-dir 'my model' --replay-questions '' --persona-name 'Aria Blue' --resume"
+    assert shlex.split(command)[2:-1] == args[:-1]  # what the shell hands back is what was given
+    monkeypatch.chdir(tmp_path)  # started from another folder: the path as it was typed
+    assert finetune.resume_command().startswith(f"python {ROOT / 'finetune.py'} --output-dir")
+
+
+def test_inputs_inside_the_output_folder_are_never_replaced_with_it(tmp_path):
+    """--overwrite replaces the whole model folder; a dataset kept in it went with it, and an OpenAI job's files
+    written over the dataset they came from lost its held-out examples."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / finetune.TOOL_MARKER).write_text("{}")
+    (out / finetune.FINISHED_MARKER).write_text("{}")
+    data = out / "mine.jsonl"
+    write_lines(data, good_examples(12))
+    kept = data.read_bytes()
+    for args, error in ((["--dataset", data, "--output-dir", out, "--overwrite"], f"--dataset {data} is inside {out}, which this run replaces"),
+                        (["--dataset", data, "--output-dir", tmp_path / "new", "--eval-dataset", out / "typo.jsonl"],
+                         "cannot read --eval-dataset"),
+                        (["--provider", "openai", "--dataset", out / "openai_train.jsonl", "--output-dir", out, "--yes",
+                          "--base-url", "http://127.0.0.1:9"], "is the dataset itself")):
+        if "openai" in args:
+            data.rename(out / "openai_train.jsonl")
+        code, stderr, torch = without_torch(*args, env={"OPENAI_API_KEY": "sk-test"})
+        last = stderr.strip().splitlines()[-1]  # (the OpenAI job names its base model first)
+        assert code == 2 and last.startswith("error: ") and error in last and "Traceback" not in stderr, stderr
+        assert not torch  # before anything loads: the evaluation's probes were found missing after training
+    assert (out / "openai_train.jsonl").read_bytes() == kept and not (out / "openai_validation.jsonl").exists()
+
+
+def test_odd_outputs_and_a_damaged_adapter_are_one_line_before_anything_loads(tmp_path):
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "adapter_config.json").write_text("{bad")  # a copy cut short
+    for args, said in ((["--prepare-only", "--output", "."], "--output '.' names a folder, not a file"),  # were Python's own words:
+                       (["--prepare-only", "--output", ""], "--output '' names a folder, not a file"),  # ValueError, StopIteration,
+                       (["--output-dir", "/", "--overwrite"], "/ is not empty and was not written by this tool"),  # JSONDecodeError
+                       (["--evaluate", "--model", tmp_path / "damaged"], "adapter_config.json or training_summary.json cannot be read")):
+        code, stderr, torch = without_torch(*args)
+        assert code == 2 and stderr.count("\n") == 1 and said in stderr and not torch, stderr
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     result = cli("--output-dir", tmp_path / "none", "--resume")
     assert result.returncode == 2 and "no complete checkpoint to resume from" in result.stderr
