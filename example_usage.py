@@ -35,7 +35,7 @@ from finetune import UserError, log
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = finetune.Parser(
         prog="example_usage.py", description="Chat with a fine-tuned Deep Tree Echo model.",
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )

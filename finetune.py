@@ -240,8 +240,14 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
     if config_path and not path.is_file():
         raise UserError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     if path.is_file():
+        def once(pairs: list) -> dict:  # json keeps the last of a key given twice; which one the user meant, it cannot know
+            keys = [key for key, _ in pairs]
+            if twice := next((key for key in keys if keys.count(key) > 1), None):
+                raise UserError(f"config file {path} gives '{twice}' twice; keep the one you mean")
+            return dict(pairs)
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=once)  # -sig: Notepad's byte order mark
         except (ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {path} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
@@ -257,6 +263,8 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
                 if key not in DEFAULTS[section]:
                     where = f" (it belongs in \"{SECTION_OF[key]}\")" if key in SECTION_OF else did_you_mean(key)
                     raise UserError(f"unknown key '{section}.{key}' in {path}{where}")
+                if sources[key] == str(path):  # {"epochs": 2, "training": {"epochs": 5}}
+                    raise UserError(f"config file {path} gives '{key}' twice (at the top and in \"{section}\"); keep the one you mean")
                 settings[key], sources[key] = value, str(path)
     for key, value in overrides.items():
         if value is not None:
@@ -4547,8 +4555,16 @@ def setting(group, flag: str, key: str, text: str = "", **kwargs) -> None:
     group.add_argument(flag, dest=key, help=f"{text} (default: {shown})".strip(), **kwargs)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a wrong flag said in one line as every other error is (argparse's usage of this many flags
+    ran to 27 lines before it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="finetune.py", description="Fine-tune a language model into the Deep Tree Echo persona.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None,
     )

@@ -116,6 +116,20 @@ def test_help_defaults_come_from_the_defaults_table(monkeypatch):
     assert not re.search(r"help=\"[^\"]*\(default: \d", source)  # no default typed again in a help text
 
 
+def test_a_wrong_flag_and_a_config_file_that_says_one_thing_twice_are_one_line(tmp_path):
+    for script in ("finetune.py", "example_usage.py"):  # argparse printed its whole usage first: 27 lines
+        result = cli("--bogus", script=script)
+        assert result.returncode == 2 and result.stderr == f"error: unrecognized arguments: --bogus (see {script} --help)\n"
+    for text, said in (('{"epochs": 2, "training": {"epochs": 5}}', "gives 'epochs' twice (at the top and in \"training\")"),
+                       ('{"training": {"epochs": 2, "epochs": 5}}', "gives 'epochs' twice; keep the one you mean")):
+        (tmp_path / "twice.json").write_text(text)
+        code, stderr, _ = without_torch("--config", tmp_path / "twice.json", "--show-config")
+        assert code == 2 and stderr.count("\n") == 1 and said in stderr, stderr  # json alone kept the last, silently
+    (tmp_path / "notepad.json").write_bytes(b'\xef\xbb\xbf{"epochs": 2}')  # a byte order mark, as Notepad saves
+    shown = cli("--config", tmp_path / "notepad.json", "--show-config")
+    assert shown.returncode == 0 and f"epochs = 2  ({tmp_path / 'notepad.json'})" in shown.stdout, shown.stderr
+
+
 def test_commands_exclude_each_other():
     for pair in (["--status", "a", "--cancel", "b"], ["--prepare-only", "--evaluate"], ["--show-config", "--list-jobs"]):
         result = cli(*pair)
