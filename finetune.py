@@ -602,11 +602,38 @@ def read_table(source: str, split: str) -> list[dict]:
     path, kind = Path(source), Path(source).suffix.lower().lstrip(".")
     if not path.is_file():
         raise UserError(f"dataset {source} does not exist")
+    if kind == "csv":
+        check_csv_shape(path)
     with tempfile.TemporaryDirectory() as cache:  # a local file: no copy of it is left in the datasets cache
         try:
             return load_dataset(kind, data_files=str(path), split="train", cache_dir=cache, **table_options(path)).to_list()
         except Exception as exc:  # pandas' and Arrow's parse errors share no type
             raise UserError(f"cannot read {source} as {kind.upper()}: {first_line(exc)}", exit_code=1) from None
+
+
+def check_csv_shape(path: Path) -> None:
+    """A CSV whose rows do not match its header, said before `datasets` reads it: pandas read a row of 4 cells
+    under a header of 2 as its last two cells, and a column named twice as one, each without a word."""
+    import csv
+
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.reader(handle))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"cannot read {path} as CSV: {first_line(exc)}", exit_code=1) from None
+    header, rows = (rows[0], rows[1:]) if rows else ([], [])
+    if not header:
+        raise UserError(f"{path} is empty: a CSV dataset needs a header (messages, prompt, completion, ...) and a row per record")
+    if twice := next((name for name in header if header.count(name) > 1), None):
+        raise UserError(f"{path} names the column '{twice}' twice in its header; which one holds the data cannot be told")
+    if not any(rows):
+        raise UserError(f"{path} has a header and no rows")
+    wrong = [number for number, row in enumerate(rows, start=1) if row and len(row) != len(header)]
+    if wrong:
+        shown = ", ".join(map(str, wrong[:10])) + (" ..." if len(wrong) > 10 else "")
+        many = len(wrong) > 1
+        raise UserError(f"{path}: row{'s' if many else ''} {shown} (the header not counted) {'have' if many else 'has'} another "
+                        f"number of cells than the header's {len(header)}; a cell that holds a comma needs double quotes")
 
 
 def table_options(path: Path) -> dict:
@@ -698,6 +725,12 @@ def summarise(values: list[float]) -> dict:
         "mean": round(statistics.fmean(values), 1),
         "max": max(values),
     }
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words (a problem said "not NoneType" for a null)."""
+    kinds = {type(None): "null", bool: "true or false", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 class DatasetValidator:
@@ -1013,7 +1046,7 @@ class DatasetValidator:
         optional top-level system prompt."""
         turns, problems = obj["conversations"], self.text_problems(obj, ("system",))
         if not isinstance(turns, list):
-            return [], problems + [("wrong type", f"'conversations' must be a list, not {type(turns).__name__}")]
+            return [], problems + [("wrong type", f"'conversations' must be a list, not {json_kind(turns)}")]
         messages = system_message(obj)
         for i, turn in enumerate(turns, start=1):
             message, found = self.sharegpt_turn(i, turn)
@@ -1027,7 +1060,7 @@ class DatasetValidator:
     def sharegpt_turn(i: int, turn) -> tuple[dict | None, list[tuple[str, str]]]:
         where = f"turn {i}"
         if not isinstance(turn, dict):
-            return None, [("wrong type", f"{where} must be an object, not {type(turn).__name__}")]
+            return None, [("wrong type", f"{where} must be an object, not {json_kind(turn)}")]
         problems = [("missing key", f"{where} has no '{key}'") for key in ("from", "value") if key not in turn]
         problems += [("unknown key", f"{where} has '{shown(key)}'") for key in sorted(set(turn) - {"from", "value"})]
         role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
@@ -1035,7 +1068,7 @@ class DatasetValidator:
             problems.append(("unknown role", f"{where} is from {json.dumps(turn['from'])} (use human, gpt or system)"))
         value = turn.get("value")
         if "value" in turn and not isinstance(value, str):
-            problems.append(("wrong type", f"{where} value must be a string, not {type(value).__name__}"))
+            problems.append(("wrong type", f"{where} value must be a string, not {json_kind(value)}"))
         elif isinstance(value, str) and not value.strip():
             problems.append(("empty text", f"{where} ({shown(str(turn.get('from')))}) has no text"))
         return (None if problems else {"role": role, "content": value}), problems
@@ -1049,7 +1082,7 @@ class DatasetValidator:
                 if required_by:
                     problems.append(("missing key", f"'{key}' is required with {required_by}"))
             elif not isinstance(obj[key], str):
-                problems.append(("wrong type", f"'{key}' must be a string, not {type(obj[key]).__name__}"))
+                problems.append(("wrong type", f"'{key}' must be a string, not {json_kind(obj[key])}"))
             elif required_by and not obj[key].strip():
                 problems.append(("empty text", f"'{key}' is empty"))
         return problems
@@ -1057,14 +1090,14 @@ class DatasetValidator:
     @staticmethod
     def check_messages(messages) -> list[tuple[str, str]]:
         if not isinstance(messages, list):
-            return [("wrong type", f"'messages' must be a list, not {type(messages).__name__}")]
+            return [("wrong type", f"'messages' must be a list, not {json_kind(messages)}")]
         if not messages:
             return [("no assistant message", "'messages' is empty")]
         problems = []
         for i, message in enumerate(messages, start=1):
             where = f"message {i}"
             if not isinstance(message, dict):
-                problems.append(("wrong type", f"{where} must be an object, not {type(message).__name__}"))
+                problems.append(("wrong type", f"{where} must be an object, not {json_kind(message)}"))
                 continue
             for key in ("role", "content"):
                 if key not in message:
@@ -1076,7 +1109,7 @@ class DatasetValidator:
                 problems.append(("unknown role", f"{where} has role {json.dumps(role)} (use system, user or assistant)"))
             if "content" in message:
                 if not isinstance(content, str):
-                    problems.append(("wrong type", f"{where} content must be a string, not {type(content).__name__}"))
+                    problems.append(("wrong type", f"{where} content must be a string, not {json_kind(content)}"))
                 elif not content.strip():
                     problems.append(("empty text", f"{where} ({role}) has no text"))
             if "name" in message and not isinstance(message["name"], str):

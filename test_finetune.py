@@ -579,9 +579,9 @@ def test_shapes_of_sharegpt_and_alpaca_records_are_checked(tmp_path):
     assert (1, "no turn from gpt: nothing for the model to learn") in report.problems["no assistant message"]
     assert report.problems["empty text"] == [(2, "turn 2 (gpt) has no text")]
     assert report.problems["unknown key"] == [(2, "turn 2 has 'score'"), (6, "'label'")]
-    assert report.problems["wrong type"] == [(3, "'conversations' must be a list, not str"),
+    assert report.problems["wrong type"] == [(3, "'conversations' must be a list, not a string"),
                                              (4, "'history' must be a list of [question, answer] pairs of text"),
-                                             (5, "'output' must be a string, not int")]
+                                             (5, "'output' must be a string, not a number")]
 
 
 CSV = '''prompt,completion,instruction,input,output,id
@@ -614,6 +614,12 @@ def test_csv_and_parquet_rows_are_read_and_problems_name_their_row(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert rows == [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A.", "weight": 1}]},  # no "weight": null
                     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+    for text, said in (("prompt,completion\na,b,c,d\ne,f\ng\n", "rows 1, 3 (the header not counted) have another number of cells than the header's 2"),
+                       ("prompt,prompt,completion\na,b,c\n", "names the column 'prompt' twice"),  # pandas kept one, silently
+                       ("", "is empty"), ("prompt,completion\n", "has a header and no rows")):  # were the library's words
+        path.write_text(text, encoding="utf-8")
+        code, stderr, _ = without_torch("--prepare-only", "--dataset", path, "--output", tmp_path / "shape.jsonl")
+        assert code == 2 and stderr.count("\n") == 1 and said in stderr, stderr
 
 
 def test_a_hub_id_that_cannot_be_downloaded_is_said_at_once(tmp_path):
