@@ -666,6 +666,14 @@ def test_shipped_files_have_zero_problems():
     assert not probes.problems and probes.n_valid == len(load_jsonl("persona_eval.jsonl"))
 
 
+def test_the_readmes_report_of_the_shipped_dataset_is_what_prepare_only_prints(tmp_path):
+    result = cli("--prepare-only", "--output", tmp_path / "prep.jsonl")  # the README's command, its output elsewhere
+    assert result.returncode == 0, result.stderr
+    report = result.stderr[result.stderr.index("training_dataset.jsonl: "):].split("wrote ")[0]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"```text\n{report}wrote 450 examples to /tmp/prep_train.jsonl" in readme, report  # its figures had drifted
+
+
 def test_dataset_category_counts_and_shapes():
     rows = load_jsonl("training_dataset.jsonl")
     counts = collections.Counter(row["metadata"]["category"] for row in rows)
