@@ -61,7 +61,7 @@ DEFAULTS = {
         "max_steps": 0,  # optimizer steps; 0 = use `epochs`
         "epochs": 1.0,  # passes over the training mix (see persona_repeats and other_share), when max_steps is 0
         "learning_rate": "auto",  # 3e-3 for LoRA, 5e-5 for full fine-tuning
-        "lr_scheduler": "cosine",  # any transformers scheduler name; decaying to 0 ends the run settled, not looping
+        "lr_scheduler": "cosine",  # one of CHOICES["lr_scheduler"]; decaying to 0 ends the run settled, not looping
         "warmup_steps": 4,
         "weight_decay": 0.0,
         "batch_size": "auto",  # 8 on every device: the recipe (steps, learning rate) is tuned for it
@@ -142,7 +142,10 @@ def number(above: float | None = None, least: float | None = None, below: float 
 
 
 # The settings that take one of a few words: the flags offer these as their choices (finetune.py and example_usage.py).
-CHOICES = {"method": ("lora", "full"), "device": ("auto", "cpu", "cuda", "mps"), "precision": ("auto", "fp32", "bf16", "fp16", "int8")}
+# The schedulers: transformers' that step on the step count alone (its reduce_lr_on_plateau and greedy need
+# evaluation metrics every step, cosine_with_min_lr and warmup_stable_decay settings this tool does not pass).
+CHOICES = {"method": ("lora", "full"), "device": ("auto", "cpu", "cuda", "mps"), "precision": ("auto", "fp32", "bf16", "fp16", "int8"),
+           "lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt")}
 
 
 def one_of(key: str) -> tuple:
@@ -163,6 +166,7 @@ RULES = {
     "epochs": number(above=0),
     "learning_rate": number(above=0, auto=True),
     "warmup_steps": whole(0),
+    "lr_scheduler": one_of("lr_scheduler"),  # a wrong name failed after the model loaded
     "weight_decay": number(least=0),
     "batch_size": whole(1, auto=True),
     "gradient_accumulation": whole(1),

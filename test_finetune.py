@@ -95,6 +95,24 @@ def test_a_value_out_of_range_is_one_line_that_says_where_it_came_from_before_an
     assert code == 0 and stderr == "", stderr  # the limits themselves (0 steps: epochs; 0 tokens: whole batches; top_p 1) are fine
 
 
+def test_a_scheduler_is_one_that_trains_here_and_a_wrong_one_is_said_before_anything_loads(tmp_path):
+    """--lr-scheduler bogus reached TrainingArguments, after the model had loaded; cosine_with_min_lr loaded too, then
+    needed settings this tool does not pass."""
+    import torch
+    from transformers import get_scheduler
+
+    for name in finetune.CHOICES["lr_scheduler"]:  # each a transformers scheduler that builds from the step count alone
+        get_scheduler(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=4, num_training_steps=56)
+    result = cli("--lr-scheduler", "bogus", "--output-dir", tmp_path / "out")
+    assert result.returncode == 2 and result.stderr.startswith("error: argument --lr-scheduler: invalid choice: 'bogus'")
+    assert result.stderr.count("\n") == 1, result.stderr
+    (tmp_path / "c.json").write_text(json.dumps({"training": {"lr_scheduler": "cosine_with_min_lr"}}))
+    code, stderr, torch_loaded = without_torch("--config", tmp_path / "c.json", "--output-dir", tmp_path / "out")
+    assert code == 2 and stderr == (f'error: lr_scheduler in {tmp_path / "c.json"} must be one of '
+                                    f'{", ".join(finetune.CHOICES["lr_scheduler"])} (got "cosine_with_min_lr")\n'), stderr
+    assert not torch_loaded and not (tmp_path / "out").exists()
+
+
 def test_from_another_folder_the_tools_own_files_are_found_beside_it_and_a_local_copy_wins(tmp_path):
     (tmp_path / "persona_eval.jsonl").write_text("")
     shown = cli("--show-config", cwd=tmp_path).stdout
