@@ -16,7 +16,8 @@ summed request time. One warm-up request on each side is not counted.
 
 Then load and abuse, on the same server: --clients ordinary chats at once (--load-tokens each, greedy, half
 of them streamed), alone, then again beside misbehaving clients (ABUSE below: dropped streams, prompts past
-the context, bodies over 1 MB, malformed JSON, a body sent a byte at a time). It reports the ordinary chats'
+the context, bodies over 1 MB, malformed JSON, a body sent a byte at a time, a stop string of 100,000
+characters, 256 connections that send nothing). It reports the ordinary chats'
 p50/p95 in both rounds and their ratio, how many were answered, each misbehaving kind's answer and time,
 the server's peak RSS (VmHWM), and the seconds from SIGTERM (sent while it streams) to its exit.
 """
@@ -138,15 +139,20 @@ def time_llama_cpp(gguf: Path, prompts: list[str], tokens: int) -> list[tuple[fl
 # Load and abuse: many ordinary chats at once, with and without misbehaving clients beside them.
 # tests/test_serve.py runs the same rounds (fewer tokens) and asserts loose bounds on them.
 # --------------------------------------------------------------------------------------------
+IDLE_SOCKETS = 256  # uvicorn's limit_concurrency, which counted connections: this many shut every client out
 ABUSE = {  # what each misbehaving client does, and the answer it must get
     "dropped stream": "streams a 256-token answer and hangs up after its first piece",
     "prompt past the context": "asks with 9,000 words (over 8,192 tokens): 400",
     "body over 1 MB": "sends 1.2 MB: 413",
     "malformed JSON": "sends '{not json': 422",
     "slow body": "sends its body a byte every 0.5 s: 408 after 10 s",
+    "long stop string": "asks to stop at a string of 100,000 characters (it took 23 GB, and the server): 422",
+    "idle connections": f"opens {IDLE_SOCKETS} connections and sends nothing (they shut every client out): each closed after 10 s",
 }
+ONCE = ("slow body", "idle connections")  # the others come `repeats` times
 LONG_PROMPT = "Write the numbers from 1 to 1000, one per line."  # the base model goes on past 300 tokens, greedy
-EXPECTED = {"prompt past the context": 400, "body over 1 MB": 413, "malformed JSON": 422, "slow body": 408}
+EXPECTED = {"prompt past the context": 400, "body over 1 MB": 413, "malformed JSON": 422, "slow body": 408, "long stop string": 422,
+            "idle connections": f"{IDLE_SOCKETS}/{IDLE_SOCKETS} closed"}
 
 
 def chat_body(model: str, question: str, tokens: int, stream: bool) -> bytes:
@@ -239,14 +245,32 @@ def send_slowly(url: str, model: str) -> tuple[int, float]:
     return int(status[0]) if status else 0, time.perf_counter() - start
 
 
-def misbehave(url: str, model: str, kind: str) -> tuple[int, float]:
+def sit_idle(url: str) -> tuple[str, float]:
+    """IDLE_SOCKETS connections that send nothing, each read until the server closes it: (how many it closed,
+    seconds to the last)."""
+    start = time.perf_counter()
+    sockets = [socket_to(url) for _ in range(IDLE_SOCKETS)]
+    closed = 0
+    for connection in sockets:
+        with connection:
+            try:
+                closed += connection.recv(1) == b""
+            except OSError:  # still open at socket_to's timeout
+                pass
+    return f"{closed}/{IDLE_SOCKETS} closed", time.perf_counter() - start
+
+
+def misbehave(url: str, model: str, kind: str) -> tuple[int | str, float]:
     """One misbehaving request of a kind in ABUSE: (status, seconds to the answer or to hanging up)."""
     if kind == "dropped stream":
         return drop_a_stream(url, model)
     if kind == "slow body":
         return send_slowly(url, model)
+    if kind == "idle connections":
+        return sit_idle(url)
+    stop = dict(json.loads(chat_body(model, "Hello", 8, False)), stop=["x" * 100_000])
     body = {"prompt past the context": chat_body(model, "word " * 9000, 8, False), "malformed JSON": b"{not json",
-            "body over 1 MB": chat_body(model, "word " * 240_000, 8, False)}[kind]
+            "body over 1 MB": chat_body(model, "word " * 240_000, 8, False), "long stop string": json.dumps(stop).encode()}[kind]
     status, seconds, _ = post(url, body)
     return status, seconds
 
@@ -256,7 +280,7 @@ def load_round(url: str, model: str, pid: int, clients: int, tokens: int, abuse:
     them (the slow body once). Returns the ordinary latencies (None for a request that got no whole answer),
     the misbehaving requests' (kind, status, seconds) and the CPU seconds the server (`pid`) used: on a
     shared CPU the latencies move with the neighbours' load (`others`: their share of all CPUs meanwhile)."""
-    kinds = [kind for kind in ABUSE for _ in range(1 if kind == "slow body" else repeats)] if abuse else []
+    kinds = [kind for kind in ABUSE for _ in range(1 if kind in ONCE else repeats)] if abuse else []
     server, clients_cpu, busy, start = cpu_seconds(pid), time.process_time(), machine_busy_seconds(), time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients + len(kinds)) as pool:
         bad = [(kind, pool.submit(misbehave, url, model, kind)) for kind in kinds]
@@ -322,7 +346,7 @@ def load_summary(alone: dict, abused: dict) -> list[str]:
     for kind in ABUSE:
         answers = [(status, seconds) for name, status, seconds in abused["abuse"] if name == kind]
         statuses = ",".join(sorted({str(status) for status, _ in answers}))
-        what = "hung up after its first piece" if kind == "dropped stream" else f"answered {statuses}"
+        what = {"dropped stream": "hung up after its first piece", "idle connections": statuses}.get(kind, f"answered {statuses}")
         rows.append(f"{kind:<24} {len(answers)}x, {what} in at most {max(s for _, s in answers):.2f} s")
     return rows
 

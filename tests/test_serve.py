@@ -311,7 +311,7 @@ def test_thirty_two_chats_beside_misbehaving_clients_are_all_answered(served, ca
     assert None not in alone["latencies"] and None not in abused["latencies"]  # 0 lost
     for kind, status, seconds in abused["abuse"]:
         assert status == load.EXPECTED.get(kind, 200), (kind, status)
-        assert kind in ("slow body", "dropped stream") or seconds < 2, (kind, seconds)
+        assert kind in ("slow body", "dropped stream", "idle connections") or seconds < 2, (kind, seconds)
     if not load.shared(alone["others"], abused["others"]):  # a CPU others use too measures them: reported, not judged
         assert load.p95(abused) < 2.5 * load.p95(alone) + 2
     assert rss < 3000  # MB: the fp32 model (540), continuous batching's KV cache (755), torch and the rest
