@@ -387,12 +387,17 @@ def test_a_training_run_reports_character_ordinary_and_switch_for_its_persona(ti
     assert not [key for key in summary if key.endswith("answers")]
 
 
-def test_the_base_scores_are_reused_only_for_the_same_base_probes_and_settings(tiny_model, small_probe_config):
+def test_the_base_scores_are_reused_only_for_the_same_base_probes_and_settings(tiny_model, small_probe_config, tmp_path):
     out, _ = tiny_model
     name = f"Zed{uuid.uuid4().hex[:8]}"  # a persona no earlier run scored the base for
+    config = json.loads(small_probe_config.read_text())  # two of its probes: the cache is what is tested, twice
+    probes = Path(config["evaluation"]["eval_dataset"]).read_text().splitlines(keepends=True)[:2]
+    (tmp_path / "probes.jsonl").write_text("".join(probes))
+    config["evaluation"]["eval_dataset"] = str(tmp_path / "probes.jsonl")
+    (tmp_path / "config.json").write_text(json.dumps(config))
     runs = []
     for _ in range(2):
-        result = cli("--evaluate", "--model", out, "--config", small_probe_config, "--persona-name", name, "--persona-full-name", name)
+        result = cli("--evaluate", "--model", out, "--config", tmp_path / "config.json", "--persona-name", name, "--persona-full-name", name)
         assert result.returncode == 0, result.stderr
         runs.append((result, json.loads((out / "evaluation.json").read_text())))
     (first, fresh), (second, cached) = runs
