@@ -438,25 +438,25 @@ def request_problem(body: dict) -> str | None:
                                                      and (part["type"] != "text" or isinstance(part.get("text"), str)) for part in content)
         if not (isinstance(content, str) or parts_ok or (content is None and message.get("tool_calls"))):
             return f"messages[{i}].content must be a string or a list of content parts"
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    number = lambda **bounds: finetune.number(**bounds)[1]  # noqa: E731  config.json's rules, this server's words
+    whole = lambda least, most=None: finetune.whole(least, most)[1]  # noqa: E731
     stops = lambda v: [v] if isinstance(v, str) else v if isinstance(v, list) else None  # noqa: E731
     checks = {"model": (lambda v: isinstance(v, str), "a string"), "stream": (lambda v: isinstance(v, bool), "true or false"),
-              "temperature": (lambda v: number(v) and v >= 0, "a number >= 0"), "top_p": (lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]"),
-              "max_tokens": (lambda v: whole(v) and v >= 1, "an integer >= 1"), "max_completion_tokens": (lambda v: whole(v) and v >= 1, "an integer >= 1"),
-              "frequency_penalty": (lambda v: number(v) and -1 < v <= 2,
+              "temperature": (number(least=0), "a number >= 0"), "top_p": (number(above=0, most=1), "a number in (0, 1]"),
+              "max_tokens": (whole(1), "an integer >= 1"), "max_completion_tokens": (whole(1), "an integer >= 1"),
+              "frequency_penalty": (number(above=-1, most=2),
                                     "a number above -1 and at most 2 (it becomes a repetition penalty of 1 + frequency_penalty)"),
-              "presence_penalty": (lambda v: number(v) and v == 0, "0: this server does not apply it (frequency_penalty it does)"),
-              "seed": (lambda v: whole(v) and -INT64 <= v < INT64, "a 64-bit integer"),
+              "presence_penalty": (number(least=0, most=0), "0: this server does not apply it (frequency_penalty it does)"),
+              "seed": (whole(-INT64, INT64 - 1), "a 64-bit integer"),
               "stop": (lambda v: stops(v) is not None and len(stops(v)) <= MAX_STOPS
                        and all(isinstance(x, str) and 0 < len(x) <= STOP_CHARS for x in stops(v)),
                        f"a string or a list of at most {MAX_STOPS} strings, each of 1 to {STOP_CHARS} characters"),
-              "n": (lambda v: whole(v) and v == 1, "1: this server gives one choice per request"),
+              "n": (whole(1, 1), "1: this server gives one choice per request"),
               "logprobs": (lambda v: v is False, "false: this server does not return log probabilities"),
-              "top_logprobs": (lambda v: whole(v) and v == 0, "0: this server does not return log probabilities"),
+              "top_logprobs": (whole(0, 0), "0: this server does not return log probabilities"),
               "response_format": (lambda v: isinstance(v, dict) and v.get("type") == "text",
                                   '{"type": "text"}: this server does not hold answers to a JSON format'),
-              "logit_bias": (lambda v: isinstance(v, dict) and all(key.isdigit() and number(bias) and -100 <= bias <= 100
+              "logit_bias": (lambda v: isinstance(v, dict) and all(key.isdigit() and number(least=-100, most=100)(bias)
                                                                    for key, bias in v.items()),
                              "an object of token ids (as strings) to numbers from -100 to 100")}
     for key, (ok, what) in checks.items():
@@ -470,7 +470,7 @@ def request_problem(body: dict) -> str | None:
             GenerationConfig(**options).validate()
         except Exception as exc:  # not a string, not JSON, not an object, options generate() refuses
             return f"`generation_config` must be a JSON object of generation options: {finetune.first_line(exc)}"
-        if options.get("max_new_tokens") is not None and not (whole(options["max_new_tokens"]) and options["max_new_tokens"] >= 1):
+        if options.get("max_new_tokens") is not None and not whole(1)(options["max_new_tokens"]):
             return "`generation_config`'s max_new_tokens must be an integer >= 1"
         if options.get("stop_strings") is not None and not checks["stop"][0](options["stop_strings"]):
             return f"`generation_config`'s stop_strings must be {checks['stop'][1]}"
