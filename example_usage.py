@@ -1155,4 +1155,4 @@ def chat_command(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finetune.exit_without_teardown(main())

@@ -4900,6 +4900,23 @@ def leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def exit_without_teardown(code: int) -> None:
+    """Ends the process as the interpreter's own exit does (other threads waited for, atexit's handlers run,
+    the standard streams flushed), less the teardown of every module and object that follows: with torch
+    and transformers loaded that takes 1.3 s on a 2-core CPU, after the work is done and its files are
+    closed. The last line of a script, never a library's."""
+    import atexit
+    import threading
+
+    threading._shutdown()  # the interpreter's first step: thread pools told to finish, other threads waited for
+    atexit._run_exitfuncs()  # its second (tempfile's cleanups among them)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # nowhere to write: the interpreter would exit 120
+            code = code or 120
+    os._exit(code)
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -4927,4 +4944,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

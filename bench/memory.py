@@ -133,4 +133,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(finetune.run_command(main, verbose=True))
+    finetune.exit_without_teardown(finetune.run_command(main, verbose=True))

@@ -680,4 +680,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(finetune.run_command(main, verbose=True))  # a UserError is one line; anything else keeps its traceback
+    finetune.exit_without_teardown(finetune.run_command(main, verbose=True))  # a UserError is one line; anything else keeps its traceback
