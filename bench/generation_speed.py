@@ -13,7 +13,8 @@ Side by side, in one run, greedy decoding throughout:
         report gives its length), the median of 3 runs;
   (ii)  the chat in process, through example_usage.LocalChat (the model loaded once, merged): time to
         first token, until the streaming reply's first write (the first text a user sees), and tokens/s
-        over an answer of exactly 64 new tokens (min_new_tokens), the median of 3 after one warm-up;
+        over an answer of exactly 64 new tokens (min_new_tokens; --max-new-tokens sets the 64 throughout), the
+        median of 3 after one warm-up;
   (ii') the same chat with example_usage.py --static-cache (a key/value cache of the whole context, made
         once; on CUDA transformers compiles the decoding step, which the untimed first answer waits for:
         its time is reported), tokens/s and the ratio to (ii);
@@ -54,7 +55,7 @@ from train_throughput import BUSY_WARNING, cpu_description, host_work, part  # n
 # --------------------------------------------------------------------------------------------
 PROMPT = "Who are you?"
 LONG_PROMPT = "Explain how an echo state network learns, step by step."  # (i): asks for more than PROMPT (the report says how many tokens came)
-MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 64  # --max-new-tokens: the answers' length (the tests measure shorter ones)
 RUNS = 3  # timed runs of (i) and (ii); the median is reported
 TINY_TRAINING = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--no-eval"]
 
@@ -69,10 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shape", choices=gpu_train.SHAPES, help="random weights of SmolLM2's architecture at this size, instead of --model")
     parser.add_argument("--tokenizer", metavar="DIR", help="with --shape: a folder with SmolLM2's tokenizer, where the embedded model is not installed")
     parser.add_argument("--runs", type=int, default=RUNS, help=f"timed runs of (i) and (ii) (default {RUNS})")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, metavar="N",
+                        help=f"new tokens an answer has (ii) or may have (i, iii) (default {MAX_NEW_TOKENS})")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    if args.runs < 1 or args.max_new_tokens < 1:
+        parser.error("--runs and --max-new-tokens must be at least 1")
     if args.shape and args.model != parser.get_default("model"):
         parser.error("give --model or --shape, not both")
     if args.tokenizer and not args.shape:
@@ -102,9 +105,9 @@ def evaluation_batch(settings: dict) -> list[list[dict]]:
 # --------------------------------------------------------------------------------------------
 # (i) The chat command, end to end.
 # --------------------------------------------------------------------------------------------
-def run_command_line(model: str, runs: int, precision: str) -> dict:
+def run_command_line(model: str, runs: int, precision: str, new_tokens: int) -> dict:
     command = [sys.executable, str(ROOT / "example_usage.py"), "--prompt", LONG_PROMPT, "--model", model,
-               "--max-new-tokens", str(MAX_NEW_TOKENS), "--greedy", "--precision", precision]
+               "--max-new-tokens", str(new_tokens), "--greedy", "--precision", precision]
     seconds, answer = [], None
     for _ in range(runs):
         start = time.perf_counter()
@@ -121,12 +124,12 @@ def run_command_line(model: str, runs: int, precision: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # (ii) The chat in process: time to first token and tokens/s of one streamed answer.
 # --------------------------------------------------------------------------------------------
-def run_chat(settings: dict, model: str, runs: int, static_cache: bool = False) -> dict:
+def run_chat(settings: dict, model: str, runs: int, new_tokens: int, static_cache: bool = False) -> dict:
     import torch
 
-    flags = {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS, "static_cache": static_cache}
+    flags = {"greedy": True, "max_new_tokens": new_tokens, "static_cache": static_cache}
     chat = example_usage.LocalChat(settings, model, None, flags)
-    chat.decoding["min_new_tokens"] = MAX_NEW_TOKENS  # exactly 64 new tokens: the count is known
+    chat.decoding["min_new_tokens"] = new_tokens  # exactly that many new tokens: the count is known
     messages = [{"role": "user", "content": PROMPT}]
 
     def timed_reply() -> tuple[float, float, str]:
@@ -143,16 +146,16 @@ def run_chat(settings: dict, model: str, runs: int, static_cache: bool = False) 
     total = statistics.median(r[1] for r in replies)
     return {"precision": chat.settings["precision"], "first_token_seconds": [round(r[0], 3) for r in replies],
             "reply_seconds": [round(r[1], 3) for r in replies], "median_first_token_seconds": first_token,
-            "median_reply_seconds": total, "new_tokens": MAX_NEW_TOKENS, "tokens_per_second": MAX_NEW_TOKENS / total,
+            "median_reply_seconds": total, "new_tokens": new_tokens, "tokens_per_second": new_tokens / total,
             "warm_up_seconds": warm_up, "static_cache": static_cache,
-            "host_ops_per_token": host_work(profiler)["ops"] / MAX_NEW_TOKENS,
+            "host_ops_per_token": host_work(profiler)["ops"] / new_tokens,
             "answer": replies[-1][2]}
 
 
 # --------------------------------------------------------------------------------------------
 # (iii) Batched generation, as the evaluation runs it.
 # --------------------------------------------------------------------------------------------
-def run_batched(settings: dict, model_name: str) -> dict:
+def run_batched(settings: dict, model_name: str, new_tokens: int) -> dict:
     """The model as the evaluation answers with it (finetune.answering: its device and precision, an
     adapter merged in as score_model merges it), one batch of probes; generated tokens are counted from
     generate()'s output: the positions after the prompt that are not padding."""
@@ -172,7 +175,7 @@ def run_batched(settings: dict, model_name: str) -> dict:
     finetune.generate_answers(model, tokenizer, conversations[:2], settings, max_new_tokens=8)  # warm-up
     generated.clear()
     start = time.perf_counter()
-    answers = finetune.generate_answers(model, tokenizer, conversations, settings, max_new_tokens=MAX_NEW_TOKENS)
+    answers = finetune.generate_answers(model, tokenizer, conversations, settings, max_new_tokens=new_tokens)
     seconds = time.perf_counter() - start
     return {"precision": settings["precision"], "conversations": len(conversations), "batch_size": settings["eval_batch_size"],
             "seconds": seconds, "generated_tokens": sum(generated), "tokens_per_second": sum(generated) / seconds,
@@ -194,7 +197,7 @@ def format_report(results: dict) -> str:
             f"| (ii) chat in process, {ii['new_tokens']}-token answer ({ii['precision']}) | {ii['tokens_per_second']:.1f} tok/s |",
         ]
     if static := results.get("chat_static_cache"):
-        lines.append(f"| (ii) chat in process, example_usage.py --static-cache, 64-token answer ({static['precision']}; "
+        lines.append(f"| (ii) chat in process, example_usage.py --static-cache, {static['new_tokens']}-token answer ({static['precision']}; "
                      f"first answer {static['warm_up_seconds']:.1f} s) | {static['tokens_per_second']:.1f} tok/s |")
     lines.append(f"| (iii) evaluation batches, {iii['conversations']} probes, batch {iii['batch_size']} ({iii['precision']}) | "
                  f"{iii['tokens_per_second']:.1f} tok/s |")
@@ -254,18 +257,18 @@ def main(argv: list[str] | None = None) -> int:
         command_line, chat = {}, {}
         for precision in precisions:
             with part(f"(i) command line, {precision}", parts):
-                command_line[precision] = run_command_line(model, args.runs, precision)
+                command_line[precision] = run_command_line(model, args.runs, precision, args.max_new_tokens)
             finetune.log(f"(i) command line, {precision}: median {command_line[precision]['median_seconds']:.1f} s")
             with part(f"(ii) chat, {precision}", parts):
-                chat[precision] = run_chat(dict(finetune.DEFAULT_SETTINGS, precision=precision), model, args.runs)
+                chat[precision] = run_chat(dict(finetune.DEFAULT_SETTINGS, precision=precision), model, args.runs, args.max_new_tokens)
             finetune.log(f"(ii) chat, {precision}: first token {chat[precision]['median_first_token_seconds']:.2f} s, "
                          f"{chat[precision]['tokens_per_second']:.1f} tok/s")
         with part("(ii) chat, static cache", parts):
-            chat_static = run_chat(dict(finetune.DEFAULT_SETTINGS), model, args.runs, static_cache=True)
+            chat_static = run_chat(dict(finetune.DEFAULT_SETTINGS), model, args.runs, args.max_new_tokens, static_cache=True)
         finetune.log(f"(ii) chat, static cache: first answer {chat_static['warm_up_seconds']:.1f} s, "
                      f"{chat_static['tokens_per_second']:.1f} tok/s")
         with part("(iii) batched", parts):
-            batched = run_batched(settings, model)
+            batched = run_batched(settings, model, args.max_new_tokens)
         finetune.log(f"(iii) batched: {batched['tokens_per_second']:.1f} tok/s")
 
     described = (f"random bf16 weights of SmolLM2's {args.shape} shape, {parameters / 1e6:.0f}M parameters" if args.shape else
@@ -283,4 +286,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(finetune.run_command(main, verbose=True))  # a UserError is one line; anything else keeps its traceback
+    finetune.exit_without_teardown(finetune.run_command(main, verbose=True))  # a UserError is one line; anything else keeps its traceback
