@@ -47,6 +47,22 @@ def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"
     )
 
 
+def side_by_side(*runs: dict) -> list:
+    """Independent commands of this tool run two at a time, each on one thread (OMP_NUM_THREADS=1), their
+    results in order; each run is cli()'s keyword arguments with its command line under "args". Most of a
+    short run is start-up on one core (imports, loading the model): two tiny fine-tunes ran 1.7x faster so
+    than one after the other on a 2-core AVX2 CPU, and 2.4x slower side by side on two threads each
+    (OpenMP's idle threads spin for the cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(keywords: dict):
+        keywords = dict(keywords)
+        args = keywords.pop("args")
+        return cli(*args, **dict(keywords, env={**(keywords.get("env") or {}), "OMP_NUM_THREADS": "1"}))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(run, runs))
+
+
 def without_torch(*args, script="finetune.py", cwd=ROOT, env=None):
     """A command run by its main() in a fresh interpreter: (exit code, stderr, whether torch got imported),
     for errors a user should see at once rather than after the seconds torch takes to import."""
@@ -105,7 +121,7 @@ def tokenizer(base_path):
 @pytest.fixture(scope="session")
 def small_probe_config(tmp_path_factory):
     """config.json with a handful of the shipped probes (one of each kind; a switch with two follow-ups,
-    fewer turns than a drift probe, so it costs no extra round) and short answers."""
+    fewer turns than a drift probe, so it costs no extra round), short answers and a short general text."""
     folder = tmp_path_factory.mktemp("probes")
     probes = load_jsonl("persona_eval.jsonl")
     first = lambda kind: [p for p in probes if p["kind"] == kind][:1]  # noqa: E731
@@ -114,8 +130,11 @@ def small_probe_config(tmp_path_factory):
             + first("drift") + first("style") + first("character") + first("ordinary")
             + [dict(p, follow_ups=p["follow_ups"][:2]) for p in first("switch")])
     write_lines(folder / "probes.jsonl", pick)
+    # the general text's first paragraph (about 160 tokens, one window): the perplexity check on the shipped
+    # file's 1,700 tokens takes 6 s a model on an AVX2 CPU, for a number no test reads
+    (folder / "general.txt").write_text((ROOT / "general_text.txt").read_text(encoding="utf-8").split("\n\n")[0], encoding="utf-8")
     config = json.loads((ROOT / "config.json").read_text())
-    config["evaluation"].update(eval_max_new_tokens=8, eval_dataset=str(folder / "probes.jsonl"))
+    config["evaluation"].update(eval_max_new_tokens=8, eval_dataset=str(folder / "probes.jsonl"), general_text=str(folder / "general.txt"))
     config["generation"].update(max_new_tokens=12)
     (folder / "config.json").write_text(json.dumps(config))
     return folder / "config.json"

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import finetune
-from conftest import FEW_QUESTIONS, PY, ROOT, TINY, assert_every_line_accounted_for, cli, good_examples, load_jsonl, offline_hub, without_torch, write_lines
+from conftest import FEW_QUESTIONS, PY, ROOT, TINY, assert_every_line_accounted_for, cli, good_examples, load_jsonl, offline_hub, side_by_side, without_torch, write_lines
 
 
 # ============================================================================================
@@ -1522,11 +1522,12 @@ def test_a_step_in_pieces_flattened_or_compiled_trains_as_the_whole_batch_from_t
     # 0: whole batches; 32: rows of up to 48 tokens one at a time, recomputed (checkpointed); and so again with
     # each batch's examples end to end in one row (--padding-free), its pieces cut between examples
     # and whole batches through torch.compile (--compile; TORCH_LOGS shows that dynamo traced the layers)
-    for budget, flags in (("0", []), ("32", []), ("32-flat", ["--padding-free"]), ("0-compiled", ["--compile"])):
+    kinds = (("0", []), ("32", []), ("32-flat", ["--padding-free"]), ("0-compiled", ["--compile"]))
+    results = side_by_side(*(dict(args=["--output-dir", tmp_path / f"run{budget}", "--no-eval", "--validation-split", "0",
+                                        "--precision", "fp32", "--max-batch-tokens", budget.split("-")[0], *flags, *TINY],
+                                  env={"TORCH_LOGS": "dynamo"} if "--compile" in flags else None) for budget, flags in kinds))
+    for (budget, flags), result in zip(kinds, results):
         out = tmp_path / f"run{budget}"
-        result = cli("--output-dir", out, "--no-eval", "--validation-split", "0", "--precision", "fp32",
-                     "--max-batch-tokens", budget.split("-")[0], *flags, *TINY,
-                     env={"TORCH_LOGS": "dynamo"} if "--compile" in flags else None)
         assert result.returncode == 0, result.stderr
         runs[budget] = dict(json.loads((out / "training_summary.json").read_text()), stderr=result.stderr)
         ours = [line for line in result.stderr.splitlines() if not re.match(r"[IWV]\d{4} ", line)]  # not TORCH_LOGS'

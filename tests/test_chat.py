@@ -10,12 +10,17 @@ from pathlib import Path
 import pytest
 
 import finetune
-from conftest import PY, ROOT, cli, offline_hub, without_torch
+from conftest import PY, ROOT, cli, offline_hub, side_by_side, without_torch
 
 
 def test_prompt_prints_only_the_answer_the_model_gives(tiny_model, small_probe_config):
     out, _ = tiny_model
-    result = cli("--model", out, "--prompt", "Who are you?", "--config", small_probe_config, script="example_usage.py")
+    common = ["--model", out, "--config", small_probe_config]
+    result, again, static, refused = side_by_side(
+        dict(args=[*common, "--prompt", "Who are you?"], script="example_usage.py"),
+        dict(args=[*common, "--prompt", "-"], input="Who are you?", script="example_usage.py"),
+        dict(args=[*common, "--prompt", "Who are you?", "--static-cache"], script="example_usage.py"),  # on CUDA what transformers compiles
+        dict(args=[*common, "--serve", "--static-cache"], script="example_usage.py"))
     assert result.returncode == 0, result.stderr
     model, tokenizer, _ = finetune.load_for_inference(str(out))
     settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS), training=False)
@@ -23,17 +28,13 @@ def test_prompt_prints_only_the_answer_the_model_gives(tiny_model, small_probe_c
     [expected] = finetune.generate_answers(model, tokenizer, [[{"role": "user", "content": "Who are you?"}]], settings,
                                            decoding="shipped", max_new_tokens=model.generation_config.max_new_tokens)
     assert result.stdout == expected + "\n"  # the folder's decoding defaults, and nothing else on stdout
-    again = cli("--model", out, "--prompt", "-", "--config", small_probe_config, input="Who are you?", script="example_usage.py")
-    assert again.stdout == result.stdout
-    # a static cache of the whole context (on CUDA what transformers compiles) answers alike
-    static = cli("--model", out, "--prompt", "Who are you?", "--config", small_probe_config, "--static-cache", script="example_usage.py")
+    assert again.stdout == result.stdout  # the question read from stdin
     assert static.returncode == 0, static.stderr
-    assert static.stdout == result.stdout
+    assert static.stdout == result.stdout  # a static cache of the whole context answers alike
     import example_usage
 
     chat = example_usage.LocalChat(dict(finetune.DEFAULT_SETTINGS), str(out), 512, {"static_cache": True})
     assert chat.decoding == {"cache_implementation": "static", "max_cache_len": 512}  # what generate() is given
-    refused = cli("--model", out, "--serve", "--static-cache", "--config", small_probe_config, script="example_usage.py")
     assert refused.returncode != 0 and "--static-cache is for a local model" in refused.stderr
 
 
