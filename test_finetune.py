@@ -179,7 +179,7 @@ def test_help_shows_real_examples():
         assert result.returncode == 0 and "python " + script in result.stdout
 
 
-SUITE = ["-q", "-p", "no:cacheprovider", "test_finetune.py", "tests"]  # make test's pytest line, after "-m pytest"
+SUITE = ["-q", "-p", "no:cacheprovider", "-n", "2", "test_finetune.py", "tests"]  # make test's pytest line, after "-m pytest"
 
 
 def suite_command(extra: list[str]) -> list[str]:
