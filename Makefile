@@ -31,7 +31,7 @@ demo: $(STAMP)
 	@$(PY) -c 'import json, finetune; print(finetune.format_evaluation(json.load(open("echo-model/evaluation.json"))))'
 
 test: $(STAMP) $(PRISM) $(LLAMA_CPP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 test_finetune.py tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadscope test_finetune.py tests
 
 # llama.cpp is built from source (there is no wheel): for the instruction sets this CPU has, never
 # -march=native (a native build segfaulted on an Intel AMX machine), AVX-512 only where the CPU has

@@ -18,9 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
 
-# make test runs the suite in two processes (pytest-xdist, -n 2), each on one thread, and so every command
-# they start: on 2 cores two processes of two threads each ran 2.4x slower than one after the other
-# (OpenMP's idle threads spin for the cores), two of one thread each 1.7x faster.
+# make test runs the suite in two processes (pytest-xdist, -n 2; a test file's tests in one of them, in order,
+# with its module fixtures made once), each on one thread, and so every command they start: on 2 cores two
+# processes of two threads each ran 2.4x slower than one after the other (OpenMP's idle threads spin for the
+# cores), two of one thread each 1.7x faster.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 sys.path.insert(0, str(ROOT))

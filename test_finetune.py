@@ -179,7 +179,7 @@ def test_help_shows_real_examples():
         assert result.returncode == 0 and "python " + script in result.stdout
 
 
-SUITE = ["-q", "-p", "no:cacheprovider", "-n", "2", "test_finetune.py", "tests"]  # make test's pytest line, after "-m pytest"
+SUITE = ["-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope", "test_finetune.py", "tests"]  # make test's pytest line, after "-m pytest"
 
 
 def suite_command(extra: list[str]) -> list[str]:
@@ -190,8 +190,8 @@ def suite_command(extra: list[str]) -> list[str]:
 def test_python_test_finetune_py_runs_make_tests_suite_and_exits_with_its_status():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^\t\$\(PY\) -m pytest (.*)$", makefile, re.M).group(1).split() == SUITE
-    result = subprocess.run([PY, str(ROOT / "test_finetune.py"), "-k", "no_test_is_called_this"], cwd="/", capture_output=True,
-                            text=True, timeout=300)  # collects the whole suite from anywhere, runs nothing
+    result = subprocess.run([PY, str(ROOT / "test_finetune.py"), "-k", "no_test_is_called_this", "-n", "0"], cwd="/", capture_output=True,
+                            text=True, timeout=300)  # collects the whole suite from anywhere, runs nothing (in one process: -n 0 says how many)
     assert result.returncode == 5, result.stdout[-2000:] + result.stderr[-2000:]  # pytest's status: no test selected
     assert int(re.search(r"(\d+) deselected", result.stdout).group(1)) > 200
 
