@@ -4908,6 +4908,8 @@ def exit_without_teardown(code: int) -> None:
     import atexit
     import threading
 
+    if not (hasattr(threading, "_shutdown") and hasattr(atexit, "_run_exitfuncs")):  # CPython's own steps, by their names
+        sys.exit(code)  # elsewhere, the interpreter's whole exit
     threading._shutdown()  # the interpreter's first step: thread pools told to finish, other threads waited for
     atexit._run_exitfuncs()  # its second (tempfile's cleanups among them)
     for stream in (sys.stdout, sys.stderr):
@@ -4916,6 +4918,7 @@ def exit_without_teardown(code: int) -> None:
         except (OSError, ValueError):  # nowhere to write: the interpreter would exit 120
             code = code or 120
     os._exit(code)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

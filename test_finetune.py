@@ -1569,6 +1569,20 @@ def accelerate_launch(*args, timeout=900, popen=False):
     return subprocess.run(command, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
+def test_a_script_ends_as_the_interpreter_would_without_its_teardown(tmp_path):
+    """exit_without_teardown: a thread pool's idle workers (which joining alone waits on forever), another
+    thread still working, atexit's handlers and stdout's buffer are all seen through; the exit code kept."""
+    program = (f"import sys, threading, time, atexit, concurrent.futures; sys.path.insert(0, {str(ROOT)!r}); import finetune\n"
+               "pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(print, 'pool', flush=True)\n"  # kept, as a library keeps one
+               f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(tmp_path / 'thread')!r}, 'w').close())).start()\n"
+               f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').close())\n"
+               "sys.stdout.write('buffered, no newline')\n"
+               "finetune.exit_without_teardown(3)\n")
+    done = subprocess.run([PY, "-c", program], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 3 and done.stdout == "pool\nbuffered, no newline", (done.stdout, done.stderr)
+    assert (tmp_path / "thread").exists() and (tmp_path / "atexit").exists()
+
+
 def test_a_command_leaves_its_process_group_before_it_exits_whether_it_succeeds_or_fails(tmp_path, monkeypatch):
     """Left to the interpreter's exit, a gloo group can abort a finished process (see leave_process_group)."""
     import torch.distributed as dist
