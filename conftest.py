@@ -57,9 +57,9 @@ def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"
 def side_by_side(*runs: dict) -> list:
     """Independent commands of this tool run two at a time, each on one thread (OMP_NUM_THREADS=1), their
     results in order; each run is cli()'s keyword arguments with its command line under "args". Most of a
-    short run is start-up on one core (imports, loading the model): two tiny fine-tunes ran 1.7x faster so
-    than one after the other on a 2-core AVX2 CPU, and 2.4x slower side by side on two threads each
-    (OpenMP's idle threads spin for the cores)."""
+    short run is start-up on one core (imports, loading the model): on a 2-core AVX2 CPU two tiny fine-tunes
+    side by side took 1.7x less time than one after the other on one thread each, and 2.4x more on two
+    threads each (OpenMP's idle threads spin for the cores)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def run(keywords: dict):
