@@ -56,10 +56,9 @@ def cli(*args, cwd=ROOT, env=None, input=None, timeout=600, script="finetune.py"
 
 def side_by_side(*runs: dict) -> list:
     """Independent commands of this tool run two at a time, each on one thread (OMP_NUM_THREADS=1), their
-    results in order; each run is cli()'s keyword arguments with its command line under "args". Most of a
-    short run is start-up on one core (imports, loading the model): on a 2-core AVX2 CPU two tiny fine-tunes
-    side by side took 1.7x less time than one after the other on one thread each, and 2.4x more on two
-    threads each (OpenMP's idle threads spin for the cores)."""
+    results in order; each run is cli()'s keyword arguments with its command line under "args". One thread
+    each for the reason the suite's processes have one (see the top of this file), which also holds where
+    the suite runs in one process (-n 0)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def run(keywords: dict):
