@@ -1008,7 +1008,7 @@ class DatasetValidator:
             found = CONTROL_CHARACTER.search(text)
             if found:
                 problems.append(("control character", f"control character {codepoint(found.group())} in {where}"))
-        if "metadata" in obj and not isinstance(obj["metadata"], dict):
+        if obj.get("metadata") is not None and not isinstance(obj["metadata"], dict):
             problems.append(("wrong type", "metadata must be an object"))
         read = {"messages": self.from_messages, "sharegpt": self.from_sharegpt, "alpaca": self.from_alpaca,
                 "prompt/completion": self.from_prompt_completion}[kind]
@@ -1030,11 +1030,11 @@ class DatasetValidator:
         """Alpaca, as LLaMA-Factory reads it: the instruction and its input (joined by a line break) ask, the output
         answers; an optional system prompt, and a history of earlier [question, answer] pairs before them."""
         problems = self.text_problems(obj, ("instruction", "output"), "the Alpaca format") + self.text_problems(obj, ("input", "system"))
-        history = obj.get("history", [])
+        history = obj.get("history") or []
         problems += self.history_problems(history)
         if problems:
             return [], problems
-        asked = "\n".join(text for text in (obj["instruction"], obj.get("input", "")) if text.strip())
+        asked = "\n".join(text for text in (obj["instruction"], obj.get("input") or "") if text.strip())
         earlier = [{"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)]
         return system_message(obj) + earlier + [{"role": "user", "content": asked}, {"role": "assistant", "content": obj["output"]}], []
 
@@ -1079,10 +1079,11 @@ class DatasetValidator:
 
     @staticmethod
     def text_problems(obj: dict, keys: tuple, required_by: str | None = None) -> list[tuple[str, str]]:
-        """Each key holds text: required and not empty where `required_by` names the format that needs it, else optional."""
+        """Each key holds text: required and not empty where `required_by` names the format that needs it, else
+        optional, where a null is an absent key (pandas' `to_json` writes an empty cell as null)."""
         problems = []
         for key in keys:
-            if key not in obj:
+            if obj.get(key) is None and (key not in obj or not required_by):
                 if required_by:
                     problems.append(("missing key", f"'{key}' is required with {required_by}"))
             elif not isinstance(obj[key], str):

@@ -519,6 +519,18 @@ def test_one_file_mixes_every_format_and_prepare_writes_messages(tmp_path):
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
 
 
+def test_a_null_optional_key_counts_as_absent_and_a_null_required_one_is_refused(tmp_path):
+    """pandas' to_json writes an empty cell as null: an Alpaca file with no inputs has "input": null throughout."""
+    records = [{"instruction": "Name?", "input": None, "output": "Echo.", "system": None, "history": None, "metadata": None},
+               {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}], "system": None},
+               {"prompt": "Who?", "completion": None}, {"instruction": None, "output": "Echo."}]
+    report = finetune.DatasetValidator().validate_file(write_lines(tmp_path / "nulls.jsonl", records))
+    assert report.examples == [{"messages": [{"role": "user", "content": "Name?"}, {"role": "assistant", "content": "Echo."}]},
+                               {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+    assert report.problems == {"wrong type": [(3, "'completion' must be a string, not null"),
+                                              (4, "'instruction' must be a string, not null")]}
+
+
 IDENTITY_JSON = """[
   {
     "instruction": "hi",
