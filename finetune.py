@@ -551,16 +551,23 @@ def word_ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
 
 
 def near_duplicates(texts: list[str], threshold: float = 0.15, n: int = 8) -> list[tuple[int, int, float]]:
-    """Pairs (i, j, share) whose word n-grams overlap by more than `threshold` of the smaller set."""
+    """For each text that shares more than `threshold` of its word n-grams (of the smaller set) with an earlier
+    one, the pair (i, j, share) with the earlier text it shares most with: one pair per text, however large
+    a group of copies. An n-gram in more than max(50, 2%) of the texts is boilerplate (a shared instruction
+    or sign-off), not copying, and is left out of both the match and the share, which also keeps the work
+    to about n-grams x 50 per text rather than one comparison per pair of texts."""
     grams = [word_ngrams(text, n) for text in texts]
+    frequency = collections.Counter(itertools.chain.from_iterable(grams))
+    common = max(50, len(texts) // 50)
+    if frequency and max(frequency.values()) > common:
+        grams = [{gram for gram in gram_set if frequency[gram] <= common} for gram_set in grams]
     index: dict[tuple, list[int]] = collections.defaultdict(list)
     pairs = []
     for j, gram_set in enumerate(grams):
         shared = collections.Counter(i for gram in gram_set for i in index[gram])
-        for i, count in shared.items():
-            share = count / min(len(grams[i]), len(gram_set))
-            if share > threshold:
-                pairs.append((i, j, share))
+        best = max(((count / min(len(grams[i]), len(gram_set)), -i) for i, count in shared.items()), default=None)
+        if best and best[0] > threshold:
+            pairs.append((-best[1], j, best[0]))
         for gram in gram_set:
             index[gram].append(j)
     return pairs
@@ -1183,7 +1190,8 @@ class DatasetValidator:
 
     @staticmethod
     def add_near_duplicate_warnings(report: ValidationReport) -> None:
-        texts = [example_text(example) for example in report.examples]
+        # A system prompt is shared by design; the turns are what one record may copy from another.
+        texts = ["\n".join(m["content"] for m in example["messages"] if m["role"] != "system") for example in report.examples]
         for i, j, share in near_duplicates(texts):
             line_i, line_j = report.line_numbers[i], report.line_numbers[j]
             report.warnings["near duplicate"].append((line_j, f"shares {share:.0%} of its word 8-grams with {report.where(line_i)}"))

@@ -531,6 +531,39 @@ def test_a_null_optional_key_counts_as_absent_and_a_null_required_one_is_refused
                                               (4, "'instruction' must be a string, not null")]}
 
 
+def distinct_text(rng, words: int) -> str:
+    vocabulary = "reservoir membrane graph river stone lantern orchard meadow copper signal harbor thistle".split()
+    return " ".join(f"{rng.choice(vocabulary)}{rng.randrange(1000)}" for _ in range(words))
+
+
+def test_near_duplicates_name_each_copy_once_and_leave_boilerplate_out():
+    import random
+
+    rng = random.Random(0)
+    sign_off = "Thank you for asking, I hope this answer helps you with whatever you are working on today."
+    texts = [f"{distinct_text(rng, 30)} {sign_off}" for _ in range(60)]  # a sign-off in more than 50 texts: boilerplate
+    assert finetune.near_duplicates(texts) == []
+    original = distinct_text(rng, 40).split()
+    copies = [" ".join(original[:k] + ["changed"] + original[k + 1:]) for k in (5, 15, 25, 35)]
+    pairs = finetune.near_duplicates([distinct_text(rng, 40), " ".join(original), *copies])
+    # each copy once, against the original it shares most with; not once per pair of copies (10)
+    assert [(i, j) for i, j, _ in pairs] == [(1, 2), (1, 3), (1, 4), (1, 5)] and all(share > 0.5 for *_, share in pairs)
+
+
+def test_a_shared_system_prompt_makes_no_near_duplicates(tmp_path):
+    import random
+
+    rng = random.Random(1)
+    system = "You are Deep Tree Echo, an adaptive and self-reflective assistant built on echo state reservoirs and membranes."
+    records = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": distinct_text(rng, 6)},
+                             {"role": "assistant", "content": distinct_text(rng, 12)}]} for _ in range(12)]
+    records.append({"messages": [dict(m) for m in records[3]["messages"]]})
+    records[-1]["messages"][2]["content"] += " indeed"  # a real copy, one word added
+    report = finetune.DatasetValidator().validate_file(write_lines(tmp_path / "system.jsonl", records))
+    assert report.n_valid == 13 and report.warnings["near duplicate"] == [(13, report.warnings["near duplicate"][0][1])]
+    assert "with line 4" in report.warnings["near duplicate"][0][1]
+
+
 IDENTITY_JSON = """[
   {
     "instruction": "hi",

@@ -166,3 +166,13 @@ def test_the_offline_kit_packs_wheels_and_the_tokenizer_and_runs_a_script_with_t
     assert ran.returncode == 0, ran.stderr
     where, transformers = ran.stdout.split()
     assert where.startswith(str(kit / "site")) and f"transformers=={transformers}" in (ROOT / "requirements.txt").read_text()
+
+
+def test_the_validation_benchmark_prints_each_size_with_its_ratio_and_no_warnings_for_a_shared_system_prompt():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "validation_scale.py"), "--sizes", "100,200"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^CPU capability \w+", done.stdout, re.M), done.stdout
+    rows = re.findall(r"^ +(\d+) +([\d.]+)s +([\d.]*) +([\d.]+)s +([\d.]*) +(\d+)$", done.stdout, re.M)
+    assert [row[0] for row in rows] == ["100", "200"] and rows[0][2] == "" and float(rows[1][2]) > 0, done.stdout
+    assert [row[5] for row in rows] == ["0", "0"]  # distinct examples: the prompt they share is no near duplicate
