@@ -587,6 +587,15 @@ def system_message(obj: dict) -> list[dict]:
     return [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
 
 
+def refuse_utf16(path: str | Path, head: bytes) -> None:
+    """A UTF-16 file (a byte order mark, or a NUL among the first bytes of what would be JSON or a CSV header)
+    would read as 'not UTF-8' on every line; say what it is and how to convert it instead."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        raise UserError(f"dataset {path} is UTF-16, not UTF-8 (Windows PowerShell's > and Notepad's \"Unicode\" save text so); "
+                        f"save it as UTF-8: in PowerShell, Get-Content {path} | Set-Content -Encoding utf8 NEW_FILE; "
+                        f"elsewhere, iconv -f UTF-16 -t UTF-8 {path} > NEW_FILE", exit_code=1)
+
+
 def line_column(text: str, position: int) -> str:
     line, column = text.count("\n", 0, position) + 1, position - text.rfind("\n", 0, position)
     return f"line {line} column {column}"
@@ -611,6 +620,8 @@ def read_table(source: str, split: str) -> list[dict]:
                    if isinstance(exc, ConnectionError) else "")
             raise UserError(f"cannot load the hub dataset {source} (split {split}): {why}{first_line(exc)}") from None
     path, kind = Path(source), Path(source).suffix.lower().lstrip(".")
+    if path.is_dir():
+        raise UserError(f"dataset {source} is a folder; give the file inside it")
     if not path.is_file():
         raise UserError(f"dataset {source} does not exist")
     if kind == "csv":
@@ -627,6 +638,8 @@ def check_csv_shape(path: Path) -> None:
     under a header of 2 as its last two cells, and a column named twice as one, each without a word."""
     import csv
 
+    with path.open("rb") as handle:
+        refuse_utf16(path, handle.read(4))
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             rows = list(csv.reader(handle))
@@ -772,11 +785,15 @@ class DatasetValidator:
     @staticmethod
     def read_bytes(path: str | Path) -> bytes:
         try:
-            return Path(path).read_bytes()
+            raw = Path(path).read_bytes()
         except FileNotFoundError:
             raise UserError(f"dataset {path} does not exist") from None
+        except IsADirectoryError:
+            raise UserError(f"dataset {path} is a folder; give the file inside it") from None
         except OSError as exc:
             raise UserError(f"cannot read dataset {path}: {exc.strerror}") from None
+        refuse_utf16(path, raw[:4])
+        return raw
 
     def read_lines(self, path: str | Path):
         """Yields (line number, text or None, problem). Tolerates a BOM, CRLF and blank lines."""
@@ -4734,6 +4751,11 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
         check_hub_reachable("dataset", source)
     elif not Path(source).exists():
         raise UserError(f"dataset {source} does not exist")
+    elif Path(source).is_dir():
+        raise UserError(f"dataset {source} is a folder; give the file inside it")
+    else:
+        with contextlib.suppress(OSError), open(source, "rb") as handle:  # unreadable: said where it is read
+            refuse_utf16(source, handle.read(4))
     if base_model and settings["model"] != "auto":
         check_model_source(settings["model"])
     if base_model and settings["replay_questions"] and not Path(settings["replay_questions"]).is_file():

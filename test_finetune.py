@@ -321,8 +321,11 @@ def test_a_path_that_is_not_there_is_an_error_before_torch_is_imported(tmp_path)
     """A typo in a path is answered in a fraction of a second, not after torch's and transformers' imports
     (2-10 s here), or the hub's retries (52 s offline for --evaluate with no model folder)."""
     out, missing = tmp_path / "out", tmp_path / "nope.jsonl"
+    (tmp_path / "data.csv").mkdir()
     for args, error in ((["--prepare-only", "--dataset", missing], f"dataset {missing} does not exist"),
                         (["--dataset", missing, "--output-dir", out], f"dataset {missing} does not exist"),
+                        (["--dataset", tmp_path / "data.csv", "--output-dir", out], "data.csv is a folder; give the file inside it"),
+                        (["--prepare-only", "--dataset", tmp_path], f"dataset {tmp_path} is a folder"),
                         (["--model", "./no-such-model", "--output-dir", out], "there is no folder ./no-such-model"),
                         (["--model", tmp_path / "base.gguf", "--output-dir", out], "GGUF file"),
                         (["--resume", "--output-dir", out], "has no complete checkpoint to resume from"),
@@ -332,6 +335,22 @@ def test_a_path_that_is_not_there_is_an_error_before_torch_is_imported(tmp_path)
         code, stderr, torch = without_torch(*args)
         assert code == 2 and stderr.startswith("error: ") and error in stderr and stderr.count("\n") == 1, (args, stderr)
         assert not torch and not out.exists(), args
+
+
+@pytest.mark.parametrize("name,text", [("d.jsonl", '{"prompt": "Hi", "completion": "Hello"}\n'), ("d.json", '[{"prompt": "Hi", "completion": "Hello"}]'),
+                                       ("d.csv", "prompt,completion\nHi,Hello\n")])
+def test_a_utf16_file_is_named_as_such_with_how_to_convert_it(tmp_path, name, text):
+    path = tmp_path / name
+    for encoding in ("utf-16", "utf-16-le", "utf-16-be"):  # with a byte order mark (PowerShell, Notepad), and without
+        path.write_bytes(text.encode(encoding))
+        code, stderr, torch = without_torch("--prepare-only", "--dataset", path, "--output", tmp_path / "out.jsonl")
+        assert code == 1 and stderr.count("\n") == 1 and not torch, stderr  # one line, at once, not 'not UTF-8' on every line
+        assert stderr.startswith(f"error: dataset {path} is UTF-16, not UTF-8") and f"iconv -f UTF-16 -t UTF-8 {path} > NEW_FILE" in stderr
+        with pytest.raises(finetune.UserError, match="is UTF-16, not UTF-8"):  # the validator's own reading says it too
+            finetune.DatasetValidator().validate_file(path)
+    path.write_bytes(text.encode("utf-8-sig"))  # converted as the message says (PowerShell's utf8 writes a BOM): read
+    assert finetune.DatasetValidator().validate_file(path).examples == [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
 
 
 def test_compile_without_a_cpp_compiler_is_refused_before_anything_is_loaded(tmp_path):
