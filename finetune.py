@@ -1800,6 +1800,34 @@ def load_causal_lm(name_or_path: str, dtype=None):
         raise UserError(cannot_load(name_or_path, "a model", exc)) from None
 
 
+def lora_targets(setting: str | list) -> str | list[str]:
+    """--lora-target-modules as PEFT takes it: all-linear, or a list of module names (q_proj,v_proj)."""
+    return setting if setting == "all-linear" or isinstance(setting, list) else [t.strip() for t in setting.split(",") if t.strip()]
+
+
+def check_lora_targets(name_or_path: str, targets: str | list[str]) -> None:
+    """Each name in --lora-target-modules names a module of the model, checked on a weightless copy built
+    from its config (a second for a 7B model) before the weights load or download. PEFT refuses a list of
+    which no name matches only after the load, and trains a list of which some match without a word."""
+    if targets == "all-linear":
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path))
+    except (OSError, ValueError) as exc:
+        raise UserError(cannot_load(name_or_path, "a model", exc)) from None
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = dict.fromkeys(name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                               if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings())
+        raise UserError(f"--lora-target-modules: the model has no module named {', '.join(missing)}; its linear layers are "
+                        f"{', '.join(linear)} (all-linear adapts every one of them)")
+
+
 def cannot_load(name: str, what: str, exc: Exception) -> str:
     if Path(name).exists():
         return f"cannot load {what} from the folder {name}: {first_line(exc)}"
@@ -3438,14 +3466,15 @@ class HuggingFaceFineTuner:
 
         s = self.settings
         frozen_bf16 = s["method"] == "lora" and s["precision"] == "bf16"
+        if s["method"] == "lora":
+            check_lora_targets(self.base_path, lora_targets(s["lora_target_modules"]))
         model = load_causal_lm(self.base_path, torch.bfloat16 if frozen_bf16 else None)
         if s["method"] == "lora":
             from peft import LoraConfig, get_peft_model
             from transformers import set_seed
 
             set_seed(s["seed"])  # the adapter's random start: the Trainer seeds only once it is made, after this
-            targets = s["lora_target_modules"]
-            targets = targets if targets == "all-linear" or isinstance(targets, list) else [t.strip() for t in targets.split(",")]
+            targets = lora_targets(s["lora_target_modules"])
             config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                                 target_modules=targets, task_type="CAUSAL_LM")
             model = get_peft_model(model, config)

@@ -353,6 +353,21 @@ def test_a_utf16_file_is_named_as_such_with_how_to_convert_it(tmp_path, name, te
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
 
 
+def test_lora_target_modules_that_the_model_lacks_are_refused_before_its_weights_load(tmp_path, base_path, monkeypatch):
+    """PEFT trains q_proj,v_prj as v_proj alone without a word, and refuses qq_proj only after the weights
+    load (or download: minutes for a 7B model); the names are checked on a weightless copy first."""
+    finetune.check_lora_targets(base_path, ["q_proj", "v_proj"])
+    finetune.check_lora_targets(base_path, ["self_attn.q_proj", "mlp"])  # PEFT matches a name's last parts
+    monkeypatch.setattr(finetune, "load_causal_lm", lambda *a, **k: pytest.fail("the weights were loaded"))
+    tuner = finetune.HuggingFaceFineTuner(dict(finetune.DEFAULT_SETTINGS, lora_target_modules="q_proj, v_prj"))
+    tuner.base_path = base_path
+    with pytest.raises(finetune.UserError) as error:
+        tuner.load_model()
+    assert str(error.value) == ("--lora-target-modules: the model has no module named v_prj; its linear layers are q_proj, k_proj, "
+                                "v_proj, o_proj, gate_proj, up_proj, down_proj (all-linear adapts every one of them)")
+    assert error.value.exit_code == 2
+
+
 def test_compile_without_a_cpp_compiler_is_refused_before_anything_is_loaded(tmp_path):
     out = tmp_path / "model"
     result = cli("--provider", "huggingface", "--output-dir", out, "--device", "cpu", "--compile", "--max-steps", "1",
