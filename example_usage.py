@@ -649,9 +649,54 @@ class Call:
             self.reading.reschedule(asyncio.get_running_loop().time())
 
 
+def openai_error(status: int, message: str) -> dict:
+    """An error as OpenAI's API answers one (its ErrorResponse), which OpenAI-compatible clients read."""
+    return {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
+                      "param": None, "code": None}}
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error body in any of the shapes the server's parts write: FastAPI's {"detail": ...}
+    (a text, or its validation errors' list), transformers serve's {"error": "..."}, OpenAI's own."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace").strip()
+    said = parsed.get("error", parsed.get("detail", parsed.get("message"))) if isinstance(parsed, dict) else parsed
+    if isinstance(said, dict) and isinstance(said.get("message"), str):
+        return said["message"]
+    if isinstance(said, list) and all(isinstance(item, dict) for item in said):  # FastAPI's validation errors
+        return "; ".join(f"{'.'.join(map(str, item.get('loc', ())))}: {item.get('msg', '')}".lstrip(": ") for item in said)
+    return said if isinstance(said, str) else json.dumps(said)
+
+
+def openai_errors(send):
+    """`send` with every JSON error answer (a status of 400 or more) rewritten in OpenAI's shape, whichever
+    part of the server wrote it, so that a client sees one shape: clients read error.message."""
+    held: dict = {}
+
+    async def sending(message):
+        if message["type"] == "http.response.start" and message["status"] >= 400 and \
+                dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"application/json"):
+            held.update(start=message, body=[])
+            return
+        if not held or message["type"] != "http.response.body":
+            return await send(message)
+        held["body"].append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        start = held.pop("start")
+        body = json.dumps(openai_error(start["status"], error_message(b"".join(held.pop("body"))))).encode()
+        headers = [(key, value) for key, value in start.get("headers", []) if key != b"content-length"]
+        await send(dict(start, headers=[*headers, (b"content-length", str(len(body)).encode())]))
+        await send({"type": "http.response.body", "body": body})
+
+    return sending
+
+
 async def reply(send, status: int, message: str = "", body: dict | None = None) -> None:
-    """An error in FastAPI's words ({"detail": ...}), or `body`; the connection closes after it."""
-    body = json.dumps(body or {"detail": message}).encode()
+    """An error in OpenAI's words ({"error": {"message": ...}}), or `body`; the connection closes after it."""
+    body = json.dumps(body or openai_error(status, message)).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
@@ -670,6 +715,7 @@ class Guard:
         self.cancel_batched = lambda request_id: None  # continuous batching's cancel_request, once it runs
 
     async def __call__(self, scope, receive, send):
+        send = openai_errors(send) if scope["type"] == "http" else send
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/health":
             return await reply(send, 200, body={"status": "stopping" if self.closing else "ok", "requests": len(self.calls),
                                                 "max_requests": self.max_requests})

@@ -188,10 +188,39 @@ def test_malformed_requests_get_a_4xx_at_once_and_the_server_goes_on(served, bod
     start = time.perf_counter()
     code, answer = post(server.url + "/chat/completions", body)
     assert code == status and time.perf_counter() - start < 1, answer  # checked before any work
-    assert "detail" in answer and says in str(answer["detail"]), answer  # the limit is in the message
+    # OpenAI's shape, whichever part of the server refused it (FastAPI, transformers serve, --serve's checks)
+    assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    assert answer["error"]["type"] == "invalid_request_error" and says in answer["error"]["message"], answer  # the limit is in it
     code, answer = post(server.url + "/chat/completions", json.dumps(
         {"model": server.model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}))
     assert code == 200 and answer["choices"][0]["message"]["content"], answer
+
+
+@slow
+def test_an_openai_client_reads_every_error_in_openais_shape(served):
+    """OpenAI's ErrorResponse ({"error": {"message", "type", "param", "code"}}) is what OpenAI-compatible clients
+    read: the openai client fills an exception's type and body from it (from FastAPI's {"detail": ...} it
+    filled neither), and so does a GET the server has no route for."""
+    import openai
+
+    _, server = served
+    with pytest.raises(openai.BadRequestError) as error:
+        client(server.url).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert error.value.type == "invalid_request_error" and "asked for 'gpt-4o'" in error.value.body["message"], error.value.body
+    try:
+        DIRECT.open(server.url + "/no-such-route", timeout=30)
+        pytest.fail("a route that is not there was answered")
+    except urllib.error.HTTPError as answer:  # FastAPI's own 404, rewritten
+        assert answer.code == 404 and json.loads(answer.read()) == {
+            "error": {"message": "Not Found", "type": "invalid_request_error", "param": None, "code": None}}
+
+
+def test_error_messages_are_read_from_each_shape_the_servers_parts_write():
+    read = example_usage.error_message
+    assert read(b'{"detail": "prompt must be a string."}') == "prompt must be a string."  # FastAPI's HTTPException
+    assert read(b'{"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]}') == "body.messages: Field required"
+    assert read(b'{"error": "no such model"}') == "no such model"  # transformers serve's 503
+    assert read(b'{"error": {"message": "said", "type": "x"}}') == "said" and read(b"Internal Server Error") == "Internal Server Error"
 
 
 @slow
@@ -339,7 +368,7 @@ def test_a_full_server_answers_503_at_once_and_goes_on(bounded):
         code, answer = post(bounded.url + "/chat/completions", hi)
         if code == 503 or time.monotonic() > deadline:
             break
-    assert code == 503 and "--max-requests" in answer["detail"] and time.perf_counter() - start < 1, answer
+    assert code == 503 and "--max-requests" in answer["error"]["message"] and time.perf_counter() - start < 1, answer
     for holder in holders:
         holder.close()
     code, answer = post(bounded.url + "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}))
@@ -434,6 +463,7 @@ def test_a_request_the_app_fails_on_is_a_500_in_json_and_one_line_in_the_log(cap
         return sent
 
     sent = asyncio.run(run())
-    assert sent[0]["status"] == 500 and json.loads(sent[1]["body"]) == {"detail": "the server failed on this request: the kernel said no"}
+    assert sent[0]["status"] == 500 and json.loads(sent[1]["body"]) == {"error": {
+        "message": "the server failed on this request: the kernel said no", "type": "server_error", "param": None, "code": None}}
     log = capsys.readouterr().err
     assert log.count("\n") == 1 and "RuntimeError: the kernel said no" in log and "Traceback" not in log, log
