@@ -256,8 +256,25 @@ class ServerChat:
             raise UserError(f"the server at {self.shown_url} lists no model; pass --model NAME", exit_code=1)
         return models[0].id
 
+    # Byte-level BPE makes at most one token of a byte. Other scripts than ASCII's come near it (an emoji's 4
+    # bytes are about 3 tokens for SmolLM2, 0.74 a byte; a Chinese character's 3 about 1.6), so their bytes count at this
+    # rate and only ASCII text at the rate the server's counts show (0.22 tokens a character for English).
+    TOKENS_PER_OTHER_BYTE = 0.8
+
+    @classmethod
+    def other_bytes(cls, text: str) -> int:
+        return len(text.encode("utf-8", "replace")) - len(text.encode("ascii", "ignore"))
+
     def estimate(self, messages: list[dict]) -> int:
-        return sum(int(len(m["content"]) * self.tokens_per_char) + 8 for m in messages)
+        return sum(int(len(m["content"].encode("ascii", "ignore")) * self.tokens_per_char
+                       + self.other_bytes(m["content"]) * self.TOKENS_PER_OTHER_BYTE) + 8 for m in messages)
+
+    def calibrate(self, chat: list[dict], prompt_tokens: int) -> None:
+        """tokens_per_char (for ASCII text) from the prompt tokens the server counted for `chat`."""
+        ascii_chars = sum(len(m["content"].encode("ascii", "ignore")) for m in chat)
+        other = sum(self.other_bytes(m["content"]) for m in chat) * self.TOKENS_PER_OTHER_BYTE
+        if ascii_chars:
+            self.tokens_per_char = min(1.0, max(0.1, (prompt_tokens - 8 * len(chat) - other) / ascii_chars))
 
     def fit(self, messages: list[dict]) -> None:
         """Drops the oldest exchanges (never the system prompt or the new question) until it fits."""
@@ -282,7 +299,7 @@ class ServerChat:
             self.stopped = True
             write(" [stopped]")
         if self.usage and self.usage.prompt_tokens:
-            self.tokens_per_char = max(0.1, (self.usage.prompt_tokens - 8 * len(chat)) / max(1, sum(len(m["content"]) for m in chat)))
+            self.calibrate(chat, self.usage.prompt_tokens)
         return "".join(pieces).strip()
 
     def _read(self, stream, pieces: list[str], write) -> None:

@@ -92,6 +92,29 @@ def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
         example_usage.LocalChat(settings, str(out), max_context=9000)
 
 
+def test_a_server_chats_estimate_does_not_undercount_other_scripts_than_english(tokenizer):
+    """The --base-url chat trims its history by an estimate, calibrated on the server's count of an English
+    prompt (0.22 tokens a character); by characters at that rate an emoji prompt, 2.8 tokens a character,
+    was estimated at a twelfth of its tokens and the server answered 400."""
+    import example_usage
+
+    chat = example_usage.ServerChat("http://127.0.0.1:9/v1", "served", 2048)  # no request is made
+
+    def tokens(messages):  # what the server counts: the template's tokens too
+        return len(finetune.render(tokenizer, messages, add_generation_prompt=True)["input_ids"])
+
+    english = [{"role": "user", "content": "Tell me about the tides and the moon. " * 12},
+               {"role": "assistant", "content": "The moon pulls the sea toward it, twice a day. " * 10},
+               {"role": "user", "content": "And the sun?"}]
+    chat.calibrate(english, tokens(english))
+    assert 0.15 < chat.tokens_per_char < 0.3 and abs(chat.estimate(english) - tokens(english)) < 0.1 * tokens(english)
+    # Not French or German: ASCII letters at English's rate, where SmolLM2's tokenizer makes 0.56 tokens a
+    # character of French: there the server's 400 is said and the chat asks for the next question
+    for text in ("🌳🌊🔥✨🤖" * 40, "深度树回声是一个自适应的人工智能" * 10, "Привет, как дела? " * 20):
+        asked = [{"role": "user", "content": text}]
+        assert tokens(asked) <= chat.estimate(asked) <= 2 * tokens(asked), (text[:20], tokens(asked), chat.estimate(asked))
+
+
 def test_chat_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "adapter").mkdir()  # a copied adapter, no summary: its base is a hub id, not downloaded
