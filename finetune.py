@@ -589,7 +589,8 @@ def system_message(obj: dict) -> list[dict]:
 
 def refuse_utf16(path: str | Path, head: bytes) -> None:
     """A UTF-16 file (a byte order mark, or a NUL among the first bytes of what would be JSON or a CSV header)
-    would read as 'not UTF-8' on every line; say what it is and how to convert it instead."""
+    would read as 'not UTF-8' on every line; the command says what it is and how to convert it instead. (The
+    validator itself reads any bytes, and reports each line.)"""
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
         raise UserError(f"dataset {path} is UTF-16, not UTF-8 (Windows PowerShell's > and Notepad's \"Unicode\" save text so); "
                         f"save it as UTF-8: in PowerShell, Get-Content {path} | Set-Content -Encoding utf8 NEW_FILE; "
@@ -638,8 +639,6 @@ def check_csv_shape(path: Path) -> None:
     under a header of 2 as its last two cells, and a column named twice as one, each without a word."""
     import csv
 
-    with path.open("rb") as handle:
-        refuse_utf16(path, handle.read(4))
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             rows = list(csv.reader(handle))
@@ -792,7 +791,6 @@ class DatasetValidator:
             raise UserError(f"dataset {path} is a folder; give the file inside it") from None
         except OSError as exc:
             raise UserError(f"cannot read dataset {path}: {exc.strerror}") from None
-        refuse_utf16(path, raw[:4])
         return raw
 
     def read_lines(self, path: str | Path):
