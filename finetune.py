@@ -49,7 +49,7 @@ from pathlib import Path
 DEFAULTS = {
     "data": {
         "dataset": "training_dataset.jsonl",  # .jsonl, .json, .csv, .parquet, or a hub dataset id (org/name)
-        "dataset_split": "train",  # the split of a hub dataset
+        "dataset_split": "train",  # the split of a hub dataset, or of a .json file that holds several
         "output": "prepared.jsonl",  # the file --prepare-only writes
         "validation_split": 0.05,  # share of examples held out (eval loss, OpenAI validation file)
         "max_length": 1024,  # tokens per example; longer ones are truncated (and reported)
@@ -491,7 +491,6 @@ MAX_LINE_BYTES = 1_000_000  # one example's JSON line; a longer one is reported 
 MAX_NESTING = 100  # arrays and objects inside one another; a real example needs 3 or 4
 SPECIAL_TOKEN_PATTERN = r"<\|[^|<>\s]{1,64}\|>"  # chat-control markers typed as text: <|im_end|>, <|eot_id|>
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
-JSON_HOLDER = re.compile(r'\{\s*"(?:[^"\\]|\\.)*"\s*:\s*(?=\[)')  # '{"train": [': a .json object holding its records
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half a UTF-16 pair: parses as JSON, cannot be written as UTF-8
 CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc but tab, LF, CR
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -774,7 +773,7 @@ class DatasetValidator:
         if suffix in TABLE_SUFFIXES or is_hub_dataset(str(source)):
             return self.table_records(read_table(str(source), split), report)
         if suffix == ".json":
-            return self.json_records(Path(source), report)
+            return self.json_records(Path(source), report, split)
         return self.jsonl_records(source)
 
     def jsonl_records(self, path: str | Path):
@@ -811,41 +810,65 @@ class DatasetValidator:
                 continue
             yield number, text, None
 
-    def json_records(self, path: Path, report: ValidationReport):
-        """A .json file: an array of records, or an object holding one ({"train": [...]}), each numbered by its
-        place in the array (and the line it starts on). A .json file of JSON lines is read as JSONL."""
+    def json_records(self, path: Path, report: ValidationReport, split: str = "train"):
+        """A .json file: an array of records, an object holding one ({"train": [...]}, or several, one per split),
+        or one record, each numbered by its place in the array (and the line it starts on). A .json file of JSON
+        lines is read as JSONL."""
         raw = self.read_bytes(path)
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             line = raw.count(b"\n", 0, exc.start) + 1
             raise UserError(f"dataset {path} is not UTF-8: byte 0x{raw[exc.start]:02x} on line {line}", exit_code=1) from None
-        start, closing = self.array_start(text)
+        start, holds = self.array_start(text, split, path)
         if start is None:
             yield from self.jsonl_records(path)
             return
         report.unit = "record"
-        yield from self.array_records(text, start, closing, report)
+        if holds == "record":
+            report.first_lines[1] = text.count("\n", 0, start) + 1
+            value, _, problems = self.decode(text, start)
+            yield (1, *self.check_value(value, problems, "record"))
+            return
+        yield from self.array_records(text, start, "" if holds == "array" else None, report)
 
     @staticmethod
-    def array_start(text: str) -> tuple[int | None, str]:
-        """Where the array of records begins (the file's top level, or the one list an object holds), and what
-        may follow its end; (None, "") when the file holds no such array."""
+    def array_start(text: str, split: str = "train", path: str | Path = "") -> tuple[int | None, str]:
+        """Where the records begin, and how they are held: "array" (the file's top level), "object" (the one list
+        an object holds, or the one named `split` where it holds several), "record" (the file is one record);
+        (None, "") when the file is none of these (JSON lines, or broken: read line by line)."""
         start = JSON_WHITESPACE.match(text).end()
         if text.startswith("[", start):
-            return start, ""
-        holder = JSON_HOLDER.match(text, start)
+            return start, "array"
         try:
-            whole = json.loads(text) if holder else None
-        except (ValueError, RecursionError):  # JSON lines, or broken: read line by line
+            whole = json.loads(text) if text.startswith("{", start) else None
+        except (ValueError, RecursionError):
             return None, ""
-        if isinstance(whole, dict) and len(whole) == 1 and record_format(whole) is None:
-            return holder.end(), "}"
-        return None, ""
+        if not isinstance(whole, dict):
+            return None, ""
+        if record_format(whole):
+            return start, "record"
+        lists = [key for key, value in whole.items() if isinstance(value, list)]
+        if len(lists) > 1 and split not in lists:
+            named = ", ".join(f"'{shown(key)}' ({len(whole[key])})" for key in lists[:8])
+            raise UserError(f"dataset {path} holds {len(lists)} lists of records: {named}; name the one to read with "
+                            f"--dataset-split (it is '{shown(split)}')")
+        if not lists:
+            return None, ""
+        key, decoder, position, found = split if len(lists) > 1 else lists[0], json.JSONDecoder(), start + 1, None
+        while not text.startswith("}", position := JSON_WHITESPACE.match(text, position).end()):  # the object's members
+            name, position = decoder.raw_decode(text, position)
+            position = JSON_WHITESPACE.match(text, JSON_WHITESPACE.match(text, position).end() + 1).end()  # past the ':'
+            found = position if name == key else found  # the last of a name given twice, as json.loads keeps it
+            position = decoder.raw_decode(text, position)[1]
+            position = JSON_WHITESPACE.match(text, position).end()
+            position += text.startswith(",", position)
+        return found, "object"
 
-    def array_records(self, text: str, start: int, closing: str, report: ValidationReport):
+    def array_records(self, text: str, start: int, closing: str | None, report: ValidationReport):
         """Each element of the array at `start`, parsed by the rules of a JSONL line. A break in the array's own
-        syntax ends the reading: nothing after it can be located."""
+        syntax ends the reading: nothing after it can be located. `closing`: what may follow the array (None: an
+        object's other members, which json.loads has read already)."""
         position, number, line, counted = start + 1, 0, 1, 0
         while True:
             position = JSON_WHITESPACE.match(text, position).end()
@@ -864,7 +887,7 @@ class DatasetValidator:
                 continue
             if not text.startswith("]", position):
                 problem = f"expected ',' or ']' after record {number}, at {line_column(text, position)}; what follows cannot be read"
-            elif text[position + 1 :].strip() != closing:
+            elif closing is not None and text[position + 1 :].strip() != closing:
                 problem = (f"extra data after the array, at {line_column(text, JSON_WHITESPACE.match(text, position + 1).end())}; "
                            "what follows cannot be read")
             else:
@@ -4670,7 +4693,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     setting(data, "--dataset", "dataset", "training data: .jsonl, .json, .csv or .parquet (messages, ShareGPT, Alpaca or "
             "prompt/completion records), or a hub dataset id", metavar="FILE")
-    setting(data, "--dataset-split", "dataset_split", "the split of a hub dataset", metavar="NAME")
+    setting(data, "--dataset-split", "dataset_split", "the split of a hub dataset, or of a .json file that holds several", metavar="NAME")
     setting(data, "--output", "output", "the file --prepare-only writes", metavar="FILE")
     setting(data, "--validation-split", "validation_split", "held-out share, seeded; 0 for none", type=float, metavar="FRACTION")
     setting(data, "--max-length", "max_length", "truncate longer examples", type=int, metavar="TOKENS")

@@ -659,6 +659,32 @@ def test_a_json_file_numbers_its_records_and_says_on_which_line_each_starts(tmp_
     assert report.unit == "line" and report.n_valid == 3
 
 
+def test_a_json_file_of_splits_reads_the_one_named_and_a_json_file_of_one_record_reads_it(tmp_path):
+    """{"train": [...], "test": [...]} and a single pretty-printed record were read as JSON lines: a problem on
+    every line of a valid file."""
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(5)]
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"test": rows[3:], "train": rows[:3], "version": "1.0"}, indent=2))
+    report = finetune.DatasetValidator().validate_file(splits)  # the default split: train, after test in the file
+    assert report.unit == "record" and not report.problems and report.n_valid == 3
+    assert [ex["messages"][0]["content"] for ex in report.examples] == ["Question 0?", "Question 1?", "Question 2?"]
+    assert report.first_lines == {1: 13, 2: 17, 3: 21}  # the line each record opens on, in the train list
+    assert finetune.DatasetValidator().validate_file(splits, "test").n_valid == 2
+    code, stderr, _ = without_torch("--prepare-only", "--dataset", splits, "--dataset-split", "validation", "--output", tmp_path / "o.jsonl")
+    assert code == 2 and stderr == (f"error: dataset {splits} holds 2 lists of records: 'test' (2), 'train' (3); "
+                                    "name the one to read with --dataset-split (it is 'validation')\n")
+    wrapped = tmp_path / "wrapped.json"  # one list among other members: the list is read
+    wrapped.write_text(json.dumps({"version": 2, "data": rows, "license": "cc-by-4.0"}))
+    assert finetune.DatasetValidator().validate_file(wrapped).n_valid == 5
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(rows[0], indent=2))
+    report = finetune.DatasetValidator().validate_file(one)
+    assert report.n_valid == 1 and not report.problems and report.unit == "record"
+    one.write_text(json.dumps({"prompt": "Hi", "completion": 5}, indent=2))  # one record's problem: said once
+    report = finetune.DatasetValidator().validate_file(one)
+    assert report.problems == {"wrong type": [(1, "'completion' must be a string, not a number")]}
+
+
 def test_shapes_of_sharegpt_and_alpaca_records_are_checked(tmp_path):
     lines = [
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}]},
