@@ -466,7 +466,7 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 # formats (OpenAI chat messages, ShareGPT, Alpaca, prompt/completion), mixed freely, from JSON lines,
 # a .json array, a CSV or Parquet file or a hub dataset; each record becomes {"messages": [...]}.
 # --------------------------------------------------------------------------------------------
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system, read as system
 RECORD_FORMATS = {  # name: (keys that mark a record as this format, every key it reads); the first that matches wins
     "messages": (("messages",), ("messages",)),  # OpenAI chat
     "sharegpt": (("conversations",), ("system", "conversations")),
@@ -506,10 +506,13 @@ def codepoint(char: str) -> str:
 
 
 def describe_path(path: tuple) -> str:
-    """Where a value sits in a line: 'prompt', 'message 2 content', 'turn 1 value' (ShareGPT), 'metadata.tags[0]'."""
+    """Where a value sits in a line: 'prompt', 'message 2 content', 'message 2 content part 1 text', 'turn 1 value'
+    (ShareGPT), 'metadata.tags[0]'."""
     out = ""
     if len(path) >= 2 and path[0] in ("messages", "conversations") and isinstance(path[1], int):
         out, path = f"{'message' if path[0] == 'messages' else 'turn'} {path[1] + 1} ", path[2:]
+        if len(path) >= 3 and path[0] == "content" and isinstance(path[1], int):  # a text part
+            out, path = f"{out}content part {path[1] + 1} ", path[2:]
     for step in path:
         if isinstance(step, int):
             out += f"[{step}]"
@@ -574,6 +577,22 @@ def near_duplicates(texts: list[str], threshold: float = 0.15, n: int = 8) -> li
 
 def example_text(example: dict) -> str:
     return "\n".join(message["content"] for message in example["messages"])
+
+
+def content_part_problems(where: str, parts: list[dict]) -> list[tuple[str, str]]:
+    """A message's content parts, as OpenAI's chat format has them: each {"type": "text", "text": ...}; an image
+    or audio part is refused (a text model learns from text), as is any other shape."""
+    problems = []
+    for i, part in enumerate(parts, start=1):
+        kind = part.get("type")
+        if kind != "text":
+            why = "a text model learns from text parts only" if isinstance(kind, str) else "each part needs a \"type\""
+            problems.append(("not text", f"{where} part {i} is {json.dumps(kind)[:40]}: {why}"))
+        elif not isinstance(part.get("text"), str):
+            problems.append(("wrong type", f"{where} part {i} needs \"text\": a string"))
+        elif unknown := sorted(set(part) - {"type", "text"}):
+            problems.append(("unknown key", f"{where} part {i} has '{shown(unknown[0])}'"))
+    return problems
 
 
 def record_format(obj: dict) -> str | None:
@@ -1027,8 +1046,11 @@ class DatasetValidator:
             if isinstance(value, str):
                 yield key, value
             for i, item in enumerate(value if isinstance(value, list) else []):
-                if isinstance(item, dict):  # a message's content and name, a ShareGPT turn's value
+                if isinstance(item, dict):  # a message's content (or its text parts) and name, a ShareGPT turn's value
                     yield from ((describe_path((key, i, k)), item[k]) for k in ("content", "name", "value") if isinstance(item.get(k), str))
+                    parts = item.get("content") if isinstance(item.get("content"), list) else []
+                    yield from ((describe_path((key, i, "content", j, "text")), part["text"]) for j, part in enumerate(parts)
+                                if isinstance(part, dict) and isinstance(part.get("text"), str))
                 elif isinstance(item, list):  # an Alpaca history pair
                     yield from ((describe_path((key, i, j)), text) for j, text in enumerate(item) if isinstance(text, str))
 
@@ -1064,8 +1086,15 @@ class DatasetValidator:
         return {"messages": [dict(message) for message in messages]}, []
 
     def from_messages(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
-        """OpenAI's chat format, by OpenAI's rules (roles, an assistant message to learn, weights)."""
-        return obj["messages"], self.check_messages(obj["messages"])
+        """OpenAI's chat format, by OpenAI's rules (roles, an assistant message to learn, weights). A content of
+        text parts ([{"type": "text", "text": ...}]) is their text, joined by line breaks; a developer message
+        is a system message."""
+        problems = self.check_messages(obj["messages"])
+        if problems:
+            return obj["messages"], problems
+        return [dict(message, role="system" if message["role"] == "developer" else message["role"],
+                     content=message["content"] if isinstance(message["content"], str) else "\n".join(part["text"] for part in message["content"]))
+                for message in obj["messages"]], []
 
     def from_prompt_completion(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
         messages = [{"role": "user", "content": obj.get("prompt")}, {"role": "assistant", "content": obj.get("completion")}]
@@ -1158,9 +1187,14 @@ class DatasetValidator:
             if "role" in message and role not in ROLES:
                 problems.append(("unknown role", f"{where} has role {json.dumps(role)} (use system, user or assistant)"))
             if "content" in message:
+                in_parts = []
+                if isinstance(content, list) and content and all(isinstance(part, dict) for part in content):
+                    in_parts = content_part_problems(where, content)
+                    content = "".join(part["text"] for part in content if isinstance(part.get("text"), str))
+                problems += in_parts
                 if not isinstance(content, str):
-                    problems.append(("wrong type", f"{where} content must be a string, not {json_kind(content)}"))
-                elif not content.strip():
+                    problems.append(("wrong type", f"{where} content must be a string or a list of text parts, not {json_kind(content)}"))
+                elif not content.strip() and not in_parts:
                     problems.append(("empty text", f"{where} ({role}) has no text"))
             if "name" in message and not isinstance(message["name"], str):
                 problems.append(("wrong type", f"{where} name must be a string"))

@@ -563,6 +563,28 @@ def test_a_null_optional_key_counts_as_absent_and_a_null_required_one_is_refused
                                               (4, "'instruction' must be a string, not null")]}
 
 
+def test_openai_text_parts_and_the_developer_role_are_read_and_other_parts_refused(tmp_path):
+    """OpenAI's chat format lets a content be a list of parts, as exports of chat logs have it, and newer
+    exports name the system message developer."""
+    records = [{"messages": [{"role": "developer", "content": "Be brief."},
+                             {"role": "user", "content": [{"type": "text", "text": "Who"}, {"type": "text", "text": "are you?"}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": "I'm {{name}}."}], "weight": 1}]},
+               {"messages": [{"role": "user", "content": [{"type": "text", "text": "Look"}, {"type": "image_url", "image_url": {"url": "x"}}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": "A cat\u0007."}]}]},
+               {"messages": [{"role": "user", "content": [{"text": "x"}]}, {"role": "assistant", "content": [{"type": "text", "text": " "}]}]},
+               {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": []},
+                             {"role": "tool", "content": "42"}, {"role": "assistant", "content": "42."}]}]
+    report = finetune.DatasetValidator().validate_file(write_lines(tmp_path / "parts.jsonl", records))
+    assert report.examples == [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who\nare you?"},
+                                             {"role": "assistant", "content": "I'm Echo.", "weight": 1}]}]
+    said = {kind: [detail for line, detail in found] for kind, found in report.problems.items()}
+    assert said["not text"] == ['message 1 part 2 is "image_url": a text model learns from text parts only',
+                                'message 1 part 1 is null: each part needs a "type"']
+    assert said["control character"] == ["control character U+0007 in message 2 content part 1 text"]
+    assert said["empty text"] == ["message 2 (assistant) has no text"]
+    assert "message 3 has role \"tool\" (use system, user or assistant)" in said["unknown role"] and report.invalid_lines == [2, 3, 4]
+
+
 def distinct_text(rng, words: int) -> str:
     vocabulary = "reservoir membrane graph river stone lantern orchard meadow copper signal harbor thistle".split()
     return " ".join(f"{rng.choice(vocabulary)}{rng.randrange(1000)}" for _ in range(words))
