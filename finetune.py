@@ -595,6 +595,11 @@ def content_part_problems(where: str, parts: list[dict]) -> list[tuple[str, str]
     return problems
 
 
+def turn_tags(turn: dict) -> tuple[str, str]:
+    """A ShareGPT turn's keys: from and value, or role and content where it has those instead."""
+    return ("role", "content") if "from" not in turn and "value" not in turn and ("role" in turn or "content" in turn) else ("from", "value")
+
+
 def record_format(obj: dict) -> str | None:
     return next((name for name, (marks, _) in RECORD_FORMATS.items() if any(key in obj for key in marks)), None)
 
@@ -1130,25 +1135,28 @@ class DatasetValidator:
             message, found = self.sharegpt_turn(i, turn)
             problems += found
             messages += [message] if message else []
-        if not any(isinstance(t, dict) and isinstance(t.get("from"), str) and SHAREGPT_ROLES.get(t["from"]) == "assistant" for t in turns):
+        if not any(isinstance(t, dict) and SHAREGPT_ROLES.get(str(t.get(turn_tags(t)[0]))) == "assistant" for t in turns):
             problems.append(("no assistant message", "no turn from gpt: nothing for the model to learn" if turns else "'conversations' is empty"))
         return messages, problems
 
     @staticmethod
     def sharegpt_turn(i: int, turn) -> tuple[dict | None, list[tuple[str, str]]]:
+        """One turn: {"from", "value"}, or {"role", "content"} (LLaMA-Factory reads either, by its tags)."""
         where = f"turn {i}"
         if not isinstance(turn, dict):
             return None, [("wrong type", f"{where} must be an object, not {json_kind(turn)}")]
-        problems = [("missing key", f"{where} has no '{key}'") for key in ("from", "value") if key not in turn]
-        problems += [("unknown key", f"{where} has '{shown(key)}'") for key in sorted(set(turn) - {"from", "value"})]
-        role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
-        if "from" in turn and role is None:
-            problems.append(("unknown role", f"{where} is from {json.dumps(turn['from'])} (use human, gpt or system)"))
-        value = turn.get("value")
-        if "value" in turn and not isinstance(value, str):
-            problems.append(("wrong type", f"{where} value must be a string, not {json_kind(value)}"))
+        who, said = turn_tags(turn)
+        problems = [("missing key", f"{where} has no '{key}'") for key in (who, said) if key not in turn]
+        problems += [("unknown key", f"{where} has '{shown(key)}'") for key in sorted(set(turn) - {who, said})]
+        role = SHAREGPT_ROLES.get(turn[who]) if isinstance(turn.get(who), str) else None
+        if who in turn and role is None:
+            said_by = f"is from {json.dumps(turn[who])}" if who == "from" else f"has role {json.dumps(turn[who])}"
+            problems.append(("unknown role", f"{where} {said_by} (use human, gpt or system)"))
+        value = turn.get(said)
+        if said in turn and not isinstance(value, str):
+            problems.append(("wrong type", f"{where} {said} must be a string, not {json_kind(value)}"))
         elif isinstance(value, str) and not value.strip():
-            problems.append(("empty text", f"{where} ({shown(str(turn.get('from')))}) has no text"))
+            problems.append(("empty text", f"{where} ({shown(str(turn.get(who)))}) has no text"))
         return (None if problems else {"role": role, "content": value}), problems
 
     @staticmethod

@@ -585,6 +585,18 @@ def test_openai_text_parts_and_the_developer_role_are_read_and_other_parts_refus
     assert "message 3 has role \"tool\" (use system, user or assistant)" in said["unknown role"] and report.invalid_lines == [2, 3, 4]
 
 
+def test_sharegpt_turns_of_role_and_content_are_read_as_llama_factory_reads_them(tmp_path):
+    records = [{"conversations": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"},
+                                  {"role": "assistant", "content": "I'm Echo."}]},
+               {"conversations": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}]},
+               {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "value": "Yo"}]}]
+    report = finetune.DatasetValidator().validate_file(write_lines(tmp_path / "roles.jsonl", records))
+    assert report.examples == [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"},
+                                             {"role": "assistant", "content": "I'm Echo."}]}]
+    assert report.problems["unknown role"] == [(2, 'turn 2 has role "bot" (use human, gpt or system)')]
+    assert (3, "turn 2 has no 'from'") in report.problems["missing key"]  # one turn mixing the two: which tags it meant is unclear
+
+
 def distinct_text(rng, words: int) -> str:
     vocabulary = "reservoir membrane graph river stone lantern orchard meadow copper signal harbor thistle".split()
     return " ".join(f"{rng.choice(vocabulary)}{rng.randrange(1000)}" for _ in range(words))
