@@ -25,6 +25,7 @@ import contextlib
 import errno
 import functools
 import glob
+import io
 import itertools
 import json
 import math
@@ -475,6 +476,7 @@ RECORD_FORMATS = {  # name: (keys that mark a record as this format, every key i
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PLACEHOLDERS = {"{{name}}": "persona_name", "{{author}}": "persona_author"}  # LLaMA-Factory's identity.json: setting that fills each
+COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # a dataset file may be compressed (the standard library's)
 TABLE_SUFFIXES = (".csv", ".parquet")  # read by `datasets`; JSON and JSON lines are read here, by the strict rules below
 JSON_COLUMNS = ("messages", "conversations", "history", "metadata")  # a CSV holds these as JSON text
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
@@ -610,10 +612,49 @@ def system_message(obj: dict) -> list[dict]:
     return [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
 
 
-def refuse_utf16(path: str | Path, head: bytes) -> None:
+def data_suffix(source: str | Path) -> str:
+    """A dataset file's kind by its name (.jsonl, .json, .csv, .parquet), past a .gz, .bz2 or .xz."""
+    suffixes = [suffix.lower() for suffix in Path(str(source)).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        return suffixes[-2] if len(suffixes) > 1 else ""
+    return Path(str(source)).suffix.lower()
+
+
+def open_dataset(path: str | Path):
+    """A dataset file opened for reading its bytes, decompressed where its name ends in .gz, .bz2 or .xz."""
+    import importlib
+
+    module = COMPRESSED.get(Path(path).suffix.lower())
+    return importlib.import_module(module).open(path, "rb") if module else open(path, "rb")
+
+
+def read_dataset_bytes(path: str | Path, size: int = -1) -> bytes:
+    """The file's bytes (the first `size`, where given), decompressed; a file that cannot be, in one line."""
+    import lzma
+
+    with open_dataset(path) as handle:
+        try:
+            return handle.read(size)
+        except (EOFError, lzma.LZMAError) as exc:  # gzip's truncated or not gzip (EOFError), xz's; bz2's is an OSError
+            raise UserError(f"cannot decompress dataset {path}: {first_line(exc)}", exit_code=1) from None
+        except OSError as exc:
+            if COMPRESSED.get(Path(path).suffix.lower()):
+                raise UserError(f"cannot decompress dataset {path}: {first_line(exc)}", exit_code=1) from None
+            raise
+
+
+COMPRESSED_STARTS = {".gz": rb"\x1f\x8b", ".bz2": rb"BZh[1-9]", ".xz": rb"\xfd7zX"}  # each format's first bytes
+
+
+def refuse_unreadable_bytes(path: str | Path, head: bytes) -> None:
     """A UTF-16 file (a byte order mark, or a NUL among the first bytes of what would be JSON or a CSV header)
-    would read as 'not UTF-8' on every line; the command says what it is and how to convert it instead. (The
-    validator itself reads any bytes, and reports each line.)"""
+    would read as 'not UTF-8' on every line, and a compressed one whose name does not say so as noise; the
+    command says what each is and what to do instead. (The validator itself reads any bytes, and reports
+    each line.)"""
+    ending = next((ending for ending, start in COMPRESSED_STARTS.items() if re.match(start, head)), None)
+    if ending:
+        raise UserError(f"dataset {path} is compressed ({ending[1:]}); a name that ends in {ending} ({Path(path).name}{ending}) "
+                        "is read as it is", exit_code=1)
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
         raise UserError(f"dataset {path} is UTF-16, not UTF-8 (Windows PowerShell's > and Notepad's \"Unicode\" save text so); "
                         f"save it as UTF-8: in PowerShell, Get-Content {path} | Set-Content -Encoding utf8 NEW_FILE; "
@@ -628,7 +669,7 @@ def line_column(text: str, position: int) -> str:
 def is_hub_dataset(name: str) -> bool:
     """org/name where there is no such file: a Hugging Face hub dataset id."""
     return (not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-            and Path(name).suffix.lower() not in (".jsonl", ".json", *TABLE_SUFFIXES))
+            and data_suffix(name) not in (".jsonl", ".json", *TABLE_SUFFIXES) and Path(name).suffix.lower() not in COMPRESSED)
 
 
 def read_table(source: str, split: str) -> list[dict]:
@@ -643,7 +684,7 @@ def read_table(source: str, split: str) -> list[dict]:
             why = (f"there is no file {source} here, and a hub dataset needs the internet (or a copy in the datasets cache): "
                    if isinstance(exc, ConnectionError) else "")
             raise UserError(f"cannot load the hub dataset {source} (split {split}): {why}{first_line(exc)}") from None
-    path, kind = Path(source), Path(source).suffix.lower().lstrip(".")
+    path, kind = Path(source), data_suffix(source).lstrip(".")
     if path.is_dir():
         raise UserError(f"dataset {source} is a folder; give the file inside it")
     if not path.is_file():
@@ -663,8 +704,7 @@ def check_csv_shape(path: Path) -> None:
     import csv
 
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            rows = list(csv.reader(handle))
+        rows = list(csv.reader(io.StringIO(read_dataset_bytes(path).decode("utf-8-sig"), newline="")))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"cannot read {path} as CSV: {first_line(exc)}", exit_code=1) from None
     header, rows = (rows[0], rows[1:]) if rows else ([], [])
@@ -684,13 +724,13 @@ def check_csv_shape(path: Path) -> None:
 
 def table_options(path: Path) -> dict:
     """A CSV's cells are text: every column read as a string (pandas would make "42" a number, "None" a null)."""
-    if path.suffix.lower() != ".csv":
+    if data_suffix(path) != ".csv":
         return {}
     import csv
 
     from datasets import Features, Value
 
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    with io.TextIOWrapper(open_dataset(path), encoding="utf-8-sig", newline="") as handle:
         header = next(csv.reader(handle), [])
     return {"features": Features({name: Value("string") for name in header}), "na_filter": False}
 
@@ -793,7 +833,7 @@ class DatasetValidator:
     # -- reading records ----------------------------------------------------------------------
     def records(self, source: str | Path, split: str, report: ValidationReport):
         """(number, object or None, problems) for each record of a .jsonl, .json, .csv or .parquet file or a hub dataset."""
-        suffix = Path(source).suffix.lower()
+        suffix = data_suffix(source)
         if suffix in TABLE_SUFFIXES or is_hub_dataset(str(source)):
             return self.table_records(read_table(str(source), split), report)
         if suffix == ".json":
@@ -807,7 +847,7 @@ class DatasetValidator:
     @staticmethod
     def read_bytes(path: str | Path) -> bytes:
         try:
-            raw = Path(path).read_bytes()
+            raw = read_dataset_bytes(path)
         except FileNotFoundError:
             raise UserError(f"dataset {path} does not exist") from None
         except IsADirectoryError:
@@ -4846,8 +4886,8 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
     elif Path(source).is_dir():
         raise UserError(f"dataset {source} is a folder; give the file inside it")
     else:
-        with contextlib.suppress(OSError), open(source, "rb") as handle:  # unreadable: said where it is read
-            refuse_utf16(source, handle.read(4))
+        with contextlib.suppress(OSError):  # unreadable: said where it is read
+            refuse_unreadable_bytes(source, read_dataset_bytes(source, 4))
     if base_model and settings["model"] != "auto":
         check_model_source(settings["model"])
     if base_model and settings["replay_questions"] and not Path(settings["replay_questions"]).is_file():

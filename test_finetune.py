@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import json
 import os
 import re
@@ -364,6 +365,32 @@ def test_lora_target_modules_that_the_model_lacks_are_refused_before_its_weights
     assert str(error.value) == ("--lora-target-modules: the model has no module named v_prj; its linear layers are q_proj, k_proj, "
                                 "v_proj, o_proj, gate_proj, up_proj, down_proj (all-linear adapts every one of them)")
     assert error.value.exit_code == 2
+
+
+def test_a_compressed_dataset_is_read_as_its_inner_name_says_and_a_misnamed_or_broken_one_is_one_line(tmp_path):
+    """Hub datasets ship as .jsonl.gz, .json.bz2, .csv.xz...: read as `datasets` reads them, decompressed."""
+    import bz2
+    import gzip
+    import lzma
+
+    rows = good_examples(3)
+    texts = {".jsonl": "".join(json.dumps(row) + "\n" for row in rows), ".json": json.dumps({"train": rows}, indent=1),
+             ".csv": "prompt,completion\n" + "".join(f'"{row["prompt"]}","{row["completion"]}"\n' for row in rows)}
+    expected = [{"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]} for row in rows]
+    for (kind, text), (ending, module) in itertools.product(texts.items(), ((".gz", gzip), (".bz2", bz2), (".xz", lzma))):
+        path = tmp_path / f"d{kind}{ending}"
+        path.write_bytes(module.compress(text.encode()))
+        report = finetune.DatasetValidator().validate_file(path)
+        assert report.examples == expected and report.unit == {".jsonl": "line", ".json": "record", ".csv": "row"}[kind], path
+    misnamed = tmp_path / "plain.jsonl"
+    misnamed.write_bytes(gzip.compress(texts[".jsonl"].encode()))
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(texts[".jsonl"].encode())[:30])
+    for path, said, at_once in ((misnamed, f"error: dataset {misnamed} is compressed (gz); a name that ends in .gz (plain.jsonl.gz) "
+                                           "is read as it is", True),  # its first bytes tell; a cut-off end is found when read
+                                (broken, f"error: cannot decompress dataset {broken}: Compressed file ended before the end-of-stream marker", False)):
+        code, stderr, torch = without_torch("--prepare-only", "--dataset", path, "--output", tmp_path / "o.jsonl")
+        assert code == 1 and stderr.startswith(said) and stderr.count("\n") == 1 and torch != at_once, stderr
 
 
 def test_compile_without_a_cpp_compiler_is_refused_before_anything_is_loaded(tmp_path):
