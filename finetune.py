@@ -50,7 +50,7 @@ from pathlib import Path
 DEFAULTS = {
     "data": {
         "dataset": "training_dataset.jsonl",  # .jsonl, .json, .csv, .parquet, or a hub dataset id (org/name)
-        "dataset_split": "train",  # the split of a hub dataset, or of a .json file that holds several
+        "dataset_split": "train",  # the split of a hub dataset, a dataset folder, or a .json file that holds several
         "output": "prepared.jsonl",  # the file --prepare-only writes
         "validation_split": 0.05,  # share of examples held out (eval loss, OpenAI validation file)
         "max_length": 1024,  # tokens per example; longer ones are truncated (and reported)
@@ -686,7 +686,7 @@ def read_table(source: str, split: str) -> list[dict]:
             raise UserError(f"cannot load the hub dataset {source} (split {split}): {why}{first_line(exc)}") from None
     path, kind = Path(source), data_suffix(source).lstrip(".")
     if path.is_dir():
-        raise UserError(f"dataset {source} is a folder; give the file inside it")
+        return read_folder(path, split)
     if not path.is_file():
         raise UserError(f"dataset {source} does not exist")
     if kind == "csv":
@@ -696,6 +696,25 @@ def read_table(source: str, split: str) -> list[dict]:
             return load_dataset(kind, data_files=str(path), split="train", cache_dir=cache, **table_options(path)).to_list()
         except Exception as exc:  # pandas' and Arrow's parse errors share no type
             raise UserError(f"cannot read {source} as {kind.upper()}: {first_line(exc)}", exit_code=1) from None
+
+
+def read_folder(path: Path, split: str) -> list[dict]:
+    """The rows of a split of a local copy of a hub dataset (its files, as `git clone` leaves them), or of a
+    folder that `datasets`' save_to_disk wrote, as `datasets` reads them."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            data = load_from_disk(str(path))
+            if isinstance(data, DatasetDict) and split not in data:
+                raise UserError(f"dataset {path} has the splits {', '.join(data)}; name one with --dataset-split (it is '{split}')")
+            return (data[split] if isinstance(data, DatasetDict) else data).to_list()
+        with tempfile.TemporaryDirectory() as cache:  # as for a local file: no copy left in the datasets cache
+            return load_dataset(str(path), split=split, cache_dir=cache).to_list()
+    except UserError:
+        raise
+    except Exception as exc:  # no data files, an unknown split, a file it cannot parse: each its own type
+        raise UserError(f"cannot read the folder {path} as a dataset (split {split}): {first_line(exc)}", exit_code=1) from None
 
 
 def check_csv_shape(path: Path) -> None:
@@ -832,9 +851,10 @@ class DatasetValidator:
 
     # -- reading records ----------------------------------------------------------------------
     def records(self, source: str | Path, split: str, report: ValidationReport):
-        """(number, object or None, problems) for each record of a .jsonl, .json, .csv or .parquet file or a hub dataset."""
+        """(number, object or None, problems) for each record of a .jsonl, .json, .csv or .parquet file, a hub
+        dataset, or a folder holding one (a clone of a hub dataset, or what save_to_disk wrote)."""
         suffix = data_suffix(source)
-        if suffix in TABLE_SUFFIXES or is_hub_dataset(str(source)):
+        if suffix in TABLE_SUFFIXES or is_hub_dataset(str(source)) or Path(source).is_dir():
             return self.table_records(read_table(str(source), split), report)
         if suffix == ".json":
             return self.json_records(Path(source), report, split)
@@ -850,8 +870,6 @@ class DatasetValidator:
             raw = read_dataset_bytes(path)
         except FileNotFoundError:
             raise UserError(f"dataset {path} does not exist") from None
-        except IsADirectoryError:
-            raise UserError(f"dataset {path} is a folder; give the file inside it") from None
         except OSError as exc:
             raise UserError(f"cannot read dataset {path}: {exc.strerror}") from None
         return raw
@@ -4775,7 +4793,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     setting(data, "--dataset", "dataset", "training data: .jsonl, .json, .csv or .parquet (messages, ShareGPT, Alpaca or "
             "prompt/completion records), or a hub dataset id", metavar="FILE")
-    setting(data, "--dataset-split", "dataset_split", "the split of a hub dataset, or of a .json file that holds several", metavar="NAME")
+    setting(data, "--dataset-split", "dataset_split", "the split of a hub dataset, a dataset folder, or a .json file that holds several", metavar="NAME")
     setting(data, "--output", "output", "the file --prepare-only writes", metavar="FILE")
     setting(data, "--validation-split", "validation_split", "held-out share, seeded; 0 for none", type=float, metavar="FRACTION")
     setting(data, "--max-length", "max_length", "truncate longer examples", type=int, metavar="TOKENS")
@@ -4883,9 +4901,7 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
         check_hub_reachable("dataset", source)
     elif not Path(source).exists():
         raise UserError(f"dataset {source} does not exist")
-    elif Path(source).is_dir():
-        raise UserError(f"dataset {source} is a folder; give the file inside it")
-    else:
+    elif Path(source).is_file():
         with contextlib.suppress(OSError):  # unreadable: said where it is read
             refuse_unreadable_bytes(source, read_dataset_bytes(source, 4))
     if base_model and settings["model"] != "auto":

@@ -322,11 +322,8 @@ def test_a_path_that_is_not_there_is_an_error_before_torch_is_imported(tmp_path)
     """A typo in a path is answered in a fraction of a second, not after torch's and transformers' imports
     (2-10 s here), or the hub's retries (52 s offline for --evaluate with no model folder)."""
     out, missing = tmp_path / "out", tmp_path / "nope.jsonl"
-    (tmp_path / "data.csv").mkdir()
     for args, error in ((["--prepare-only", "--dataset", missing], f"dataset {missing} does not exist"),
                         (["--dataset", missing, "--output-dir", out], f"dataset {missing} does not exist"),
-                        (["--dataset", tmp_path / "data.csv", "--output-dir", out], "data.csv is a folder; give the file inside it"),
-                        (["--prepare-only", "--dataset", tmp_path], f"dataset {tmp_path} is a folder"),
                         (["--model", "./no-such-model", "--output-dir", out], "there is no folder ./no-such-model"),
                         (["--model", tmp_path / "base.gguf", "--output-dir", out], "GGUF file"),
                         (["--resume", "--output-dir", out], "has no complete checkpoint to resume from"),
@@ -365,6 +362,31 @@ def test_lora_target_modules_that_the_model_lacks_are_refused_before_its_weights
     assert str(error.value) == ("--lora-target-modules: the model has no module named v_prj; its linear layers are q_proj, k_proj, "
                                 "v_proj, o_proj, gate_proj, up_proj, down_proj (all-linear adapts every one of them)")
     assert error.value.exit_code == 2
+
+
+def test_a_folder_is_read_as_a_clone_of_a_hub_dataset_or_what_save_to_disk_wrote(tmp_path):
+    """A hub dataset's files as `git clone` leaves them (data/train-*.parquet), and a folder written by
+    save_to_disk, are read as `datasets` reads them, by --dataset-split; nothing is left in its cache."""
+    from datasets import Dataset, DatasetDict
+
+    rows = good_examples(4)
+    clone = tmp_path / "clone"
+    (clone / "data").mkdir(parents=True)
+    Dataset.from_list(rows).to_parquet(clone / "data" / "train-00000-of-00001.parquet")
+    Dataset.from_list(rows[:1]).to_parquet(clone / "data" / "test-00000-of-00001.parquet")
+    saved = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list(rows[:3]), "validation": Dataset.from_list(rows[3:])}).save_to_disk(saved)
+    for folder, split, n in ((clone, "train", 4), (clone, "test", 1), (saved, "train", 3), (saved, "validation", 1)):
+        report = finetune.DatasetValidator().validate_file(folder, split)
+        assert report.n_valid == n and report.unit == "row" and not report.problems, (folder, split)
+    (tmp_path / "empty.csv").mkdir()
+    for folder, split, said in ((saved, "test", f"error: dataset {saved} has the splits train, validation; name one with --dataset-split (it is 'test')"),
+                                (clone, "dev", f"error: cannot read the folder {clone} as a dataset (split dev): Unknown split \"dev\""),
+                                (tmp_path / "empty.csv", "train", f"error: cannot read the folder {tmp_path / 'empty.csv'} as a dataset")):
+        result = cli("--prepare-only", "--dataset", folder, "--dataset-split", split, "--output", tmp_path / "o.jsonl",
+                     env={"HF_HOME": str(tmp_path / "hf")})
+        assert result.returncode in (1, 2) and result.stderr.strip().splitlines()[-1].startswith(said), result.stderr
+    assert not list((tmp_path / "hf").rglob("*.arrow"))  # no copy in the datasets cache
 
 
 def test_a_compressed_dataset_is_read_as_its_inner_name_says_and_a_misnamed_or_broken_one_is_one_line(tmp_path):
