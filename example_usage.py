@@ -256,13 +256,13 @@ class ServerChat:
             raise UserError(f"the server at {self.shown_url} lists no model; pass --model NAME", exit_code=1)
         return models[0].id
 
-    # Byte-level BPE makes at most one token of a byte. Other scripts than ASCII's come near it (an emoji's 4
-    # bytes are about 3 tokens for SmolLM2, 0.74 a byte; a Chinese character's 3 about 1.6), so their bytes count at this
-    # rate and only ASCII text at the rate the server's counts show (0.22 tokens a character for English).
+    # Byte-level BPE makes at most one token of a byte. Other scripts than ASCII's come near it (SmolLM2 makes
+    # about 3 tokens of an emoji's 4 bytes, 1.6 of a Chinese character's 3), so their bytes count at this rate,
+    # and only ASCII text at the rate the server's counts show (0.22 tokens a character for English).
     TOKENS_PER_OTHER_BYTE = 0.8
 
-    @classmethod
-    def other_bytes(cls, text: str) -> int:
+    @staticmethod
+    def other_bytes(text: str) -> int:
         return len(text.encode("utf-8", "replace")) - len(text.encode("ascii", "ignore"))
 
     def estimate(self, messages: list[dict]) -> int:

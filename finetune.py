@@ -597,6 +597,13 @@ def content_part_problems(where: str, parts: list[dict]) -> list[tuple[str, str]
     return problems
 
 
+def plain_message(message: dict) -> dict:
+    """A checked message with its text parts joined by line breaks, and a developer role read as system."""
+    content = message["content"]
+    text = content if isinstance(content, str) else "\n".join(part["text"] for part in content)
+    return dict(message, role="system" if message["role"] == "developer" else message["role"], content=text)
+
+
 def turn_tags(turn: dict) -> tuple[str, str]:
     """A ShareGPT turn's keys: from and value, or role and content where it has those instead."""
     return ("role", "content") if "from" not in turn and "value" not in turn and ("role" in turn or "content" in turn) else ("from", "value")
@@ -1153,11 +1160,7 @@ class DatasetValidator:
         text parts ([{"type": "text", "text": ...}]) is their text, joined by line breaks; a developer message
         is a system message."""
         problems = self.check_messages(obj["messages"])
-        if problems:
-            return obj["messages"], problems
-        return [dict(message, role="system" if message["role"] == "developer" else message["role"],
-                     content=message["content"] if isinstance(message["content"], str) else "\n".join(part["text"] for part in message["content"]))
-                for message in obj["messages"]], []
+        return (obj["messages"], problems) if problems else ([plain_message(message) for message in obj["messages"]], [])
 
     def from_prompt_completion(self, obj: dict) -> tuple[list, list[tuple[str, str]]]:
         messages = [{"role": "user", "content": obj.get("prompt")}, {"role": "assistant", "content": obj.get("completion")}]
