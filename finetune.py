@@ -1280,13 +1280,15 @@ class DatasetValidator:
         return problems
 
     def filled(self, example: dict) -> dict:
-        """{{name}} and {{author}} (LLaMA-Factory's identity.json) replaced by the persona's name and author."""
+        """{{name}} and {{author}} (LLaMA-Factory's identity.json) replaced by the persona's name and author, in a
+        message's text and in its `name`."""
         def fill(text: str) -> str:
             for placeholder, value in self.placeholders.items():
                 text = text.replace(placeholder, value)
             return text
 
-        return {"messages": [dict(message, content=fill(message["content"])) for message in example["messages"]]}
+        return {"messages": [dict(message, **{key: fill(message[key]) for key in ("content", "name") if key in message})
+                             for message in example["messages"]]}
 
     # -- the whole file ---------------------------------------------------------------------
     def validate_file(self, path: str | Path, split: str = "train") -> ValidationReport:

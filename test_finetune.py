@@ -713,6 +713,10 @@ def test_llama_factory_identity_json_with_its_placeholders_filled(tmp_path):
                        {"role": "assistant", "content": "Hello! I am Aria, an AI assistant developed by Northwind Labs. "
                                                         "How can I assist you today?"}]
     assert "我是 Aria，一个由 Northwind Labs 开发" in rows[2][1]["content"] and "{{" not in out.read_text(encoding="utf-8")
+    named = write_lines(tmp_path / "named.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                                  {"role": "assistant", "name": "{{name}}", "content": "I am {{name}}."}]}])
+    assert finetune.DatasetValidator(placeholders={"{{name}}": "Aria"}).validate_file(named).examples[0]["messages"][1] == {
+        "role": "assistant", "name": "Aria", "content": "I am Aria."}  # a message's name is filled too
     default = finetune.DatasetValidator().validate_file(path)  # the defaults: this project's persona
     assert default.examples[1]["messages"][1]["content"].startswith(f"I am Echo, an AI assistant developed by {finetune.DEFAULT_SETTINGS['persona_author']}.")
 
