@@ -1137,9 +1137,15 @@ class DatasetValidator:
     def check_example(self, obj: dict) -> tuple[dict | None, list[tuple[str, str]]]:
         """Returns the record as {"messages": [...]} (None when it has problems) and the problems found in it."""
         kind = record_format(obj)
+        pair = next((keys for keys in (("chosen", "rejected"), ("preferred_output", "non_preferred_output")) if set(keys) <= set(obj)), None)
+        if pair:  # TRL's and OpenAI's preference formats: what a DPO trainer reads, not an answer to learn
+            return None, [("preference pair", f"'{pair[0]}' and '{pair[1]}' make a preference (DPO) pair; this tool learns one "
+                                              f"answer per example: give the {pair[0].split('_')[0]} one as 'completion' or in "
+                                              "'messages', and leave the other out")]
         if kind is None:
+            plain = " ('text' alone is plain text, not a conversation)" if "text" in obj else ""
             return None, [("missing key", "needs 'messages', 'conversations' (ShareGPT), 'instruction' and 'output' (Alpaca), "
-                                          "or 'prompt' and 'completion'")]
+                                          f"or 'prompt' and 'completion'{plain}")]
         problems = []
         for where, text in self.text_fields(obj):
             found = CONTROL_CHARACTER.search(text)

@@ -646,6 +646,24 @@ def test_sharegpt_turns_of_role_and_content_are_read_as_llama_factory_reads_them
     assert (3, "turn 2 has no 'from'") in report.problems["missing key"]  # one turn mixing the two: which tags it meant is unclear
 
 
+def test_preference_pairs_and_plain_text_are_named_for_what_they_are(tmp_path):
+    """TRL's and OpenAI's DPO records and TRL's plain-text records are not chats with one answer to learn: one
+    problem that says so, not a missing 'completion' beside two unknown keys."""
+    records = [{"prompt": "Who are you?", "chosen": "I'm Echo.", "rejected": "I'm ChatGPT."},
+               {"input": {"messages": [{"role": "user", "content": "Who?"}]}, "preferred_output": [{"role": "assistant", "content": "Echo."}],
+                "non_preferred_output": [{"role": "assistant", "content": "ChatGPT."}]},
+               {"text": "User: Who are you?\nAssistant: I'm Echo."}]
+    report = finetune.DatasetValidator().validate_file(write_lines(tmp_path / "pairs.jsonl", records))
+    assert report.problems["preference pair"] == [
+        (1, "'chosen' and 'rejected' make a preference (DPO) pair; this tool learns one answer per example: give the chosen one "
+            "as 'completion' or in 'messages', and leave the other out"),
+        (2, "'preferred_output' and 'non_preferred_output' make a preference (DPO) pair; this tool learns one answer per example: "
+            "give the preferred one as 'completion' or in 'messages', and leave the other out")]
+    assert report.problems["missing key"] == [(3, "needs 'messages', 'conversations' (ShareGPT), 'instruction' and 'output' (Alpaca), "
+                                                  "or 'prompt' and 'completion' ('text' alone is plain text, not a conversation)")]
+    assert set(report.problems) == {"preference pair", "missing key"}
+
+
 def distinct_text(rng, words: int) -> str:
     vocabulary = "reservoir membrane graph river stone lantern orchard meadow copper signal harbor thistle".split()
     return " ".join(f"{rng.choice(vocabulary)}{rng.randrange(1000)}" for _ in range(words))
