@@ -2441,6 +2441,7 @@ def prepare_openai_files(settings: dict, strict: bool) -> list[tuple[Path, list[
         if same_file(path, settings["dataset"]):  # rewritten with its own training share, it lost its held-out examples
             raise UserError(f"{path} is the dataset itself, which this job's files would replace; copy it elsewhere "
                             f"first, or choose another --output-dir (the dataset is never replaced)")
+    outputs_inside_dataset(settings, paths)
     files = write_prepared(settings, strict, lambda split: paths, True, (None, NOT_COUNTED_FOR_OPENAI))  # derived: nothing is lost
     mark(output_dir)
     for path, rows in files:
@@ -4891,6 +4892,7 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
     for path in paths_for(True) + paths_for(False):
         if same_file(path, settings["dataset"]):
             raise UserError(f"{path} is the dataset itself; choose another --output (the dataset is never replaced)")
+    outputs_inside_dataset(settings, paths_for(True) + paths_for(False))
     check_paths(settings)
     tokens = base_tokenizer(settings) if provider == "huggingface" else (None, NOT_COUNTED_FOR_OPENAI)
     files = write_prepared(settings, strict, paths_for, overwrite, tokens)
@@ -4929,9 +4931,19 @@ def inputs_inside(folder: Path, settings: dict) -> None:
     be gone with the old one: refused before anything is written."""
     for key in ("dataset", "eval_dataset", "replay_questions", "general_text"):
         path = Path(settings[key]) if settings[key] else None
-        if path is not None and path.is_file() and folder.is_dir() and folder.resolve() in path.resolve().parents:
+        if path is not None and path.exists() and folder.is_dir() and folder.resolve() in path.resolve().parents:
             raise UserError(f"--{key.replace('_', '-')} {path} is inside {folder}, which this run replaces with the new model; "
                             f"move it out first, or choose another --output-dir")
+    outputs_inside_dataset(settings, [folder])
+
+
+def outputs_inside_dataset(settings: dict, outputs: list[Path]) -> None:
+    """A dataset folder is read whole: a model or prepared file written into it would be read as its data next time."""
+    source = Path(str(settings["dataset"]))
+    for path in outputs if source.is_dir() else ():
+        if source.resolve() == Path(path).resolve() or source.resolve() in Path(path).resolve().parents:
+            raise UserError(f"{path} is inside the dataset folder {source}, whose files are all read as data: the next run "
+                            f"would read it too; write it elsewhere")
 
 
 def base_tokenizer(settings: dict) -> tuple[object, str]:

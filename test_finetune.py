@@ -389,6 +389,31 @@ def test_a_folder_is_read_as_a_clone_of_a_hub_dataset_or_what_save_to_disk_wrote
     assert not list((tmp_path / "hf").rglob("*.arrow"))  # no copy in the datasets cache
 
 
+def test_nothing_is_written_into_a_dataset_folder_and_a_dataset_folder_is_never_replaced_with_a_model(tmp_path):
+    """A dataset folder is read whole: a prepared file or a model written into it would be data next time; and
+    a dataset folder kept in the model folder a run replaces would go with it."""
+    from datasets import Dataset
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_list(good_examples(4)).to_parquet(data / "train.parquet")
+    for args, said in ((["--prepare-only", "--dataset", data, "--output", data / "p.jsonl"], f"{data / 'p_train.jsonl'} is inside the dataset folder {data}"),
+                       (["--dataset", data, "--output-dir", data / "model"], f"{data / 'model'} is inside the dataset folder {data}"),
+                       (["--provider", "openai", "--dataset", data, "--output-dir", data / "job", "--yes", "--base-url", "http://127.0.0.1:9"],
+                        f"{data / 'job' / 'openai_train.jsonl'} is inside the dataset folder {data}")):
+        code, stderr, _ = without_torch(*args, env={"OPENAI_API_KEY": "sk-test"})
+        assert code == 2 and stderr.strip().splitlines()[-1] == f"error: {said}, whose files are all read as data: the next run would read it too; write it elsewhere", stderr
+    assert sorted(p.name for p in data.iterdir()) == ["train.parquet"]
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / finetune.TOOL_MARKER).write_text("{}")
+    (out / finetune.FINISHED_MARKER).write_text("{}")
+    data.rename(out / "data")
+    code, stderr, torch = without_torch("--dataset", out / "data", "--output-dir", out, "--overwrite")
+    assert code == 2 and f"--dataset {out / 'data'} is inside {out}, which this run replaces" in stderr and not torch, stderr
+    assert (out / "data" / "train.parquet").is_file()
+
+
 def test_a_compressed_dataset_is_read_as_its_inner_name_says_and_a_misnamed_or_broken_one_is_one_line(tmp_path):
     """Hub datasets ship as .jsonl.gz, .json.bz2, .csv.xz...: read as `datasets` reads them, decompressed."""
     import bz2
