@@ -108,8 +108,8 @@ def test_a_server_chats_estimate_does_not_undercount_other_scripts_than_english(
                {"role": "user", "content": "And the sun?"}]
     chat.calibrate(english, tokens(english))
     assert 0.15 < chat.tokens_per_char < 0.3 and abs(chat.estimate(english) - tokens(english)) < 0.1 * tokens(english)
-    # Not French or German: ASCII letters at English's rate, where SmolLM2's tokenizer makes 0.56 tokens a
-    # character of French: there the server's 400 is said and the chat asks for the next question
+    # Not French or German: their letters are ASCII and count at English's rate, though SmolLM2 makes 0.56
+    # tokens a character of French. There the server's 400 is said, and the chat asks for the next question.
     for text in ("🌳🌊🔥✨🤖" * 40, "深度树回声是一个自适应的人工智能" * 10, "Привет, как дела? " * 20):
         asked = [{"role": "user", "content": text}]
         assert tokens(asked) <= chat.estimate(asked) <= 2 * tokens(asked), (text[:20], tokens(asked), chat.estimate(asked))
