@@ -199,8 +199,8 @@ def test_malformed_requests_get_a_4xx_at_once_and_the_server_goes_on(served, bod
 @slow
 def test_an_openai_client_reads_every_error_in_openais_shape(served):
     """OpenAI's ErrorResponse ({"error": {"message", "type", "param", "code"}}) is what OpenAI-compatible clients
-    read: the openai client fills an exception's type and body from it (from FastAPI's {"detail": ...} it
-    filled neither), and so does a GET the server has no route for."""
+    read: the openai client takes an exception's type and body from it (from FastAPI's {"detail": ...} its type
+    was None and its body had no message); a GET the server has no route for is answered in it too."""
     import openai
 
     _, server = served
