@@ -696,11 +696,10 @@ def read_table(source: str, split: str) -> list[dict]:
         return read_folder(path, split)
     if not path.is_file():
         raise UserError(f"dataset {source} does not exist")
-    if kind == "csv":
-        check_csv_shape(path)
+    options = table_options(check_csv_shape(path)) if kind == "csv" else {}
     with tempfile.TemporaryDirectory() as cache:  # a local file: no copy of it is left in the datasets cache
         try:
-            return load_dataset(kind, data_files=str(path), split="train", cache_dir=cache, **table_options(path)).to_list()
+            return load_dataset(kind, data_files=str(path), split="train", cache_dir=cache, **options).to_list()
         except Exception as exc:  # pandas' and Arrow's parse errors share no type
             raise UserError(f"cannot read {source} as {kind.upper()}: {first_line(exc)}", exit_code=1) from None
 
@@ -724,9 +723,10 @@ def read_folder(path: Path, split: str) -> list[dict]:
         raise UserError(f"cannot read the folder {path} as a dataset (split {split}): {first_line(exc)}", exit_code=1) from None
 
 
-def check_csv_shape(path: Path) -> None:
-    """A CSV whose rows do not match its header, said before `datasets` reads it: pandas read a row of 4 cells
-    under a header of 2 as its last two cells, and a column named twice as one, each without a word."""
+def check_csv_shape(path: Path) -> list[str]:
+    """A CSV's header, once its rows are found to match it; one that does not, said before `datasets` reads it:
+    pandas read a row of 4 cells under a header of 2 as its last two cells, and a column named twice as one,
+    each without a word."""
     import csv
 
     try:
@@ -746,18 +746,13 @@ def check_csv_shape(path: Path) -> None:
         many = len(wrong) > 1
         raise UserError(f"{path}: row{'s' if many else ''} {shown} (the header not counted) {'have' if many else 'has'} another "
                         f"number of cells than the header's {len(header)}; a cell that holds a comma needs double quotes")
+    return header
 
 
-def table_options(path: Path) -> dict:
+def table_options(header: list[str]) -> dict:
     """A CSV's cells are text: every column read as a string (pandas would make "42" a number, "None" a null)."""
-    if data_suffix(path) != ".csv":
-        return {}
-    import csv
-
     from datasets import Features, Value
 
-    with io.TextIOWrapper(open_dataset(path), encoding="utf-8-sig", newline="") as handle:
-        header = next(csv.reader(handle), [])
     return {"features": Features({name: Value("string") for name in header}), "na_filter": False}
 
 
