@@ -481,6 +481,15 @@ def test_the_liger_choice_is_printed_where_it_can_be_on(monkeypatch, capsys):
     assert "Liger" not in capsys.readouterr().err
 
 
+def test_auto_learning_rate_follows_the_precision():
+    """LoRA in fp32 collapsed on a seed at 3e-3 and held at 2e-3 (README); bf16 keeps the recipe it was chosen with."""
+    rates = {(method, precision): finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, device="cpu", method=method,
+                                                                   precision=precision))["learning_rate"]
+             for method in ("lora", "full") for precision in ("fp32", "bf16")}
+    assert rates == {("lora", "fp32"): 2e-3, ("lora", "bf16"): 3e-3, ("full", "fp32"): 5e-5, ("full", "bf16"): 5e-5}
+    assert finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, device="cpu", precision="fp32", learning_rate=3e-3))["learning_rate"] == 3e-3
+
+
 def test_prepare_writes_both_formats_and_a_reproducible_split(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", good_examples(20) + [{"messages": [
         {"role": "user", "content": "hi", "name": "ada"}, {"role": "assistant", "content": "hello"}], "metadata": {"k": 1}}])
