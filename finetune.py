@@ -2108,8 +2108,8 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
         # at 8% fewer tokens a second than 384 and still faster than whole batches.
         resolved["max_batch_tokens"] = (0 if device == "cuda" else 256 if resolved["precision"] in ("bf16", "fp16") else 128)
     if resolved["learning_rate"] == "auto":
-        # LoRA in fp32 (a CPU without native bf16): at 3e-3 one seed of three collapsed ("a reservoir of reservoirs":
-        # 54% adoption, 22% of identity answers looping); at 2e-3 all four seeds held (83-96%, at most 12% looping).
+        # LoRA in fp32 (a CPU without native bf16): at 3e-3 one seed of four collapsed ("a reservoir of reservoirs":
+        # 54% adoption, 22% of identity answers looping); at 2e-3 all five seeds held (83-96%, at most 12% looping).
         # In bf16, where the recipe was chosen, a draft at 2e-3 lost on every measure (README: "Third round").
         lora = 2e-3 if resolved["precision"] == "fp32" else 3e-3
         resolved["learning_rate"] = lora if resolved["method"] == "lora" else 5e-5
