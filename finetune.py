@@ -2110,7 +2110,7 @@ def resolve_hardware(settings: dict, training: bool = True) -> dict:
     if resolved["learning_rate"] == "auto":
         # LoRA in fp32 (a CPU without native bf16): at 3e-3 one seed of four collapsed ("a reservoir of reservoirs":
         # 54% adoption, 22% of identity answers looping); at 2e-3 all five seeds held (83-96%, at most 12% looping).
-        # In bf16, where the recipe was chosen, a draft at 2e-3 lost on every measure (README: "Third round").
+        # In bf16, where the recipe was chosen, 2e-3 did no better (a draft on a Zen 5, two seeds on an AMX Xeon: README).
         lora = 2e-3 if resolved["precision"] == "fp32" else 3e-3
         resolved["learning_rate"] = lora if resolved["method"] == "lora" else 5e-5
     capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else torch.cuda.get_device_name() if device == "cuda" else device
