@@ -1304,6 +1304,32 @@ def test_the_check_after_training_projects_no_position_onto_the_whole_vocabulary
         hook.remove()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_freed_memory_goes_back_after_each_step_in_fp32_and_after_each_piece_in_bf16(tmp_path, monkeypatch, precision):
+    """Memory handed back costs page faults when the next piece touches it again: in fp32 once a step (1.08x faster
+    on an AVX2 CPU, README), in bf16 after each piece (its runs peak nearer the 2 GB budget)."""
+    from datasets import Dataset
+
+    settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, output_dir=str(tmp_path / "out"), max_steps=1,
+                                              batch_size=3, device="cpu", precision=precision, lora_r=4, max_batch_tokens=64))
+    tuner = finetune.HuggingFaceFineTuner(settings)
+    tokenizer = tuner.load_tokenizer()
+    rows = tuner.rows(load_jsonl("training_dataset.jsonl")[:3], tokenizer)
+    trainer = tuner.make_trainer(tuner.load_model(), tokenizer, Dataset.from_list(rows), None, tmp_path / "ck")
+    assert trainer.release_every_piece == (precision == "bf16")
+    if precision == "bf16":
+        return  # the step itself: bf16 on a CPU without native bf16 would take minutes; the setting is what differs
+    released = []
+    monkeypatch.setattr(finetune, "release_freed_memory", lambda: released.append(1))
+    batch = trainer.data_collator([{k: row[k] for k in ("input_ids", "labels")} for row in rows])
+    pieces = len(finetune.micro_batches(batch, 64))
+    trainer.model.train()
+    for every_piece, expected in ((False, 1), (True, pieces)):
+        trainer.release_every_piece, released[:] = every_piece, []
+        trainer.training_step(trainer.model, batch)
+        assert pieces >= 3 and len(released) == expected
+
+
 def test_overwrite_never_touches_a_folder_this_tool_did_not_write(tmp_path):
     thesis = tmp_path / "thesis"
     thesis.mkdir()
