@@ -1311,7 +1311,8 @@ def test_freed_memory_goes_back_after_each_step_in_fp32_and_after_each_piece_in_
     from datasets import Dataset
 
     settings = finetune.resolve_hardware(dict(finetune.DEFAULT_SETTINGS, output_dir=str(tmp_path / "out"), max_steps=1,
-                                              batch_size=3, device="cpu", precision=precision, lora_r=4, max_batch_tokens=64))
+                                              batch_size=3, device="cpu", precision=precision, lora_r=4, max_length=64,
+                                              max_batch_tokens=48))  # each row of up to 64 tokens a piece of its own
     tuner = finetune.HuggingFaceFineTuner(settings)
     tokenizer = tuner.load_tokenizer()
     rows = tuner.rows(load_jsonl("training_dataset.jsonl")[:3], tokenizer)
@@ -1322,7 +1323,7 @@ def test_freed_memory_goes_back_after_each_step_in_fp32_and_after_each_piece_in_
     released = []
     monkeypatch.setattr(finetune, "release_freed_memory", lambda: released.append(1))
     batch = trainer.data_collator([{k: row[k] for k in ("input_ids", "labels")} for row in rows])
-    pieces = len(finetune.micro_batches(batch, 64))
+    pieces = len(finetune.micro_batches(batch, 48))
     trainer.model.train()
     for every_piece, expected in ((False, 1), (True, pieces)):
         trainer.release_every_piece, released[:] = every_piece, []
