@@ -354,6 +354,7 @@ def test_llama_cpp_answers_with_transformers_tokens(exported, merged):
     transformers had put its token less than 0.25 above llama.cpp's (F16 moves these logits by up to 0.07, see
     above; a wrong weight, template or token would move them by whole units). Q8_0 is measured and printed."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-export installs it)")
+    import torch
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     model, tokenizer = merged
@@ -364,7 +365,9 @@ def test_llama_cpp_answers_with_transformers_tokens(exported, merged):
         expected[question] = (prompt, transformers_greedy(model, tokenizer, prompt, 32))
     agreement, departures = {}, {}
     for kind, path in gguf_files(exported[0]).items():
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0)
+        # torch's threads: one in the suite's workers (conftest.py). llama.cpp's threads spin-wait: two of them
+        # beside a busy core ran this test in 56 s against 45 s with one
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), n_batch=512, verbose=False, seed=0)
         formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token)
         same, prefix, departures[kind] = 0, 0, []
         for question, (prompt, want) in expected.items():
