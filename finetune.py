@@ -4924,6 +4924,9 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
     elif Path(source).is_file():
         with contextlib.suppress(OSError):  # unreadable: said where it is read
             refuse_unreadable_bytes(source, read_dataset_bytes(source, 4))
+        if data_suffix(source) == ".json":  # several lists of records and none named: as soon as a missing file
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                DatasetValidator.array_start(read_dataset_bytes(source).decode("utf-8-sig"), settings["dataset_split"], source)
     if base_model and settings["model"] != "auto":
         check_model_source(settings["model"])
     if base_model and settings["replay_questions"] and not Path(settings["replay_questions"]).is_file():

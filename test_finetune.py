@@ -809,9 +809,11 @@ def test_a_json_file_of_splits_reads_the_one_named_and_a_json_file_of_one_record
     assert [ex["messages"][0]["content"] for ex in report.examples] == ["Question 0?", "Question 1?", "Question 2?"]
     assert report.first_lines == {1: 13, 2: 17, 3: 21}  # the line each record opens on, in the train list
     assert finetune.DatasetValidator().validate_file(splits, "test").n_valid == 2
-    code, stderr, _ = without_torch("--prepare-only", "--dataset", splits, "--dataset-split", "validation", "--output", tmp_path / "o.jsonl")
-    assert code == 2 and stderr == (f"error: dataset {splits} holds 2 lists of records: 'test' (2), 'train' (3); "
-                                    "name the one to read with --dataset-split (it is 'validation')\n")
+    for command in (["--prepare-only", "--output", tmp_path / "o.jsonl"], ["--output-dir", tmp_path / "model", "--no-eval"]):
+        code, stderr, torch = without_torch(*command, "--dataset", splits, "--dataset-split", "validation")
+        assert code == 2 and stderr == (f"error: dataset {splits} holds 2 lists of records: 'test' (2), 'train' (3); "
+                                        "name the one to read with --dataset-split (it is 'validation')\n")
+        assert not torch and not (tmp_path / "model").exists()  # a training run says it at once, as it says a missing file
     wrapped = tmp_path / "wrapped.json"  # one list among other members: the list is read
     wrapped.write_text(json.dumps({"version": 2, "data": rows, "license": "cc-by-4.0"}))
     assert finetune.DatasetValidator().validate_file(wrapped).n_valid == 5
