@@ -6,8 +6,10 @@ step counts and sequence lengths.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,8 +150,24 @@ def small_probe_config(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, base_path, small_probe_config):
-    """One tiny LoRA fine-tune, with the evaluation at its end, shared by every test that reads it."""
+    """One tiny LoRA fine-tune, with the evaluation at its end, shared by every test that reads it: (folder, run).
+    Trained once a suite. The suite's workers (xdist) each trained their own, 40 s apiece on an AVX2 CPU; now the
+    first to need it trains it, under a lock, and each reads a copy of its own (tests write in it: --evaluate's
+    evaluation.json, the chat's merged model)."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    result = cli("--provider", "huggingface", "--output-dir", out, "--config", small_probe_config, *TINY)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return out, train_tiny(out, small_probe_config)
+    shared = tmp_path_factory.getbasetemp().parent  # the session's folder, above each worker's own
+    with open(shared / "tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "tiny.json").is_file():
+            run = train_tiny(shared / "tiny", small_probe_config)
+            (shared / "tiny.json").write_text(json.dumps({key: getattr(run, key) for key in ("args", "returncode", "stdout", "stderr")}))
+    shutil.copytree(shared / "tiny", out)
+    return out, subprocess.CompletedProcess(**json.loads((shared / "tiny.json").read_text()))
+
+
+def train_tiny(out: Path, config: Path) -> subprocess.CompletedProcess:
+    result = cli("--provider", "huggingface", "--output-dir", out, "--config", config, *TINY)
     assert result.returncode == 0, result.stderr
-    return out, result
+    return result
