@@ -4924,7 +4924,7 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
     elif Path(source).is_file():
         with contextlib.suppress(OSError):  # unreadable: said where it is read
             refuse_unreadable_bytes(source, read_dataset_bytes(source, 4))
-        if data_suffix(source) == ".json":  # several lists of records and none named: as soon as a missing file
+        if data_suffix(source) == ".json":  # several lists of records, none named by --dataset-split: said now too
             with contextlib.suppress(OSError, UnicodeDecodeError):
                 DatasetValidator.array_start(read_dataset_bytes(source).decode("utf-8-sig"), settings["dataset_split"], source)
     if base_model and settings["model"] != "auto":
