@@ -1325,7 +1325,7 @@ def test_freed_memory_goes_back_after_each_step_in_fp32_and_after_each_piece_in_
     released = []
     monkeypatch.setattr(finetune, "release_freed_memory", lambda: released.append(1))
     batch = trainer.data_collator([{k: row[k] for k in ("input_ids", "labels")} for row in rows])
-    pieces = len(finetune.micro_batches(batch, 48))
+    pieces = len(finetune.micro_batches(batch, settings["max_batch_tokens"]))
     trainer.model.train()
     for every_piece, expected in ((False, 1), (True, pieces)):
         trainer.release_every_piece, released[:] = every_piece, []
