@@ -1748,6 +1748,38 @@ def test_pieces_cover_the_batch_within_the_budget_and_add_up_to_its_loss(lora_an
     assert sum(n for _, n in parts) == count and sum(t.item() for t, _ in parts) == pytest.approx(whole.item(), rel=1e-5)
 
 
+def test_a_row_over_the_budget_recomputes_only_the_share_of_layers_it_must_for_the_same_gradients(lora_and_batch):
+    """A row three pieces long keeps a third of its layers' activations and recomputes the other two thirds
+    (their forward runs twice); a row within the budget recomputes none, one just over it one layer."""
+    import torch
+
+    model, batch = lora_and_batch
+    row = {key: value[:1, :96] for key, value in batch.items()}
+    decoder = finetune.decoder_and_head(model)[0]
+    calls = [0] * len(decoder.layers)
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(decoder.layers)]
+    model.train()  # as the Trainer's: a layer checkpoints only in training
+    try:
+        results = {}
+        for budget in (96, 95, 32):
+            calls[:] = [0] * len(calls)
+            with finetune.recomputing(model, 1 - budget / row["input_ids"].numel()):
+                results[budget] = loss_and_gradients(model, lambda: model(**row).loss)
+            results[budget] += (list(calls),)
+    finally:
+        model.eval()
+        for hook in hooks:
+            hook.remove()
+    assert results[96][2] == [1] * 30  # within the budget: nothing recomputed
+    assert results[95][2] == [2] + [1] * 29  # just over it: one layer
+    assert results[32][2] == [2] * 20 + [1] * 10  # three pieces long: two thirds of the layers, the first ones
+    assert not any(layer.gradient_checkpointing for layer in decoder.layers)  # put back as they were
+    for budget in (95, 32):
+        assert results[budget][0] == results[96][0]
+        assert all(torch.equal(results[budget][1][k], results[96][1][k]) for k in results[96][1])
+
+
 def test_a_flattened_batch_has_the_padded_loss_in_pieces_cut_between_examples(lora_and_batch):
     import types
 
