@@ -4123,11 +4123,11 @@ def uncast_adapter_inputs(model) -> None:
 @contextlib.contextmanager
 def recomputing(model, share: float):
     """Gradient checkpointing for one piece, in the layers it must: a single row longer than
-    max_batch_tokens keeps all of its activations in as many layers as a piece would fill and only
-    each layer's input in the others (`share` of them, the first ones), whose rest is recomputed in
-    the backward pass. A row three pieces long keeps a third of its layers and recomputes two thirds;
-    recomputing them all, as before, cost a row 1.24x the time held on an AVX2 CPU in fp32. So no row,
-    however long, holds more than about a piece's memory, and the other pieces run at full speed.
+    max_batch_tokens holds all of its activations in as many layers as a piece would fill, and only
+    its input in the others (`share` of the layers, the first ones), which recompute the rest in the
+    backward pass. A row three pieces long holds a third of its layers and recomputes two thirds
+    (recomputing every layer cost a 384-token row 1.24x its held time on an AVX2 CPU in fp32). So no
+    row, however long, holds much more than a piece's memory, and the other pieces run at full speed.
     Where the model's layers cannot checkpoint (no GradientCheckpointingLayer), the row runs as it is."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
