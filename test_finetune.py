@@ -1749,8 +1749,9 @@ def test_pieces_cover_the_batch_within_the_budget_and_add_up_to_its_loss(lora_an
 
 
 def test_a_row_over_the_budget_recomputes_only_the_share_of_layers_it_must_for_the_same_gradients(lora_and_batch):
-    """A row three pieces long keeps a third of its layers' activations and recomputes the other two thirds
-    (their forward runs twice); a row within the budget recomputes none, one just over it one layer."""
+    """A row 1.5 pieces long holds two thirds of its layers' activations and recomputes the first third
+    (their forward runs twice); one within the budget recomputes none, one just over it one layer, and
+    one over twice the budget every layer. The gradients are the same to the bit."""
     import torch
 
     model, batch = lora_and_batch
@@ -1762,9 +1763,9 @@ def test_a_row_over_the_budget_recomputes_only_the_share_of_layers_it_must_for_t
     model.train()  # as the Trainer's: a layer checkpoints only in training
     try:
         results = {}
-        for budget in (96, 95, 32):
+        for budget in (96, 95, 64, 47):
             calls[:] = [0] * len(calls)
-            with finetune.recomputing(model, 1 - budget / row["input_ids"].numel()):
+            with finetune.recomputing(model, finetune.recomputed_share(row["input_ids"].numel(), budget)):
                 results[budget] = loss_and_gradients(model, lambda: model(**row).loss)
             results[budget] += (list(calls),)
     finally:
@@ -1773,11 +1774,13 @@ def test_a_row_over_the_budget_recomputes_only_the_share_of_layers_it_must_for_t
             hook.remove()
     assert results[96][2] == [1] * 30  # within the budget: nothing recomputed
     assert results[95][2] == [2] + [1] * 29  # just over it: one layer
-    assert results[32][2] == [2] * 20 + [1] * 10  # three pieces long: two thirds of the layers, the first ones
+    assert results[64][2] == [2] * 10 + [1] * 20  # 1.5 pieces long: a third of the layers, the first ones
+    assert results[47][2] == [2] * 30  # over twice the budget: every layer
     assert not any(layer.gradient_checkpointing for layer in decoder.layers)  # put back as they were
-    for budget in (95, 32):
+    for budget in (95, 64, 47):
         assert results[budget][0] == results[96][0]
         assert all(torch.equal(results[budget][1][k], results[96][1][k]) for k in results[96][1])
+    assert finetune.recomputed_share(5000, 0) == 0  # no budget (CUDA's auto): no pieces
 
 
 def test_a_flattened_batch_has_the_padded_loss_in_pieces_cut_between_examples(lora_and_batch):
