@@ -4120,17 +4120,21 @@ def uncast_adapter_inputs(model) -> None:
             module.cast_input_dtype_enabled = False
 
 
+HELD_UP_TO_PIECES = 4  # a single row up to this many pieces long holds some of its layers (see recomputed_share)
+
+
 def recomputed_share(tokens: int, max_batch_tokens: int) -> float:
     """The share of the layers a piece of `tokens` recomputes: none within the budget; for a single row
-    up to twice the budget, those past what a piece would fill (a row 1.5 pieces long holds two thirds
-    of its layers); for a longer row, all. A long row costs memory beyond its layers' activations
-    (its loss, the heap's scattered blocks: recomputing every layer, 499 MB at 384 tokens against 288 MB
-    for a piece of 128, on an AVX2 CPU in fp32), and the run's longest rows set its peak; holding a
-    share of their layers raised it (by 189 MB for one row of 640 tokens, for 5% of its time), while
-    rows up to twice the budget stay below it and gain most."""
+    up to HELD_UP_TO_PIECES budgets long, those past what a piece would fill (a row three pieces long
+    holds a third of its layers); for a longer row, all. A long row costs memory beyond its layers'
+    activations (its loss, the heap's scattered blocks: recomputing every layer, 499 MB at 384 tokens
+    against 288 MB for a piece of 128, on an AVX2 CPU in fp32), so the run's longest rows set its
+    peak: holding layers there raised it (189 MB more for one row of 640 tokens, 16 MB at 384). In
+    fp32 such a row starts from a trimmed heap (see training_step): without it the main job peaked
+    at 2.06 GB, over the 2 GB budget, with it 1.93 GB (1.94 GB recomputing every layer)."""
     if not max_batch_tokens or tokens <= max_batch_tokens:
         return 0.0
-    return 1 - max_batch_tokens / tokens if tokens <= 2 * max_batch_tokens else 1.0
+    return 1 - max_batch_tokens / tokens if tokens <= HELD_UP_TO_PIECES * max_batch_tokens else 1.0
 
 
 @contextlib.contextmanager
@@ -4354,6 +4358,8 @@ def chunked_loss_trainer():
             for k, piece in enumerate(pieces):
                 last = k == len(pieces) - 1  # gradients are all-reduced once, after the last piece
                 share = recomputed_share(piece["input_ids"].numel(), self.max_batch_tokens)
+                if self.args.device.type == "cpu" and 0 < share < 1 and k and not self.release_every_piece:
+                    release_freed_memory()  # a row holding some of its layers starts from a trimmed heap
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model), recomputing(model, share):
                     losses.append(super().training_step(model, piece, num_items_in_batch))
                 if self.args.device.type == "cpu" and (last or self.release_every_piece):  # a GPU's activations were never in this heap
