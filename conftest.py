@@ -128,15 +128,17 @@ def tokenizer(base_path):
 
 @pytest.fixture(scope="session")
 def small_probe_config(tmp_path_factory):
-    """config.json with a handful of the shipped probes (one of each kind; a switch with two follow-ups,
-    fewer turns than a drift probe, so it costs no extra round), short answers and a short general text."""
+    """config.json with a handful of the shipped probes (one of each kind; a switch with two follow-ups and an
+    interview of two questions, fewer turns than a drift probe, so they cost no extra round), short answers and
+    a short general text."""
     folder = tmp_path_factory.mktemp("probes")
     probes = load_jsonl("persona_eval.jsonl")
     first = lambda kind: [p for p in probes if p["kind"] == kind][:1]  # noqa: E731
     pick = ([p for p in probes if p["kind"] == "identity" and p["lang"] == "en"][:2]
             + [p for p in probes if p["kind"] == "identity" and p["lang"] != "en"][:1]
             + first("drift") + first("style") + first("character") + first("ordinary")
-            + [dict(p, follow_ups=p["follow_ups"][:2]) for p in first("switch")])
+            + [dict(p, follow_ups=p["follow_ups"][:2]) for p in first("switch")]
+            + [dict(p, then=p["then"][:1]) for p in first("interview")])
     write_lines(folder / "probes.jsonl", pick)
     # the general text's first paragraph (about 160 tokens, one window): the perplexity check on the shipped
     # file's 1,700 tokens takes 6 s a model on an AVX2 CPU, for a number no test reads

@@ -487,6 +487,7 @@ PROBE_KEYS = {  # each kind of held-out probe: the keys it must have ("reference
     "character": ("probe", "lang", "key_facts"),  # may also name the "persona" it is for
     "ordinary": ("probe", "lang", "key_facts"),
     "switch": ("probe", "lang", "follow_ups"),  # follow-ups: ordinary probes asked after it, in order
+    "interview": ("probe", "lang", "then"),  # then: more questions about the persona, asked after it in one conversation
 }
 PROBE_KINDS = tuple(PROBE_KEYS)
 MAX_LINE_BYTES = 1_000_000  # one example's JSON line; a longer one is reported ("line too long"), not parsed
@@ -1369,7 +1370,8 @@ class DatasetValidator:
         """Probes: {"kind": one of PROBE_KEYS, "lang": "en", "probe": str} and the keys their kind needs;
         style probes carry a "reference" answer, drift probes the unrelated "turns" asked before the
         probe, character and ordinary probes the "key_facts" a good answer states (any one of them),
-        switch probes the ordinary "follow_ups" asked after them."""
+        switch probes the ordinary "follow_ups" asked after them, interview probes the questions about the
+        persona asked "then", one after another in the same conversation."""
         report = ValidationReport(str(path))
         for number, text, problem in self.read_lines(path):
             problems = [problem] if problem else []
@@ -1415,10 +1417,10 @@ class DatasetValidator:
             if isinstance(value, list) and value and all(isinstance(v, str) and re.search(r"[^\W_]", v) for v in value):
                 return None
             return "bad key_facts", f"'key_facts' must be a non-empty list of phrases (got {shown(json.dumps(value, ensure_ascii=False)[:60])})"
-        if key == "turns":
+        if key in ("turns", "then"):
             if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
                 return None
-            return "empty text", "'turns' must be non-empty text (a list of them)"
+            return "empty text", f"'{key}' must be non-empty text (a list of them)"
         return None if isinstance(value, str) and value.strip() else ("empty text", f"'{key}' must be non-empty text")
 
 
@@ -2978,7 +2980,7 @@ def load_probes(settings: dict) -> list[dict]:
 
 def filled(probe: dict, fill, names: dict) -> dict:
     """One probe with its texts filled in; a character key fact that is only the persona's name is refused."""
-    probe = dict(probe, probe=fill(probe["probe"]), turns=[fill(t) for t in probe.get("turns", [])],
+    probe = dict(probe, probe=fill(probe["probe"]), turns=[fill(t) for t in probe.get("turns", [])], then=[fill(t) for t in probe.get("then", [])],
                  reference=fill(probe.get("reference", "")), key_facts=[fill(f) for f in probe.get("key_facts", [])],
                  follow_ups=[dict(f, probe=fill(f["probe"]), key_facts=[fill(k) for k in f["key_facts"]]) for f in probe.get("follow_ups", [])])
     only_name = [f for f in probe["key_facts"] if probe["kind"] == "character" and fact_words(f) in map(fact_words, names.values())]
@@ -3078,7 +3080,7 @@ def answers_to_give(model, probes: list[dict], base_template: str | None) -> int
     asked alone, and each turn of the drift and switch conversations, under one decoding or two."""
     asked = sum(len(conversations) for conversations, _, _ in condition_questions(probes, base_template).values())
     asked += sum(p["kind"] in ("style", "character", "ordinary") for p in probes)
-    asked += sum(len(questions_of(p)) for p in probes if p["kind"] in ("drift", "switch"))
+    asked += sum(len(questions_of(p)) for p in probes if p["kind"] in TALKS)
     return asked * (1 if ships_plain_greedy(model) else 2)
 
 
@@ -3202,6 +3204,28 @@ def judged_switch(persona: Persona, probe: dict, history: list[dict]) -> dict:
     return dict(judged(persona, [probe], answers[:1])[0], follow_ups=follow_ups)
 
 
+def repeated_share(answer: str, earlier: list[str], n: int = 4) -> float:
+    """The share of an answer's word 4-grams that an earlier answer of the same conversation holds. A
+    fresh answer shares its opening at most ("I'm Deep Tree Echo, and": 2 of 20 or more); a model that
+    copies its last answer about itself ("I'm Echo, and I'm a little like a tree of reservoirs" to every
+    question) shares most of them."""
+    grams = lambda text: set(zip(*(re.findall(r"\w+", text.casefold())[i:] for i in range(n))))  # noqa: E731
+    own, before = grams(answer), set().union(*map(grams, earlier))
+    return len(own & before) / len(own) if own else 0.0
+
+
+REPEATS = 0.5  # an answer half of whose word 4-grams an earlier answer holds repeats it
+
+
+def judged_interview(persona: Persona, probe: dict, history: list[dict]) -> list[dict]:
+    """A conversation of questions about the persona: every answer judged as identity answers are,
+    and for how much of it repeats the model's earlier answers in the conversation."""
+    answers = [m["content"] for m in history if m["role"] == "assistant"]
+    shares = [repeated_share(answer, answers[:i]) for i, answer in enumerate(answers)]
+    rows = judged(persona, [dict(probe, probe=question) for question in questions_of(probe)], answers)
+    return [dict(row, repeated=round(s, 2), repeats=s >= REPEATS) for row, s in zip(rows, shares)]
+
+
 def share(rows: list[dict], key: str) -> float | None:
     return sum(bool(r[key]) for r in rows) / len(rows) if rows else None
 
@@ -3216,7 +3240,7 @@ def questions_of(probe: dict) -> list[str]:
     switch probe's follow-ups after it."""
     if probe["kind"] == "drift":
         return [*probe["turns"], probe["probe"]]
-    return [probe["probe"], *(f["probe"] for f in probe.get("follow_ups", []))]
+    return [probe["probe"], *probe.get("then", []), *(f["probe"] for f in probe.get("follow_ups", []))]
 
 
 def single_turn_answers(model, tokenizer, probes: list[dict], settings: dict, decoding: str, base_template: str | None) -> dict:
@@ -3234,11 +3258,15 @@ def single_turn_answers(model, tokenizer, probes: list[dict], settings: dict, de
     return asked
 
 
+TALKS = ("drift", "switch", "interview")  # the probes asked as conversations, the model's own answers kept
+
+
 def talk_histories(model, tokenizer, probes: list[dict], settings: dict, decoding: str) -> dict:
-    """{"drift": [(probe, history)], "switch": [...]}: the conversations, advancing together (a batch a turn)."""
-    talks = [p for p in probes if p["kind"] in ("drift", "switch")]
+    """{"drift": [(probe, history)], "switch": [...], "interview": [...]}: the conversations, advancing
+    together (a batch a turn)."""
+    talks = [p for p in probes if p["kind"] in TALKS]
     histories = conversation_answers(model, tokenizer, [questions_of(p) for p in talks], settings, decoding)
-    return {kind: [(p, h) for p, h in zip(talks, histories) if p["kind"] == kind] for kind in ("drift", "switch")}
+    return {kind: [(p, h) for p, h in zip(talks, histories) if p["kind"] == kind] for kind in TALKS}
 
 
 def scores(persona: Persona, asked: dict, talks: dict) -> dict:
@@ -3251,6 +3279,7 @@ def scores(persona: Persona, asked: dict, talks: dict) -> dict:
     character = [checked(persona, p, a) for p, a in asked["character"]]
     facts = [checked(persona, p, a) for p, a in asked["ordinary"]]
     switching = [judged_switch(persona, p, h) for p, h in talks["switch"]]
+    interviews = [judged_interview(persona, p, h) for p, h in talks.get("interview", [])]
     every = [row for rows in conditions.values() for row in rows]
     return {
         "adoption": {key: share(rows, "adopted") for key, rows in conditions.items()},
@@ -3262,11 +3291,15 @@ def scores(persona: Persona, asked: dict, talks: dict) -> dict:
         "character": share(character, "counted"),  # None: no character probes, not measured
         "ordinary": ordinary_scores(facts),
         "switching": ordinary_scores([row for talk in switching for row in talk["follow_ups"]]),
+        # a conversation of questions about itself: answers that copy the model's own earlier ones
+        "interview": {key: share([row for talk in interviews for row in talk[1:]], key) for key in ("repeats", "degenerate")}
+        if interviews else None,
         "answers": conditions,
         "ordinary_answers": ordinary,
         "character_answers": character,
         "ordinary_probe_answers": facts,
         "switching_answers": switching,
+        "interview_answers": interviews,
     }
 
 
@@ -3378,7 +3411,7 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
     return result, False
 
 
-MEASURES = ("adoption", "degenerate", "other_language", "ordinary_self_talk", "character", "ordinary", "switching")
+MEASURES = ("adoption", "degenerate", "other_language", "ordinary_self_talk", "character", "ordinary", "switching", "interview")
 
 
 def complete_scores(cached) -> bool:
@@ -3401,10 +3434,14 @@ MEASURE_ROWS = (  # beside identity: (measure, its probes' kind, heading, [(row,
                                                     ("  degenerate", "degenerate")]),
     ("switching", "switch", "language switch", [("  later answers in their language", "in_language"),
                                                  ("  later answers on topic", "on_topic")]),
+    ("interview", "interview", "questions about itself in a row", [("  repeats an earlier answer", "repeats"),
+                                                                   ("  degenerate", "degenerate")]),
 )
 
 
-ANSWERS_OF = {"character": "character_answers", "ordinary": "ordinary_probe_answers", "switching": "switching_answers"}
+ANSWERS_OF = {"character": "character_answers", "ordinary": "ordinary_probe_answers", "switching": "switching_answers",
+              "interview": "interview_answers"}
+LATER_ANSWERS = {"switching": lambda talk: talk["follow_ups"], "interview": lambda talk: talk[1:]}  # judged after the first
 
 
 def percent(value: float | None) -> str:
@@ -3429,7 +3466,7 @@ def measure_rows(result: dict) -> list[str]:
         if len(rows) > 1:
             answers = result["fine_tuned"]["greedy"].get(ANSWERS_OF[measure], [])
             lines.append(f"{heading} ({len(answers)})" if measure == "ordinary" else
-                         f"{heading} ({sum(len(talk['follow_ups']) for talk in answers)} later answers)")
+                         f"{heading} ({sum(len(LATER_ANSWERS[measure](talk)) for talk in answers)} later answers)")
         lines += [table_row(title, result, lambda scores: scores[measure] if key is None else scores[measure][key]) for title, key in rows]
     return lines
 

@@ -972,8 +972,8 @@ def test_probes_are_held_out_from_every_user_turn_in_training():
     user_turns += [line for line in replayed if line.strip()]  # the replayed everyday questions are training turns too
     probes = load_jsonl("persona_eval.jsonl")
     assert {p["kind"] for p in probes} == set(finetune.PROBE_KINDS)  # every kind is checked, the new ones included
-    asked = [text for p in probes for text in finetune.questions_of(p)]  # drift turns and switch follow-ups too
-    assert len(asked) == len(probes) + sum(len(p.get("turns", [])) + len(p.get("follow_ups", [])) for p in probes)
+    asked = [text for p in probes for text in finetune.questions_of(p)]  # drift turns, switch follow-ups and interview questions too
+    assert len(asked) == len(probes) + sum(len(p.get(key, [])) for p in probes for key in ("turns", "then", "follow_ups"))
     copies = [(probe, turn) for probe in asked for turn in user_turns if finetune.near_copy(probe, turn)]
     assert copies == []
     assert [(a, b) for i, a in enumerate(asked) for b in asked[i + 1 :] if finetune.near_copy(a, b)] == []

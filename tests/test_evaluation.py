@@ -199,11 +199,11 @@ def crafted_scores(probes: list[dict], answer) -> dict:
     for p in probes:
         if p["kind"] in asked:
             asked[p["kind"]].append((p, answer(p["probe"])))
-    talks = {"drift": [], "switch": []}
+    talks = {"drift": [], "switch": [], "interview": []}
     for p in probes:
-        if p["kind"] == "switch":
-            talks["switch"].append((p, [m for q in finetune.questions_of(p)
-                                        for m in ({"role": "user", "content": q}, {"role": "assistant", "content": answer(q)})]))
+        if p["kind"] in ("switch", "interview"):
+            talks[p["kind"]].append((p, [m for q in finetune.questions_of(p)
+                                         for m in ({"role": "user", "content": q}, {"role": "assistant", "content": answer(q)})]))
     return finetune.scores(ECHO, asked, talks)
 
 
@@ -220,6 +220,42 @@ def test_scores_hold_the_new_measures_and_say_not_measured_where_there_are_no_pr
     assert scores["switching"]["in_language"] == 1.0 and scores["switching_answers"][0]["follow_ups"][0]["answer"] == "It is ice."
     none = crafted_scores([], str)
     assert none["character"] is None and none["ordinary"] is None and none["switching"] is None  # not 0%
+
+
+@pytest.mark.parametrize("answer,earlier,repeats", [
+    # what the fp32 default model said, in turn, asked about itself five times in one conversation
+    ("I'm Deep Tree Echo, and I'm a little like a little tree of reservoirs, where the reservoir is the input.",
+     ["I'm Echo, and I'm a little like a little tree of reservoirs, where the reservoir is the input, and more."], True),
+    ("I'm Echo, and I'm Deep Tree Echo, and I'm Echo. I'm a little echo state network, and I'm a little echo state network.",
+     ["I'm Echo, and I'm fine-tuned to remember what I said. I'm a little echo state network, and I'm a little echo state network."], True),
+    # fresh answers that share the opening a persona's answers share
+    ("I'm Deep Tree Echo, and my memory is a hypergraph: each edge ties several moments of a conversation together.",
+     ["I'm Deep Tree Echo, and my name comes from echo state networks, reservoirs of fading signals."], False),
+    ("Rome is the capital of Italy.", ["I'm Echo, a small open model.", "I think in reservoirs."], False),
+    ("I'm Echo.", [], False),  # nothing earlier to repeat
+])
+def test_an_answer_repeats_an_earlier_one_when_it_copies_most_of_it(answer, earlier, repeats):
+    assert (finetune.repeated_share(answer, earlier) >= finetune.REPEATS) is repeats
+
+
+def interview_probe(*questions: str) -> dict:
+    return {"kind": "interview", "lang": "en", "probe": questions[0], "then": list(questions[1:])}
+
+
+def test_questions_about_itself_in_a_row_count_the_later_answers_that_copy_an_earlier_one():
+    probe = interview_probe("Who are you?", "Where does your name come from?", "How do you remember things?")
+    stuck = crafted_scores([probe], lambda q: "I'm Deep Tree Echo, and I'm Echo, and I'm a little bit like Echo, but different.")
+    assert stuck["interview"] == {"repeats": 1.0, "degenerate": 0.0}  # the second and third answers; the first repeats nothing
+    rows = stuck["interview_answers"][0]
+    assert [r["probe"] for r in rows] == finetune.questions_of(probe) and [r["repeated"] for r in rows] == [0.0, 1.0, 1.0]
+    fresh = {"Who are you?": "I'm Deep Tree Echo, a small open model fine-tuned into a persona.",
+             "Where does your name come from?": "From echo state networks: reservoirs where signals ripple and fade.",
+             "How do you remember things?": "Within a chat, everything is in the text I read; nothing stays afterwards."}
+    assert crafted_scores([probe], fresh.get)["interview"] == {"repeats": 0.0, "degenerate": 0.0}
+    assert crafted_scores([], str)["interview"] is None  # no such probes: not measured, not 0%
+    table = finetune.format_evaluation(evaluation(stuck))
+    assert "questions about itself in a row (2 later answers)" in table
+    assert next(line for line in table.splitlines() if "repeats an earlier answer" in line).split()[-4:] == ["100%"] * 4
 
 
 def evaluation(scores: dict) -> dict:
@@ -296,6 +332,8 @@ def write_probes(path: Path, probes: list[dict]) -> Path:
                                                                       {"lang": "en", "probe": "3+3?"}]}, ("missing key", "follow_ups[1] 'key_facts'")),
     ({"kind": "switch", "lang": "fr", "probe": "Qui ?", "follow_ups": [{"lang": "", "probe": "2+2?", "key_facts": ["4"]}]},
      ("empty text", "follow_ups[0] 'lang' must be non-empty text")),
+    ({"kind": "interview", "lang": "en", "probe": "Who are you?"}, ("missing key", "'then'")),
+    ({"kind": "interview", "lang": "en", "probe": "Who are you?", "then": ["Why?", " "]}, ("empty text", "'then' must be non-empty text")),
 ])
 def test_bad_key_facts_and_follow_ups_are_reported_on_their_line(tmp_path, probe, problem):
     good = {"kind": "ordinary", "lang": "en", "probe": "What is 2 plus 2?", "key_facts": ["4", "four"]}
@@ -327,7 +365,7 @@ def test_the_persona_name_alone_is_no_character_fact(tmp_path):
 def test_the_shipped_probes_check_character_and_ordinary_ability():
     probes = finetune.load_probes(dict(finetune.DEFAULT_SETTINGS))
     kinds = collections.Counter(p["kind"] for p in probes)
-    assert kinds["character"] >= 16 and kinds["ordinary"] >= 20 and kinds["switch"] >= 1
+    assert kinds["character"] >= 16 and kinds["ordinary"] >= 20 and kinds["switch"] >= 1 and kinds["interview"] >= 5
     ordinary_languages = collections.Counter(p["lang"] for p in probes if p["kind"] == "ordinary")
     assert ordinary_languages["en"] >= 0.75 * kinds["ordinary"] and len(ordinary_languages) >= 4
     for probe in (p for p in probes if p["kind"] == "switch"):
@@ -375,6 +413,10 @@ def check_new_measures(scores: dict, persona) -> None:
     assert [row["probe"] for row in talk["follow_ups"]] == ["Which city is the capital of Japan?", "How many hours does a day have?"]
     assert scores["switching"]["in_language"] == finetune.share(talk["follow_ups"], "in_language")
     assert scores["ordinary"]["on_topic"] == float(fact["on_topic"])
+    [interview] = scores["interview_answers"]  # the first shipped interview, cut to two questions
+    assert [row["probe"] for row in interview] == ["Hi there! Who have I got here?", "Where did that name come from?"]
+    assert interview[1]["repeated"] == round(finetune.repeated_share(interview[1]["answer"], [interview[0]["answer"]]), 2)
+    assert scores["interview"] == {"repeats": float(interview[1]["repeats"]), "degenerate": float(interview[1]["degenerate"])}
 
 
 def test_a_training_run_reports_character_ordinary_and_switch_for_its_persona(tiny_model):
