@@ -2980,8 +2980,8 @@ def load_probes(settings: dict) -> list[dict]:
 
 def filled(probe: dict, fill, names: dict) -> dict:
     """One probe with its texts filled in; a character key fact that is only the persona's name is refused."""
-    probe = dict(probe, probe=fill(probe["probe"]), turns=[fill(t) for t in probe.get("turns", [])], then=[fill(t) for t in probe.get("then", [])],
-                 reference=fill(probe.get("reference", "")), key_facts=[fill(f) for f in probe.get("key_facts", [])],
+    probe = dict(probe, probe=fill(probe["probe"]), turns=[fill(t) for t in probe.get("turns", [])],
+                 then=[fill(t) for t in probe.get("then", [])], reference=fill(probe.get("reference", "")), key_facts=[fill(f) for f in probe.get("key_facts", [])],
                  follow_ups=[dict(f, probe=fill(f["probe"]), key_facts=[fill(k) for k in f["key_facts"]]) for f in probe.get("follow_ups", [])])
     only_name = [f for f in probe["key_facts"] if probe["kind"] == "character" and fact_words(f) in map(fact_words, names.values())]
     if only_name:
@@ -3077,7 +3077,7 @@ def advance_answers(n: int) -> None:
 
 def answers_to_give(model, probes: list[dict], base_template: str | None) -> int:
     """The answers score_model generates for `model`, for the bar: every condition's questions, the questions
-    asked alone, and each turn of the drift and switch conversations, under one decoding or two."""
+    asked alone, and each turn of the drift, switch and interview conversations, under one decoding or two."""
     asked = sum(len(conversations) for conversations, _, _ in condition_questions(probes, base_template).values())
     asked += sum(p["kind"] in ("style", "character", "ordinary") for p in probes)
     asked += sum(len(questions_of(p)) for p in probes if p["kind"] in TALKS)
@@ -3237,7 +3237,7 @@ def ordinary_scores(rows: list[dict]) -> dict | None:
 
 def questions_of(probe: dict) -> list[str]:
     """Every question a probe asks, in order: a drift probe's unrelated turns come before it, a
-    switch probe's follow-ups after it."""
+    switch probe's follow-ups and an interview's later questions after it."""
     if probe["kind"] == "drift":
         return [*probe["turns"], probe["probe"]]
     return [probe["probe"], *probe.get("then", []), *(f["probe"] for f in probe.get("follow_ups", []))]
