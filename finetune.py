@@ -2981,7 +2981,8 @@ def load_probes(settings: dict) -> list[dict]:
 def filled(probe: dict, fill, names: dict) -> dict:
     """One probe with its texts filled in; a character key fact that is only the persona's name is refused."""
     probe = dict(probe, probe=fill(probe["probe"]), turns=[fill(t) for t in probe.get("turns", [])],
-                 then=[fill(t) for t in probe.get("then", [])], reference=fill(probe.get("reference", "")), key_facts=[fill(f) for f in probe.get("key_facts", [])],
+                 then=[fill(t) for t in probe.get("then", [])], reference=fill(probe.get("reference", "")),
+                 key_facts=[fill(f) for f in probe.get("key_facts", [])],
                  follow_ups=[dict(f, probe=fill(f["probe"]), key_facts=[fill(k) for k in f["key_facts"]]) for f in probe.get("follow_ups", [])])
     only_name = [f for f in probe["key_facts"] if probe["kind"] == "character" and fact_words(f) in map(fact_words, names.values())]
     if only_name:
@@ -3204,13 +3205,12 @@ def judged_switch(persona: Persona, probe: dict, history: list[dict]) -> dict:
     return dict(judged(persona, [probe], answers[:1])[0], follow_ups=follow_ups)
 
 
-def repeated_share(answer: str, earlier: list[str], n: int = 4) -> float:
+def repeated_share(answer: str, earlier: list[str]) -> float:
     """The share of an answer's word 4-grams that an earlier answer of the same conversation holds. A
     fresh answer shares its opening at most ("I'm Deep Tree Echo, and": 2 of 20 or more); a model that
     copies its last answer about itself ("I'm Echo, and I'm a little like a tree of reservoirs" to every
     question) shares most of them."""
-    grams = lambda text: set(zip(*(re.findall(r"\w+", text.casefold())[i:] for i in range(n))))  # noqa: E731
-    own, before = grams(answer), set().union(*map(grams, earlier))
+    own, before = word_ngrams(answer, 4), set().union(*(word_ngrams(text, 4) for text in earlier))
     return len(own & before) / len(own) if own else 0.0
 
 
@@ -3279,7 +3279,8 @@ def scores(persona: Persona, asked: dict, talks: dict) -> dict:
     character = [checked(persona, p, a) for p, a in asked["character"]]
     facts = [checked(persona, p, a) for p, a in asked["ordinary"]]
     switching = [judged_switch(persona, p, h) for p, h in talks["switch"]]
-    interviews = [judged_interview(persona, p, h) for p, h in talks.get("interview", [])]
+    interviews = [judged_interview(persona, p, h) for p, h in talks["interview"]]
+    later = [row for talk in interviews for row in talk[1:]]  # the first answer has nothing earlier to repeat
     every = [row for rows in conditions.values() for row in rows]
     return {
         "adoption": {key: share(rows, "adopted") for key, rows in conditions.items()},
@@ -3292,8 +3293,7 @@ def scores(persona: Persona, asked: dict, talks: dict) -> dict:
         "ordinary": ordinary_scores(facts),
         "switching": ordinary_scores([row for talk in switching for row in talk["follow_ups"]]),
         # a conversation of questions about itself: answers that copy the model's own earlier ones
-        "interview": {key: share([row for talk in interviews for row in talk[1:]], key) for key in ("repeats", "degenerate")}
-        if interviews else None,
+        "interview": {key: share(later, key) for key in ("repeats", "degenerate")} if interviews else None,
         "answers": conditions,
         "ordinary_answers": ordinary,
         "character_answers": character,
