@@ -39,7 +39,8 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # Three everyday questions for the base model to answer before training (the shipped file has 110).
 FEW_QUESTIONS = ["--replay-questions", str(ROOT / "tests" / "replay_questions.txt")]
 # Two optimizer steps on 48-token windows: enough to exercise every path, cheap on any CPU.
-TINY = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--save-steps", "1", "--lora-r", "4", *FEW_QUESTIONS]
+TINY_STEPS = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--save-steps", "1"]
+TINY = [*TINY_STEPS, "--lora-r", "4", *FEW_QUESTIONS]
 
 
 def pytest_configure(config):

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import finetune
-from conftest import FEW_QUESTIONS, PY, ROOT, TINY, assert_every_line_accounted_for, cli, good_examples, load_jsonl, offline_hub, side_by_side, without_torch, write_lines
+from conftest import FEW_QUESTIONS, PY, ROOT, TINY, TINY_STEPS, assert_every_line_accounted_for, cli, good_examples, load_jsonl, offline_hub, side_by_side, without_torch, write_lines
 
 
 # ============================================================================================
@@ -1628,7 +1628,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_full_fine_tune_saves_a_plain_model(tmp_path, base_path):
     out = tmp_path / "full"
-    result = cli("--method", "full", "--learning-rate", "5e-5", "--output-dir", out, "--no-eval", *TINY[:-2])
+    result = cli("--method", "full", "--learning-rate", "5e-5", "--output-dir", out, "--no-eval", *TINY_STEPS, *FEW_QUESTIONS)
     assert result.returncode == 0, result.stderr
     assert "learning rate 5e-05" in result.stderr and not (out / "adapter_config.json").exists()
     model, _, base = finetune.load_for_inference(str(out))
