@@ -620,10 +620,15 @@ def system_message(obj: dict) -> list[dict]:
     return [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
 
 
+def compression(source: str | Path) -> str | None:
+    """The standard library's module that decompresses a dataset file, by its name's last suffix; None for a plain one."""
+    return COMPRESSED.get(Path(str(source)).suffix.lower())
+
+
 def data_suffix(source: str | Path) -> str:
     """A dataset file's kind by its name (.jsonl, .json, .csv, .parquet), past a .gz, .bz2 or .xz."""
     suffixes = [suffix.lower() for suffix in Path(str(source)).suffixes]
-    if suffixes and suffixes[-1] in COMPRESSED:
+    if compression(source):
         return suffixes[-2] if len(suffixes) > 1 else ""
     return Path(str(source)).suffix.lower()
 
@@ -632,7 +637,7 @@ def open_dataset(path: str | Path):
     """A dataset file opened for reading its bytes, decompressed where its name ends in .gz, .bz2 or .xz."""
     import importlib
 
-    module = COMPRESSED.get(Path(path).suffix.lower())
+    module = compression(path)
     return importlib.import_module(module).open(path, "rb") if module else open(path, "rb")
 
 
@@ -646,7 +651,7 @@ def read_dataset_bytes(path: str | Path, size: int = -1) -> bytes:
         except (EOFError, lzma.LZMAError) as exc:  # gzip's truncated or not gzip (EOFError), xz's; bz2's is an OSError
             raise UserError(f"cannot decompress dataset {path}: {first_line(exc)}", exit_code=1) from None
         except OSError as exc:
-            if COMPRESSED.get(Path(path).suffix.lower()):
+            if compression(path):
                 raise UserError(f"cannot decompress dataset {path}: {first_line(exc)}", exit_code=1) from None
             raise
 
@@ -677,7 +682,7 @@ def line_column(text: str, position: int) -> str:
 def is_hub_dataset(name: str) -> bool:
     """org/name where there is no such file: a Hugging Face hub dataset id."""
     return (not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-            and data_suffix(name) not in (".jsonl", ".json", *TABLE_SUFFIXES) and Path(name).suffix.lower() not in COMPRESSED)
+            and data_suffix(name) not in (".jsonl", ".json", *TABLE_SUFFIXES) and not compression(name))
 
 
 def read_table(source: str, split: str) -> list[dict]:
