@@ -32,7 +32,9 @@ def test_a_script_ends_as_the_interpreter_would_without_its_teardown(tmp_path):
     """exit_without_teardown: a thread pool's idle workers (which joining alone waits on forever), another
     thread still working, atexit's handlers and stdout's buffer are all seen through; the exit code kept."""
     program = (f"import sys, threading, time, atexit, concurrent.futures; sys.path.insert(0, {str(ROOT)!r}); import finetune\n"
-               "pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(print, 'pool', flush=True)\n"  # kept, as a library keeps one
+               # kept, as a library keeps one; its print done before the main thread writes (print's two writes, text and
+               # newline, would otherwise interleave with it on a loaded machine: "poolbuffered, no newline\n")
+               "pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(print, 'pool', flush=True).result()\n"
                f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(tmp_path / 'thread')!r}, 'w').close())).start()\n"
                f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').close())\n"
                "sys.stdout.write('buffered, no newline')\n"
