@@ -1354,7 +1354,7 @@ def test_an_overwrite_run_replaces_the_model_only_at_the_end_and_keeps_the_opena
     record = {"job_id": "ftjob-kept", "fine_tuned_model": "ft:gpt-4o-mini:org:echo:abc"}
     (out / finetune.OPENAI_JOB_RECORD).write_text(json.dumps(record))
     old = (out / "adapter_model.safetensors").read_bytes()
-    args = [PY, str(ROOT / "finetune.py"), "--output-dir", str(out), "--overwrite", "--no-eval", *TINY[:-4],
+    args = [PY, str(ROOT / "finetune.py"), "--output-dir", str(out), "--overwrite", "--no-eval", *TINY_STEPS,
             "--max-steps", "3", "--save-steps", "10", "--lora-r", "8", *FEW_QUESTIONS]
     process = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen_old_during_training = False
