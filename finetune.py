@@ -3264,6 +3264,13 @@ def single_turn_answers(model, tokenizer, probes: list[dict], settings: dict, de
 
 
 TALKS = ("drift", "switch", "interview")  # the probes asked as conversations, the model's own answers kept
+LATER_ANSWERS = {"switching": lambda talk: talk["follow_ups"], "interview": lambda talk: talk[1:]}  # judged after the first
+
+
+def later_answers(measure: str, talks: list) -> list[dict]:
+    """The judged answers of a conversation measure ("switching", "interview") that come after each opening
+    answer: the switch's English follow-ups; the interview's later questions (the first has nothing to repeat)."""
+    return [row for talk in talks for row in LATER_ANSWERS[measure](talk)]
 
 
 def talk_histories(model, tokenizer, probes: list[dict], settings: dict, decoding: str) -> dict:
@@ -3285,7 +3292,7 @@ def scores(persona: Persona, asked: dict, talks: dict) -> dict:
     facts = [checked(persona, p, a) for p, a in asked["ordinary"]]
     switching = [judged_switch(persona, p, h) for p, h in talks["switch"]]
     interviews = [judged_interview(persona, p, h) for p, h in talks["interview"]]
-    later = [row for talk in interviews for row in talk[1:]]  # the first answer has nothing earlier to repeat
+    later = later_answers("interview", interviews)
     every = [row for rows in conditions.values() for row in rows]
     return {
         "adoption": {key: share(rows, "adopted") for key, rows in conditions.items()},
@@ -3296,7 +3303,7 @@ def scores(persona: Persona, asked: dict, talks: dict) -> dict:
         "ordinary_self_talk": share(ordinary, "adopted"),
         "character": share(character, "counted"),  # None: no character probes, not measured
         "ordinary": ordinary_scores(facts),
-        "switching": ordinary_scores([row for talk in switching for row in talk["follow_ups"]]),
+        "switching": ordinary_scores(later_answers("switching", switching)),
         # a conversation of questions about itself: answers that copy the model's own earlier ones
         "interview": {key: share(later, key) for key in ("repeats", "degenerate")} if interviews else None,
         "answers": conditions,
@@ -3446,7 +3453,6 @@ MEASURE_ROWS = (  # beside identity: (measure, its probes' kind, heading, [(row,
 
 ANSWERS_OF = {"character": "character_answers", "ordinary": "ordinary_probe_answers", "switching": "switching_answers",
               "interview": "interview_answers"}
-LATER_ANSWERS = {"switching": lambda talk: talk["follow_ups"], "interview": lambda talk: talk[1:]}  # judged after the first
 
 
 def percent(value: float | None) -> str:
@@ -3471,7 +3477,7 @@ def measure_rows(result: dict) -> list[str]:
         if len(rows) > 1:
             answers = result["fine_tuned"]["greedy"].get(ANSWERS_OF[measure], [])
             lines.append(f"{heading} ({len(answers)})" if measure == "ordinary" else
-                         f"{heading} ({sum(len(LATER_ANSWERS[measure](talk)) for talk in answers)} later answers)")
+                         f"{heading} ({len(later_answers(measure, answers))} later answers)")
         lines += [table_row(title, result, lambda scores: scores[measure] if key is None else scores[measure][key]) for title, key in rows]
     return lines
 
