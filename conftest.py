@@ -88,6 +88,20 @@ def offline_hub(tmp_path: Path) -> dict:
     return {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "0"}
 
 
+def cached_reads(monkeypatch) -> list:
+    """The tokens each batch's kept cache holds when generate() is handed it (None: nothing kept), recorded
+    before generate() reads on."""
+    built, batch = [], finetune.Kept.batch
+
+    def spied(rows, kept):
+        cache = batch(rows, kept)
+        built.append(cache and cache.get_seq_length())
+        return cache
+
+    monkeypatch.setattr(finetune.Kept, "batch", staticmethod(spied))
+    return built
+
+
 def write_lines(path: Path, lines: list) -> Path:
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8")
     return path

@@ -98,6 +98,7 @@ class LocalChat:
         self.decoding = decoding_overrides(decoding or {})  # the flags given; the folder's generation_config.json for the rest
         if (decoding or {}).get("static_cache"):  # one cache of the whole context: every turn the same shapes, one compile
             self.decoding.update(cache_implementation="static", max_cache_len=self.max_context)
+        self.kept = None  # the last turn's key/value cache: the next reads only the new question (not with a static cache)
         self.torch = torch
 
     def fit(self, messages: list[dict]) -> list[int]:
@@ -122,7 +123,8 @@ class LocalChat:
         Ctrl-C stops the answer at the token being computed, not the program."""
         from transformers import TextStreamer
 
-        ids = self.torch.tensor([self.fit(messages)], device=self.model.device)
+        prompt = self.fit(messages)
+        ids = self.torch.tensor([prompt], device=self.model.device)
         pieces, self.stopped = [], False
 
         class Writer(TextStreamer):
@@ -131,11 +133,17 @@ class LocalChat:
                     pieces.append(text)
                     write(text)
 
-        kwargs = {"eos_token_id": finetune.end_of_turn_ids(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id, **self.decoding}
+        ends = finetune.end_of_turn_ids(self.tokenizer)
+        kwargs = {"eos_token_id": ends, "pad_token_id": self.tokenizer.pad_token_id, **self.decoding}
+        if "cache_implementation" not in self.decoding:
+            kwargs.update(cache=finetune.Kept.batch([prompt], [self.kept]), return_dict_in_generate=True)
+            self.kept = None  # spent on this turn's cache; an answer stopped by Ctrl-C leaves none, and the next turn reads it all
         try:
             with self.torch.no_grad(), finetune.autocast(self.settings["device"], self.settings["precision"]):
-                self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids),
-                                    streamer=Writer(self.tokenizer, skip_prompt=True, skip_special_tokens=True), **kwargs)
+                out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids),
+                                          streamer=Writer(self.tokenizer, skip_prompt=True, skip_special_tokens=True), **kwargs)
+            if "return_dict_in_generate" in kwargs:
+                [self.kept] = finetune.Kept.of_batch(out, [len(prompt)], len(prompt), ends)
         except KeyboardInterrupt:
             self.stopped = True
             write(" [stopped]")

@@ -3091,9 +3091,11 @@ def answers_to_give(model, probes: list[dict], base_template: str | None) -> int
 
 
 def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: dict, decoding: str = "greedy",
-                     templates: list | None = None, max_new_tokens: int | None = None) -> list[str]:
+                     templates: list | None = None, max_new_tokens: int | None = None, kept: list | None = None) -> list[str]:
     """Batched generation with left padding, in order of length (less padding); each conversation
-    rendered by `render` (with its template from `templates`, where given)."""
+    rendered by `render` (with its template from `templates`, where given). With `kept` (one entry a
+    conversation, None at first), each conversation's key/value cache is kept from turn to turn: a turn
+    reads only what follows the tokens its prompt shares with the last (see Kept)."""
     import torch
 
     templates = templates or [None] * len(conversations)
@@ -3105,13 +3107,87 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], settings
     per_row = [len(row) + new_tokens for row in rows]  # what each answer's cache holds at its end
     for batch in batches_by_tokens(per_row, settings["eval_batch_size"], generation_tokens(model, settings)):
         ids, mask = pad_batch([rows[i] for i in batch], tokenizer.pad_token_id, left=True)
+        cache = {}
+        if kept is not None:
+            cache = {"cache": Kept.batch([rows[i] for i in batch], [kept[i] for i in batch]), "return_dict_in_generate": True}
+            for i in batch:
+                kept[i] = None  # spent on the batch's cache
         with torch.no_grad(), autocast(settings["device"], settings["precision"]):
             out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 stopping_criteria=[stop_when_looping(tokenizer, ids.shape[1])], **options)
+                                 stopping_criteria=[stop_when_looping(tokenizer, ids.shape[1])], **cache, **options)
+        if kept is not None:
+            for i, state in zip(batch, Kept.of_batch(out, [len(rows[i]) for i in batch], ids.shape[1], options["eos_token_id"])):
+                kept[i] = state
+            out = out.sequences
         for i, row in zip(batch, out):
             answers[i] = tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip()
         advance_answers(len(batch))
     return answers
+
+
+class Kept:
+    """What a conversation's last turn left in the key/value cache: its tokens, and per layer their keys
+    and values ([heads, tokens, head_dim]). A conversation's next prompt starts with the same tokens (the
+    chat template renders the history the same way), so its turn reads only the rest: without it, each
+    turn re-read the whole history, about a quarter of the conversations' time on a 2-core CPU. Where the answer's text
+    tokenizes differently from the tokens generated, the shared part is shorter and the rest is read again:
+    the answers are those a fresh read gives. Only a cache of plain full-attention layers is kept (sliding
+    windows and recurrent states cannot be cut at a token); other models re-read their histories."""
+
+    def __init__(self, ids: list[int], layers: list[tuple]):
+        self.ids, self.layers = ids, layers
+
+    @staticmethod
+    def batch(rows: list[list[int]], kept: list):
+        """The cache of a left-padded batch of `rows` (each row's cached tokens right before the tokens the
+        batch reads), or None where no row has anything kept. All rows read the same number of new tokens,
+        as many as the row with the most; a row that shares more reads some of its shared tokens again.
+        The kept tensors are let go as they are copied (the Kept are spent): never two copies at once."""
+        from transformers import DynamicCache
+
+        if not any(kept):
+            return None
+        shared = [min(shared_prefix(k.ids, row), len(row) - 1) if k else 0 for row, k in zip(rows, kept)]
+        reads = max(len(row) - n for row, n in zip(rows, shared))
+        cached = [max(0, len(row) - reads) for row in rows]  # never more than shared: len(row) - reads <= shared
+        width, layers = max(cached), []
+        for layer in range(len(next(k for k in kept if k).layers)):
+            keys, values = next(k for k in kept if k).layers[layer]
+            batch_keys = keys.new_zeros((len(rows), keys.shape[0], width, keys.shape[2]))  # the padding: attention never reads it
+            batch_values = values.new_zeros((len(rows), values.shape[0], width, values.shape[2]))
+            for i, (k, n) in enumerate(zip(kept, cached)):
+                if k:
+                    batch_keys[i, :, width - n :], batch_values[i, :, width - n :] = (t[:, :n] for t in k.layers[layer])
+                    k.layers[layer] = None
+            layers.append((batch_keys, batch_values))
+        return DynamicCache(ddp_cache_data=layers)
+
+    @staticmethod
+    def of_batch(out, lengths: list[int], width: int, end_ids: list[int]) -> list:
+        """Each row's Kept after a batch generated: its prompt and answer up to the end of its turn, copied
+        out of the batch's cache, which is let go a layer at a time as it is copied (a view would keep it
+        whole); None for a cache that cannot be cut (see the class)."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        cache = out.cache
+        if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return [None] * len(lengths)
+        held, kept = cache.get_seq_length(), []  # the last token generated was never read: it is not in the cache
+        for i, length in enumerate(lengths):
+            ids = out.sequences[i, width - length : held].tolist()
+            ended = next((n for n in range(length, len(ids)) if ids[n] in end_ids), None)
+            kept.append(Kept(ids[: ended + 1] if ended is not None else ids, []))
+        for layer in cache.layers:
+            for i, (k, length) in enumerate(zip(kept, lengths)):
+                span = slice(width - length, width - length + len(k.ids))
+                k.layers.append((layer.keys[i, :, span].clone(), layer.values[i, :, span].clone()))
+            layer.keys = layer.values = None
+        return kept
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two token lists share from their start."""
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def stop_when_looping(tokenizer, prompt_length: int, every: int = 8):
@@ -3134,14 +3210,16 @@ def stop_when_looping(tokenizer, prompt_length: int, every: int = 8):
 def conversation_answers(model, tokenizer, conversations: list[list[str]], settings: dict, decoding: str) -> list[list[dict]]:
     """Each conversation's questions asked in order, the model's own answers kept in its history; the
     conversations advance together, one batch per turn. Returns the histories."""
-    histories = [[] for _ in conversations]
+    histories, kept = [[] for _ in conversations], [None] * len(conversations)
     for turn in range(max(map(len, conversations), default=0)):
-        asking = [(h, c[turn]) for h, c in zip(histories, conversations) if turn < len(c)]
-        for history, question in asking:
-            history.append({"role": "user", "content": question})
-        answers = generate_answers(model, tokenizer, [h for h, _ in asking], settings, decoding)
-        for (history, _), answer in zip(asking, answers):
-            history.append({"role": "assistant", "content": answer})
+        asking = [i for i, c in enumerate(conversations) if turn < len(c)]
+        for i in asking:
+            histories[i].append({"role": "user", "content": conversations[i][turn]})
+        still = [kept[i] for i in asking]  # each conversation's cache, kept from its last turn
+        answers = generate_answers(model, tokenizer, [histories[i] for i in asking], settings, decoding, kept=still)
+        for i, answer, state in zip(asking, answers, still):
+            histories[i].append({"role": "assistant", "content": answer})
+            kept[i] = state if turn + 1 < len(conversations[i]) else None  # a finished conversation's cache is let go
     return histories
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import finetune
-from conftest import PY, ROOT, cli, offline_hub, side_by_side, without_torch
+from conftest import PY, ROOT, cached_reads, cli, offline_hub, side_by_side, without_torch
 
 
 def test_prompt_prints_only_the_answer_the_model_gives(tiny_model, small_probe_config):
@@ -90,6 +90,24 @@ def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
         chat.fit([history[0], {"role": "user", "content": "tides " * 40}])
     with pytest.raises(finetune.UserError, match="--max-context 9,000 is past the model's context of 8,192 tokens"):
         example_usage.LocalChat(settings, str(out), max_context=9000)
+
+
+def test_the_chat_reads_only_the_new_question_and_answers_as_a_fresh_read(tiny_model, monkeypatch):
+    import example_usage
+
+    out, _ = tiny_model
+    settings = dict(finetune.DEFAULT_SETTINGS, device="cpu", precision="fp32")
+    chat = example_usage.LocalChat(settings, str(out), None, {"max_new_tokens": 12, "greedy": True})
+    history = [{"role": "user", "content": "Who are you?"}]
+    history += [{"role": "assistant", "content": chat.reply(history, lambda piece: None)}, {"role": "user", "content": "And what do you do?"}]
+    built = cached_reads(monkeypatch)
+    kept = chat.kept.ids  # the first turn's prompt and its answer (but the last token sampled, never read)
+    second = chat.reply(history, lambda piece: None)
+    assert len(kept) > len(finetune.render(chat.tokenizer, history[:1], add_generation_prompt=True)["input_ids"])
+    assert built[0] == len(kept)  # all of it used: the second turn read only the new question
+    chat.kept = None  # nothing kept: the whole history read again
+    assert chat.reply(history, lambda piece: None) == second
+    assert built[-1] is None
 
 
 def test_a_server_chats_estimate_does_not_undercount_other_scripts_than_english(tokenizer):

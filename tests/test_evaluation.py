@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig
 
 import finetune
-from conftest import cli
+from conftest import cached_reads, cli
 
 ECHO = finetune.Persona("Echo", "Deep Tree Echo")
 
@@ -492,6 +492,30 @@ def test_the_shipped_decoding_is_run_apart_unless_it_is_plain_greedy(options, pl
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
+
+
+def test_a_conversation_turn_reads_only_what_it_adds_and_answers_as_a_fresh_read(base_path, tokenizer, monkeypatch):
+    settings = dict(finetune.DEFAULT_SETTINGS, device="cpu", precision="fp32", eval_max_new_tokens=10)
+    model = finetune.answering(finetune.load_causal_lm(base_path), settings)
+    ask = lambda question: {"role": "user", "content": question}  # noqa: E731
+    talks = [[ask("What is the capital of France?")], [ask("Name a colour.")], [ask("Say hi.")]]
+    kept = [None] * len(talks)
+    first = finetune.generate_answers(model, tokenizer, talks, settings, kept=kept)
+    assert first == finetune.generate_answers(model, tokenizer, talks, settings)
+    # the next turn: the first goes on as the model answered, the second's answer was edited (its tokens are no
+    # longer those kept), the third starts over (nothing kept for it), all three in one batch
+    talks[0] += [{"role": "assistant", "content": first[0]}, ask("And of Spain?")]
+    talks[1] += [{"role": "assistant", "content": "Blue, I think."}, ask("Another one?")]
+    talks[2], kept[2] = [ask("What is two plus two?")], None
+    rows = [finetune.render(tokenizer, talk, add_generation_prompt=True)["input_ids"] for talk in talks]
+    assert finetune.shared_prefix(kept[0].ids, rows[0]) == len(kept[0].ids)  # the whole last turn is read no more
+    assert finetune.shared_prefix(kept[1].ids, rows[1]) < len(kept[1].ids)
+    built = cached_reads(monkeypatch)
+    again = finetune.generate_answers(model, tokenizer, talks, settings, kept=kept)
+    assert len(built) == 1 and built[0] > 0  # one batch, and it started from the kept cache
+    monkeypatch.undo()
+    assert again == finetune.generate_answers(model, tokenizer, talks, settings)  # the answers of a fresh read
+    assert all(k.ids[: len(row)] == row for k, row in zip(kept, rows))  # kept again, for a turn after
 
 
 def test_the_evaluation_shows_answers_generated_of_the_total_on_a_terminal_only(monkeypatch, tmp_path, base_path, tokenizer,
