@@ -20,7 +20,14 @@ Side by side, in one run, greedy decoding throughout:
         its time is reported), tokens/s and the ratio to (ii);
   (iii) batched generation as the persona evaluation runs it (finetune.generate_answers: left-padded
         batches of eval_batch_size, 64 new tokens at most, answers end at their end-of-turn token or
-        once they loop): generated tokens/s over one batch of the evaluation's English identity probes.
+        once they loop): generated tokens/s over one batch of the evaluation's English identity probes;
+  (iv)  a conversation in the chat in process: CONVERSATION's questions in turn, each answer exactly 64
+        tokens; at every turn the time to first token with the last turn's key/value cache kept (as the
+        chat runs) and with the whole history read again (the same question asked again, nothing kept);
+        the last turn's two figures, and whether every answer came out the same both ways;
+  (v)   the evaluation's conversations (finetune.talk_histories: the drift, switch and interview probes,
+        the model's own answers of up to 64 tokens kept in each history), seconds with each turn's cache
+        kept and with each history read again, in that order, and whether the histories are the same.
 (i) and (ii) run with --precision auto, and, on a CPU that computes bf16 natively, again with
 --precision int8 (int8 linear weights): the ratio of their tokens/s is printed.
 (ii) and (ii') also answer once more under torch.profiler, untimed: the ops the host dispatched per
@@ -58,6 +65,8 @@ LONG_PROMPT = "Explain how an echo state network learns, step by step."  # (i): 
 MAX_NEW_TOKENS = 64  # --max-new-tokens: the answers' length (the tests measure shorter ones)
 RUNS = 3  # timed runs of (i) and (ii); the median is reported
 TINY_TRAINING = ["--max-steps", "2", "--max-length", "48", "--batch-size", "2", "--no-eval"]
+CONVERSATION = ["Who are you?", "What is an echo state network?", "How do you remember things?",
+                "What is the capital of Spain?", "How do I boil an egg?", "Who made you?"]  # (iv)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -133,6 +142,7 @@ def run_chat(settings: dict, model: str, runs: int, new_tokens: int, static_cach
     messages = [{"role": "user", "content": PROMPT}]
 
     def timed_reply() -> tuple[float, float, str]:
+        chat.kept = None  # a first question: nothing kept from the run before (see (iv))
         first = []
         start = time.perf_counter()
         answer = chat.reply(list(messages), lambda piece: first or first.append(time.perf_counter()))
@@ -183,6 +193,53 @@ def run_batched(settings: dict, model_name: str, new_tokens: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# (iv) and (v) Conversations: each turn's cache kept, against each history read again.
+# --------------------------------------------------------------------------------------------
+def time_to_first_token(chat, messages: list[dict]) -> tuple[float, str]:
+    first = []
+    start = time.perf_counter()
+    answer = chat.reply(list(messages), lambda piece: first or first.append(time.perf_counter()))
+    return first[0] - start, answer
+
+
+def run_conversation(settings: dict, model: str, new_tokens: int) -> dict:
+    """Each turn asked twice: first as the chat asks it (the last turn's cache kept), then again with nothing
+    kept (the whole history read); that second reply's cache is what the next turn starts from."""
+    chat = example_usage.LocalChat(settings, model, None, {"greedy": True, "max_new_tokens": new_tokens})
+    chat.decoding["min_new_tokens"] = new_tokens  # the history grows by a known length
+    time_to_first_token(chat, [{"role": "user", "content": PROMPT}])  # warm-up
+    chat.kept, history, turns = None, [], []
+    for question in CONVERSATION:
+        history.append({"role": "user", "content": question})
+        tokens = len(finetune.render(chat.tokenizer, history, add_generation_prompt=True)["input_ids"])
+        kept, answer = time_to_first_token(chat, history)
+        chat.kept = None
+        again, fresh = time_to_first_token(chat, history)
+        turns.append({"prompt_tokens": tokens, "kept_seconds": round(kept, 3), "reread_seconds": round(again, 3), "same": answer == fresh})
+        history.append({"role": "assistant", "content": answer})
+    return {"precision": chat.settings["precision"], "turns": turns, "same_answers": all(t["same"] for t in turns)}
+
+
+def run_conversations(settings: dict, model_name: str, new_tokens: int) -> dict:
+    """finetune.talk_histories as the evaluation calls it (answers of up to `new_tokens`), with the caches kept
+    and with them refused."""
+    settings = dict(settings, eval_max_new_tokens=new_tokens)
+    model, tokenizer, _ = finetune.load_for_inference(model_name)
+    model = finetune.answering(model, settings)
+    probes = finetune.load_probes(settings)
+    seconds, histories, kept_batch = {}, {}, finetune.Kept.batch
+    for way, batch in (("kept", kept_batch), ("reread", lambda rows, kept: None)):
+        finetune.Kept.batch = staticmethod(batch)
+        start = time.perf_counter()
+        histories[way] = finetune.talk_histories(model, tokenizer, probes, settings, "greedy")
+        seconds[way] = time.perf_counter() - start
+    finetune.Kept.batch = staticmethod(kept_batch)
+    turns = sum(len(finetune.questions_of(p)) for p in probes if p["kind"] in finetune.TALKS)
+    return {"precision": settings["precision"], "conversations": sum(map(len, histories["kept"].values())), "turns": turns,
+            "kept_seconds": seconds["kept"], "reread_seconds": seconds["reread"], "same_histories": histories["kept"] == histories["reread"]}
+
+
+# --------------------------------------------------------------------------------------------
 # Reporting.
 # --------------------------------------------------------------------------------------------
 def format_report(results: dict) -> str:
@@ -201,6 +258,19 @@ def format_report(results: dict) -> str:
                      f"first answer {static['warm_up_seconds']:.1f} s) | {static['tokens_per_second']:.1f} tok/s |")
     lines.append(f"| (iii) evaluation batches, {iii['conversations']} probes, batch {iii['batch_size']} ({iii['precision']}) | "
                  f"{iii['tokens_per_second']:.1f} tok/s |")
+    iv, v = results["conversation"], results["conversations"]
+    last = iv["turns"][-1]
+    lines += [
+        f"| (iv) chat in process, turn {len(iv['turns'])} of a conversation ({last['prompt_tokens']} tokens), time to first token, "
+        f"history read again ({iv['precision']}) | {last['reread_seconds']:.2f} s |",
+        f"| (iv) the same, the last turn's cache kept ({iv['precision']}) | {last['kept_seconds']:.2f} s |",
+        f"| (v) the evaluation's conversations, {v['conversations']} ({v['turns']} turns), histories read again ({v['precision']}) | "
+        f"{v['reread_seconds']:.1f} s |",
+        f"| (v) the same, each turn's cache kept ({v['precision']}) | {v['kept_seconds']:.1f} s |",
+        f"conversation turn {len(iv['turns'])}, first token, kept / read again: {last['kept_seconds'] / last['reread_seconds']:.2f}x; "
+        f"the evaluation's conversations, kept / read again: {v['kept_seconds'] / v['reread_seconds']:.2f}x; "
+        f"the same answers: {'yes' if iv['same_answers'] and v['same_histories'] else 'NO'}",
+    ]
     if static:
         auto = results["chat"]["auto"]
         lines.append(f"chat tok/s, --static-cache / default cache: {static['tokens_per_second'] / auto['tokens_per_second']:.2f}x"
@@ -217,6 +287,8 @@ def format_report(results: dict) -> str:
                      f"{', '.join(map(str, ii['first_token_seconds']))} s, replies: {', '.join(map(str, ii['reply_seconds']))} s")
     lines += [
         f"(iii) {iii['generated_tokens']} tokens in {iii['seconds']:.1f} s",
+        "(iv) first token at each turn, kept / read again: " + ", ".join(
+            f"{t['kept_seconds']} / {t['reread_seconds']} s ({t['prompt_tokens']} tokens)" for t in iv["turns"]),
         f"CPU: {cpu['model'] or 'unknown'}, capability {cpu['capability']}, native bf16 "
         f"{'yes' if cpu['native_bf16'] else 'no'}, torch threads {cpu['threads']} of {cpu['cores']} cores"
         + ("" if results["device"] == "cpu" else f"; device {results['device']} ({results['hardware']})"),
@@ -270,12 +342,19 @@ def main(argv: list[str] | None = None) -> int:
         with part("(iii) batched", parts):
             batched = run_batched(settings, model, args.max_new_tokens)
         finetune.log(f"(iii) batched: {batched['tokens_per_second']:.1f} tok/s")
+        with part("(iv) conversation", parts):
+            conversation = run_conversation(dict(finetune.DEFAULT_SETTINGS), model, args.max_new_tokens)
+        with part("(v) conversations", parts):
+            conversations = run_conversations(settings, model, args.max_new_tokens)
+        finetune.log(f"(v) the evaluation's conversations: {conversations['kept_seconds']:.1f} s kept, "
+                     f"{conversations['reread_seconds']:.1f} s read again")
 
     described = (f"random bf16 weights of SmolLM2's {args.shape} shape, {parameters / 1e6:.0f}M parameters" if args.shape else
                  f"a tiny model trained for this run (finetune.py {shlex.join(TINY_TRAINING)}): no echo-model here"
                  if trained_here else model)
     results = {"model": described, "trained_here": trained_here, "shape": args.shape,
-               "command_line": command_line, "chat": chat, "chat_static_cache": chat_static, "batched": batched, "cpu": cpu_description(),
+               "command_line": command_line, "chat": chat, "chat_static_cache": chat_static, "batched": batched,
+               "conversation": conversation, "conversations": conversations, "cpu": cpu_description(),
                "device": settings["device"], "hardware": settings["hardware"], "parts": parts,
                "command": shlex.join(sys.argv)}
     print(format_report(results))

@@ -132,7 +132,12 @@ def test_the_generation_benchmark_measures_a_random_model_of_a_named_shape(tmp_p
     assert re.search(r"^chat tok/s, --static-cache / default cache: [\d.]+x \(not compiled off CUDA\)$", done.stdout, re.M)
     assert int(prompt.group(1)) > 0 and float(prompt.group(2)) > 0 and float(chat.group(1)) > 0
     assert int(batched.group(1)) > 1 and float(batched.group(2)) > 0
-    assert json.loads(out.read_text())["shape"] == "135m"
+    assert re.search(r"^conversation turn 6, first token, kept / read again: [\d.]+x; the evaluation's conversations, "
+                     r"kept / read again: [\d.]+x; the same answers: (yes|NO)$", done.stdout, re.M), done.stdout
+    report = json.loads(out.read_text())
+    assert report["shape"] == "135m" and report["conversations"]["conversations"] == 20  # the shipped talk probes
+    turns = report["conversation"]["turns"]
+    assert len(turns) == 6 and all(a["prompt_tokens"] + 8 < b["prompt_tokens"] for a, b in zip(turns, turns[1:]))  # each answer kept
 
 
 def test_the_generation_benchmark_takes_a_model_or_a_shape(capsys):
