@@ -228,12 +228,14 @@ def run_conversations(settings: dict, model_name: str, new_tokens: int) -> dict:
     model = finetune.answering(model, settings)
     probes = finetune.load_probes(settings)
     seconds, histories, kept_batch = {}, {}, finetune.Kept.batch
-    for way, batch in (("kept", kept_batch), ("reread", lambda rows, kept: None)):
-        finetune.Kept.batch = staticmethod(batch)
-        start = time.perf_counter()
-        histories[way] = finetune.talk_histories(model, tokenizer, probes, settings, "greedy")
-        seconds[way] = time.perf_counter() - start
-    finetune.Kept.batch = staticmethod(kept_batch)
+    try:
+        for way, batch in (("kept", kept_batch), ("reread", lambda rows, kept: None)):
+            finetune.Kept.batch = staticmethod(batch)
+            start = time.perf_counter()
+            histories[way] = finetune.talk_histories(model, tokenizer, probes, settings, "greedy")
+            seconds[way] = time.perf_counter() - start
+    finally:
+        finetune.Kept.batch = staticmethod(kept_batch)
     turns = sum(len(finetune.questions_of(p)) for p in probes if p["kind"] in finetune.TALKS)
     return {"precision": settings["precision"], "conversations": sum(map(len, histories["kept"].values())), "turns": turns,
             "kept_seconds": seconds["kept"], "reread_seconds": seconds["reread"], "same_histories": histories["kept"] == histories["reread"]}
