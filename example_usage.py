@@ -135,14 +135,15 @@ class LocalChat:
 
         ends = finetune.end_of_turn_ids(self.tokenizer)
         kwargs = {"eos_token_id": ends, "pad_token_id": self.tokenizer.pad_token_id, **self.decoding}
-        if "cache_implementation" not in self.decoding:
+        keeping = "cache_implementation" not in self.decoding  # a static cache is made for the whole context
+        if keeping:
             kwargs.update(cache=finetune.Kept.batch([prompt], [self.kept]), return_dict_in_generate=True)
             self.kept = None  # spent on this turn's cache; an answer stopped by Ctrl-C leaves none, and the next turn reads it all
         try:
             with self.torch.no_grad(), finetune.autocast(self.settings["device"], self.settings["precision"]):
                 out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids),
                                           streamer=Writer(self.tokenizer, skip_prompt=True, skip_special_tokens=True), **kwargs)
-            if "return_dict_in_generate" in kwargs:
+            if keeping:
                 [self.kept] = finetune.Kept.of_batch(out, [len(prompt)], len(prompt), ends)
         except KeyboardInterrupt:
             self.stopped = True

@@ -3150,9 +3150,9 @@ class Kept:
         shared = [min(shared_prefix(k.ids, row), len(row) - 1) if k else 0 for row, k in zip(rows, kept)]
         reads = max(len(row) - n for row, n in zip(rows, shared))
         cached = [max(0, len(row) - reads) for row in rows]  # never more than shared: len(row) - reads <= shared
-        width, layers = max(cached), []
-        for layer in range(len(next(k for k in kept if k).layers)):
-            keys, values = next(k for k in kept if k).layers[layer]
+        width, layers, first = max(cached), [], next(k for k in kept if k)
+        for layer in range(len(first.layers)):
+            keys, values = first.layers[layer]  # the shapes and dtype the batch's tensors take
             batch_keys = keys.new_zeros((len(rows), keys.shape[0], width, keys.shape[2]))  # the padding: attention never reads it
             batch_values = values.new_zeros((len(rows), values.shape[0], width, values.shape[2]))
             for i, (k, n) in enumerate(zip(kept, cached)):

@@ -133,6 +133,14 @@ def run_command_line(model: str, runs: int, precision: str, new_tokens: int) -> 
 # --------------------------------------------------------------------------------------------
 # (ii) The chat in process: time to first token and tokens/s of one streamed answer.
 # --------------------------------------------------------------------------------------------
+def timed(chat, messages: list[dict]) -> tuple[float, float, str]:
+    """One streamed reply: seconds to its first write (the first text a user sees), seconds in all, the answer."""
+    first = []
+    start = time.perf_counter()
+    answer = chat.reply(list(messages), lambda piece: first or first.append(time.perf_counter()))
+    return first[0] - start, time.perf_counter() - start, answer
+
+
 def run_chat(settings: dict, model: str, runs: int, new_tokens: int, static_cache: bool = False) -> dict:
     import torch
 
@@ -143,10 +151,7 @@ def run_chat(settings: dict, model: str, runs: int, new_tokens: int, static_cach
 
     def timed_reply() -> tuple[float, float, str]:
         chat.kept = None  # a first question: nothing kept from the run before (see (iv))
-        first = []
-        start = time.perf_counter()
-        answer = chat.reply(list(messages), lambda piece: first or first.append(time.perf_counter()))
-        return first[0] - start, time.perf_counter() - start, answer
+        return timed(chat, messages)
 
     warm_up = timed_reply()[1]  # first-call allocations, autocast caches; with a static cache on CUDA, compiling
     replies = [timed_reply() for _ in range(runs)]
@@ -195,26 +200,19 @@ def run_batched(settings: dict, model_name: str, new_tokens: int) -> dict:
 # --------------------------------------------------------------------------------------------
 # (iv) and (v) Conversations: each turn's cache kept, against each history read again.
 # --------------------------------------------------------------------------------------------
-def time_to_first_token(chat, messages: list[dict]) -> tuple[float, str]:
-    first = []
-    start = time.perf_counter()
-    answer = chat.reply(list(messages), lambda piece: first or first.append(time.perf_counter()))
-    return first[0] - start, answer
-
-
 def run_conversation(settings: dict, model: str, new_tokens: int) -> dict:
     """Each turn asked twice: first as the chat asks it (the last turn's cache kept), then again with nothing
     kept (the whole history read); that second reply's cache is what the next turn starts from."""
     chat = example_usage.LocalChat(settings, model, None, {"greedy": True, "max_new_tokens": new_tokens})
     chat.decoding["min_new_tokens"] = new_tokens  # the history grows by a known length
-    time_to_first_token(chat, [{"role": "user", "content": PROMPT}])  # warm-up
+    timed(chat, [{"role": "user", "content": PROMPT}])  # warm-up
     chat.kept, history, turns = None, [], []
     for question in CONVERSATION:
         history.append({"role": "user", "content": question})
         tokens = len(finetune.render(chat.tokenizer, history, add_generation_prompt=True)["input_ids"])
-        kept, answer = time_to_first_token(chat, history)
+        kept, _, answer = timed(chat, history)
         chat.kept = None
-        again, fresh = time_to_first_token(chat, history)
+        again, _, fresh = timed(chat, history)
         turns.append({"prompt_tokens": tokens, "kept_seconds": round(kept, 3), "reread_seconds": round(again, 3), "same": answer == fresh})
         history.append({"role": "assistant", "content": answer})
     return {"precision": chat.settings["precision"], "turns": turns, "same_answers": all(t["same"] for t in turns)}
