@@ -85,7 +85,7 @@ DEFAULTS = {
         "precision": "auto",  # bf16 | fp16 | fp32 (int8 for answering only); auto picks bf16 only where it is native
         "seed": 42,
         "save_steps": 8,  # a checkpoint every N steps (Ctrl-C and --resume start from it)
-        "eval_steps": 20,  # the validation loss every N steps and at the end: each costs a pass over the split
+        "eval_steps": 0,  # the validation loss every N steps and at the end (0: at the end only): each costs a pass over the split
         "merge": False,  # also write a merged model into OUTPUT_DIR/merged
     },
     "generation": {  # the decoding defaults saved with the model (generation_config.json); chat uses them
@@ -187,7 +187,7 @@ RULES = {
     "precision": one_of("precision"),
     "seed": whole(0, 2**32 - 1),
     "save_steps": whole(1),
-    "eval_steps": whole(1),
+    "eval_steps": whole(0),
     "merge": FLAG,
     "greedy": FLAG,
     "repetition_penalty": number(above=0),
@@ -3896,8 +3896,8 @@ class HuggingFaceFineTuner:
             use_cpu=s["device"] == "cpu",
             gradient_checkpointing=s["gradient_checkpointing"],
             gradient_checkpointing_kwargs={"use_reentrant": False} if s["gradient_checkpointing"] else None,
-            eval_strategy="steps" if has_eval else "no",
-            eval_steps=s["eval_steps"],
+            eval_strategy="steps" if has_eval and s["eval_steps"] else "no",  # train() adds the pass at the end
+            eval_steps=s["eval_steps"] or None,
             prediction_loss_only=True,  # the validation loss only: no logits over the 49k-token vocabulary kept
             save_strategy="steps",
             save_steps=s["save_steps"],
@@ -4104,6 +4104,7 @@ class HuggingFaceFineTuner:
             "mean_train_loss": output.training_loss,
             "eval_loss": eval_losses[-1] if eval_losses else None,
             "loss_curve": [[e["step"], e["loss"]] for e in history if "loss" in e],
+            "eval_curve": [[e["step"], e["eval_loss"]] for e in history if "eval_loss" in e],  # every --eval-steps, and the end
             "wall_time_seconds": round(wall, 1),
             "tokens_seen": trainer.state.num_input_tokens_seen,
             "tokens_per_second": progress.tokens_per_second(trainer.state),
@@ -4999,7 +5000,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting(train, "--precision", "precision", "auto: bf16 where native, else fp32; int8 (int8 weights, bf16 compute) only with --evaluate")
     setting(train, "--seed", "seed", type=int)
     setting(train, "--save-steps", "save_steps", "a checkpoint every N steps", type=int, metavar="N")
-    setting(train, "--eval-steps", "eval_steps", "the validation loss every N steps (and at the end)", type=int, metavar="N")
+    setting(train, "--eval-steps", "eval_steps", "the validation loss every N steps as well as at the end (0: at the end only)", type=int, metavar="N")
     setting(train, "--merge", "merge", "also write a merged model to OUTPUT_DIR/merged", action="store_const", const=True)
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output-dir")
     train.add_argument("--overwrite", action="store_true", help="replace output this tool wrote before (never anything else)")

@@ -1157,6 +1157,7 @@ def test_tiny_fine_tune_saves_everything_and_reloads_to_answer(tiny_model):
     assert summary["steps"] == 2 and summary["settings"]["method"] == "lora" and summary["precision"] == expected_precision()
     assert summary["device"] == "cpu" and summary["processes"] == 1 and summary["tokens_per_second"] > 0
     assert summary["eval_loss"] is not None and "dequantized" in summary["base_model_note"]
+    assert summary["eval_curve"] == [[2, summary["eval_loss"]]]  # by default one pass over the validation split, at the end
     assert (out / "loss.png").stat().st_size > 1000 and (out / "adapter_model.safetensors").is_file()
     assert (out / finetune.TOOL_MARKER).is_file() and not (out / "checkpoints").exists()
     assert not list(out.parent.glob(".*partial*"))
@@ -1355,7 +1356,7 @@ def test_an_overwrite_run_replaces_the_model_only_at_the_end_and_keeps_the_opena
     (out / finetune.OPENAI_JOB_RECORD).write_text(json.dumps(record))
     old = (out / "adapter_model.safetensors").read_bytes()
     args = [PY, str(ROOT / "finetune.py"), "--output-dir", str(out), "--overwrite", "--no-eval", *TINY_STEPS,
-            "--max-steps", "3", "--save-steps", "10", "--lora-r", "8", *FEW_QUESTIONS]
+            "--max-steps", "3", "--save-steps", "10", "--eval-steps", "2", "--lora-r", "8", *FEW_QUESTIONS]
     process = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen_old_during_training = False
     for line in process.stderr:
@@ -1365,6 +1366,7 @@ def test_an_overwrite_run_replaces_the_model_only_at_the_end_and_keeps_the_opena
     assert seen_old_during_training  # the old model was still there while the new one trained
     assert (out / "adapter_model.safetensors").read_bytes() != old
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+    assert [step for step, _ in json.loads((out / "training_summary.json").read_text())["eval_curve"]] == [2, 3]  # --eval-steps 2, and the end
     assert json.loads((out / finetune.OPENAI_JOB_RECORD).read_text()) == record
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .partial or .old folder left
 
