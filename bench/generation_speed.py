@@ -27,7 +27,8 @@ Side by side, in one run, greedy decoding throughout:
         the last turn's two figures, and whether every answer came out the same both ways;
   (v)   the evaluation's conversations (finetune.talk_histories: the drift, switch and interview probes,
         the model's own answers of up to 64 tokens kept in each history), seconds with each turn's cache
-        kept and with each history read again, in that order, and whether the histories are the same.
+        kept and with each history read again, in that order, and whether the histories are the same;
+        --conversations N takes N of them, one of each kind in turn (the tests take three).
 (i) and (ii) run with --precision auto, and, on a CPU that computes bf16 natively, again with
 --precision int8 (int8 linear weights): the ratio of their tokens/s is printed.
 (ii) and (ii') also answer once more under torch.profiler, untimed: the ops the host dispatched per
@@ -40,6 +41,7 @@ per token is that of any model of that shape; its answers are noise (the report 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import statistics
@@ -81,10 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=RUNS, help=f"timed runs of (i) and (ii) (default {RUNS})")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, metavar="N",
                         help=f"new tokens an answer has (ii) or may have (i, iii) (default {MAX_NEW_TOKENS})")
+    parser.add_argument("--conversations", type=int, metavar="N",
+                        help="(v) on N of the evaluation's conversations, one of each kind in turn (default: all)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.max_new_tokens < 1:
-        parser.error("--runs and --max-new-tokens must be at least 1")
+    if args.runs < 1 or args.max_new_tokens < 1 or (args.conversations is not None and args.conversations < 1):
+        parser.error("--runs, --max-new-tokens and --conversations must be at least 1")
     if args.shape and args.model != parser.get_default("model"):
         parser.error("give --model or --shape, not both")
     if args.tokenizer and not args.shape:
@@ -218,13 +222,13 @@ def run_conversation(settings: dict, model: str, new_tokens: int) -> dict:
     return {"precision": chat.settings["precision"], "turns": turns, "same_answers": all(t["same"] for t in turns)}
 
 
-def run_conversations(settings: dict, model_name: str, new_tokens: int) -> dict:
+def run_conversations(settings: dict, model_name: str, new_tokens: int, count: int | None) -> dict:
     """finetune.talk_histories as the evaluation calls it (answers of up to `new_tokens`), with the caches kept
-    and with them refused."""
+    and with them refused; on `count` of its conversations (None: all)."""
     settings = dict(settings, eval_max_new_tokens=new_tokens)
     model, tokenizer, _ = finetune.load_for_inference(model_name)
     model = finetune.answering(model, settings)
-    probes = finetune.load_probes(settings)
+    probes = taken_in_turn(finetune.load_probes(settings), count)
     seconds, histories, kept_batch = {}, {}, finetune.Kept.batch
     try:
         for way, batch in (("kept", kept_batch), ("reread", lambda rows, kept: None)):
@@ -237,6 +241,13 @@ def run_conversations(settings: dict, model_name: str, new_tokens: int) -> dict:
     turns = sum(len(finetune.questions_of(p)) for p in probes if p["kind"] in finetune.TALKS)
     return {"precision": settings["precision"], "conversations": sum(map(len, histories["kept"].values())), "turns": turns,
             "kept_seconds": seconds["kept"], "reread_seconds": seconds["reread"], "same_histories": histories["kept"] == histories["reread"]}
+
+
+def taken_in_turn(probes: list[dict], count: int | None) -> list[dict]:
+    """The conversation probes (finetune.TALKS), `count` of them taken one of each kind in turn."""
+    kinds = [[p for p in probes if p["kind"] == kind] for kind in finetune.TALKS]
+    in_turn = [p for row in itertools.zip_longest(*kinds) for p in row if p]
+    return in_turn[:count]
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         with part("(iv) conversation", parts):
             conversation = run_conversation(dict(finetune.DEFAULT_SETTINGS), model, args.max_new_tokens)
         with part("(v) conversations", parts):
-            conversations = run_conversations(settings, model, args.max_new_tokens)
+            conversations = run_conversations(settings, model, args.max_new_tokens, args.conversations)
         finetune.log(f"(v) the evaluation's conversations: {conversations['kept_seconds']:.1f} s kept, "
                      f"{conversations['reread_seconds']:.1f} s read again")
 

@@ -117,7 +117,7 @@ def test_the_generation_benchmark_measures_a_random_model_of_a_named_shape(tmp_p
     """What a lent GPU runs for the generation targets (--prompt, chat, evaluation batches): no trained model there."""
     out = tmp_path / "gen.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "generation_speed.py"), "--shape", "135m", "--runs", "1",
-                           "--max-new-tokens", "8", "--json", out], cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+                           "--max-new-tokens", "8", "--conversations", "3", "--json", out], cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     assert "model: random bf16 weights of SmolLM2's 135m shape, 135M parameters" in done.stdout
     prompt = re.search(r"^\| \(i\) example_usage.py --prompt --precision auto, end to end, a (\d+)-token answer .* \| ([\d.]+) s \|$",
@@ -135,7 +135,7 @@ def test_the_generation_benchmark_measures_a_random_model_of_a_named_shape(tmp_p
     assert re.search(r"^conversation turn 6, first token, kept / read again: [\d.]+x; the evaluation's conversations, "
                      r"kept / read again: [\d.]+x; the same answers: (yes|NO)$", done.stdout, re.M), done.stdout
     report = json.loads(out.read_text())
-    assert report["shape"] == "135m" and report["conversations"]["conversations"] == 20  # the shipped talk probes
+    assert report["shape"] == "135m" and report["conversations"]["conversations"] == 3  # --conversations 3
     turns = report["conversation"]["turns"]
     assert len(turns) == 6 and all(a["prompt_tokens"] + 8 < b["prompt_tokens"] for a, b in zip(turns, turns[1:]))  # each answer kept
 
@@ -148,6 +148,17 @@ def test_the_generation_benchmark_takes_a_model_or_a_shape(capsys):
         with pytest.raises(SystemExit):
             generation_speed.parse_args(wrong)
     assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generation_speed.parse_args(["--conversations", "0"])
+
+
+def test_the_generation_benchmark_takes_conversations_of_each_kind_in_turn():
+    import finetune
+    import generation_speed
+
+    probes = finetune.load_probes(dict(finetune.DEFAULT_SETTINGS, eval_dataset=str(ROOT / "persona_eval.jsonl")))
+    assert [p["kind"] for p in generation_speed.taken_in_turn(probes, 4)] == ["drift", "switch", "interview", "drift"]
+    assert len(generation_speed.taken_in_turn(probes, None)) == 20  # every conversation the evaluation has
 
 
 def test_the_offline_kit_packs_wheels_and_the_tokenizer_and_runs_a_script_with_them(tmp_path):
