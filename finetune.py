@@ -4086,7 +4086,7 @@ class HuggingFaceFineTuner:
 
         history = trainer.state.log_history
         train_losses = [e["loss"] for e in history if "loss" in e]
-        eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
+        eval_curve = [[e["step"], e["eval_loss"]] for e in history if "eval_loss" in e]  # every --eval-steps, and the end
         return {
             "written_by": TOOL_NAME,
             "base_model": self.base_name,
@@ -4102,9 +4102,9 @@ class HuggingFaceFineTuner:
             "epochs": round(trainer.state.epoch or 0, 3),
             "train_loss": train_losses[-1] if train_losses else output.training_loss,
             "mean_train_loss": output.training_loss,
-            "eval_loss": eval_losses[-1] if eval_losses else None,
+            "eval_loss": eval_curve[-1][1] if eval_curve else None,
             "loss_curve": [[e["step"], e["loss"]] for e in history if "loss" in e],
-            "eval_curve": [[e["step"], e["eval_loss"]] for e in history if "eval_loss" in e],  # every --eval-steps, and the end
+            "eval_curve": eval_curve,
             "wall_time_seconds": round(wall, 1),
             "tokens_seen": trainer.state.num_input_tokens_seen,
             "tokens_per_second": progress.tokens_per_second(trainer.state),

@@ -238,7 +238,7 @@ def run_conversations(settings: dict, model_name: str, new_tokens: int, count: i
             seconds[way] = time.perf_counter() - start
     finally:
         finetune.Kept.batch = staticmethod(kept_batch)
-    turns = sum(len(finetune.questions_of(p)) for p in probes if p["kind"] in finetune.TALKS)
+    turns = sum(len(finetune.questions_of(p)) for p in probes)  # taken_in_turn keeps only the conversations
     return {"precision": settings["precision"], "conversations": sum(map(len, histories["kept"].values())), "turns": turns,
             "kept_seconds": seconds["kept"], "reread_seconds": seconds["reread"], "same_histories": histories["kept"] == histories["reread"]}
 
