@@ -101,10 +101,15 @@ class LocalChat:
         self.kept = None  # the last turn's key/value cache: the next reads only the new question (not with a static cache)
         self.torch = torch
 
+    def answer_tokens(self) -> int:
+        """The longest answer: --max-new-tokens, else the folder's generation_config.json, else 256. A base
+        model's config often sets none, and generate() would then stop every answer at 20 tokens."""
+        return self.decoding.get("max_new_tokens", self.model.generation_config.max_new_tokens or 256)
+
     def fit(self, messages: list[dict]) -> list[int]:
         """Drops the oldest exchanges (never the system prompt or the new question) until it fits; a question
         that does not fit alone is an error (cut, it lost its start and the chat template's header)."""
-        answer = self.decoding.get("max_new_tokens", self.model.generation_config.max_new_tokens or 256)
+        answer = self.answer_tokens()
         budget = room_for_prompt(self.max_context, answer)
         while True:
             ids = finetune.render(self.tokenizer, messages, add_generation_prompt=True)["input_ids"]
@@ -134,7 +139,7 @@ class LocalChat:
                     write(text)
 
         ends = finetune.end_of_turn_ids(self.tokenizer)
-        kwargs = {"eos_token_id": ends, "pad_token_id": self.tokenizer.pad_token_id, **self.decoding}
+        kwargs = {"eos_token_id": ends, "pad_token_id": self.tokenizer.pad_token_id, **self.decoding, "max_new_tokens": self.answer_tokens()}
         keeping = "cache_implementation" not in self.decoding  # a static cache is made for the whole context
         if keeping:
             kwargs.update(cache=finetune.Kept.batch([prompt], [self.kept]), return_dict_in_generate=True)

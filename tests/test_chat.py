@@ -110,6 +110,29 @@ def test_the_chat_reads_only_the_new_question_and_answers_as_a_fresh_read(tiny_m
     assert built[-1] is None
 
 
+def test_a_model_whose_config_sets_no_answer_length_answers_at_the_length_the_history_left_room_for(tiny_model, monkeypatch):
+    """The embedded base's generation_config.json (like many on the hub) sets no max_new_tokens: generate()
+    alone would stop every chat answer at its model-agnostic 20 tokens, where the history was trimmed for 256."""
+    import example_usage
+
+    out, _ = tiny_model
+    settings = dict(finetune.DEFAULT_SETTINGS, device="cpu", precision="fp32")
+    chat = example_usage.LocalChat(settings, str(out), None, {"greedy": True})
+    chat.model.generation_config.max_new_tokens = None
+    asked, generate = [], chat.model.generate
+
+    def spied(*args, **kwargs):  # what the chat asks for is recorded; the answer is cut to 5 tokens, the test's time
+        asked.append(kwargs["max_new_tokens"])
+        return generate(*args, **dict(kwargs, max_new_tokens=min(kwargs["max_new_tokens"], 5)))
+
+    monkeypatch.setattr(chat.model, "generate", spied)
+    chat.reply([{"role": "user", "content": "Who are you?"}], lambda piece: None)
+    assert asked == [256] == [chat.answer_tokens()]
+    chat.decoding["max_new_tokens"] = 3  # --max-new-tokens wins
+    chat.reply([{"role": "user", "content": "Who are you?"}], lambda piece: None)
+    assert asked[-1] == 3
+
+
 def test_a_server_chats_estimate_does_not_undercount_other_scripts_than_english(tokenizer):
     """The --base-url chat trims its history by an estimate, calibrated on the server's count of an English
     prompt (0.22 tokens a character); by characters at that rate an emoji prompt, 2.8 tokens a character,
