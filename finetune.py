@@ -5059,6 +5059,13 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
     return 0
 
 
+def setting_name(key: str) -> str:
+    """How a message names a setting: by its flag, or, for the few only config.json sets (general_text,
+    the decoding ones), by its key there: a user told of a --general-text flag would find none."""
+    flags = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+    return flags.get(key) or f"{key} (a config file setting)"
+
+
 def check_paths(settings: dict, base_model: bool = False) -> None:
     """A dataset (and, to train, a base model or replay questions) named by a path that is not there: the
     error at once, not after the seconds that importing torch and transformers takes."""
@@ -5079,7 +5086,7 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
         raise UserError(f"cannot read --replay-questions {settings['replay_questions']}: no such file ('' for none)")
     for key in ("eval_dataset", "general_text") if base_model and settings["evaluate_after_training"] else ():
         if not Path(settings[key]).is_file():  # found after training, it cost the run: the evaluation is part of it
-            raise UserError(f"cannot read --{key.replace('_', '-')} {settings[key]}: no such file (or skip the evaluation: --no-eval)")
+            raise UserError(f"cannot read {setting_name(key)} {settings[key]}: no such file (or skip the evaluation: --no-eval)")
 
 
 def inputs_inside(folder: Path, settings: dict) -> None:
@@ -5088,7 +5095,7 @@ def inputs_inside(folder: Path, settings: dict) -> None:
     for key in ("dataset", "eval_dataset", "replay_questions", "general_text"):
         path = Path(settings[key]) if settings[key] else None
         if path is not None and path.exists() and folder.is_dir() and folder.resolve() in path.resolve().parents:
-            raise UserError(f"--{key.replace('_', '-')} {path} is inside {folder}, which this run replaces with the new model; "
+            raise UserError(f"{setting_name(key)} {path} is inside {folder}, which this run replaces with the new model; "
                             f"move it out first, or choose another --output-dir")
     outputs_inside_dataset(settings, [folder])
 

@@ -1612,6 +1612,24 @@ def test_inputs_inside_the_output_folder_are_never_replaced_with_it(tmp_path):
     assert (out / "openai_train.jsonl").read_bytes() == kept and not (out / "openai_validation.jsonl").exists()
 
 
+def test_a_setting_only_the_config_file_sets_is_named_as_it_is_written_there(tmp_path):
+    """general_text has no flag: a message that said --general-text sent its user looking for one."""
+    data = tmp_path / "mine.jsonl"
+    write_lines(data, good_examples(12))
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / finetune.TOOL_MARKER).write_text("{}")
+    (out / finetune.FINISHED_MARKER).write_text("{}")
+    (out / "prose.txt").write_text("Some prose.\n")
+    for general_text, error in ((tmp_path / "typo.txt", f"cannot read general_text (a config file setting) {tmp_path / 'typo.txt'}: no such file"),
+                                (out / "prose.txt", f"general_text (a config file setting) {out / 'prose.txt'} is inside {out}")):
+        config = tmp_path / "settings.json"
+        config.write_text(json.dumps({"general_text": str(general_text)}))
+        code, stderr, torch = without_torch("--config", config, "--dataset", data, "--output-dir", out, "--overwrite")
+        last = stderr.strip().splitlines()[-1]
+        assert code == 2 and error in last and "--general-text" not in stderr and not torch, stderr
+
+
 def test_odd_outputs_and_a_damaged_adapter_are_one_line_before_anything_loads(tmp_path):
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "adapter_config.json").write_text("{bad")  # a copy cut short
