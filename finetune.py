@@ -280,7 +280,7 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
     wrong = []
     for key, value in settings.items():
         if text := broken_rule(key, value):
-            where = setting_name(key) if sources[key] == "flag" else f"{key} in {sources[key]}"
+            where = f"--{key.replace('_', '-')}" if sources[key] == "flag" else f"{key} in {sources[key]}"
             wrong.append(f"{where} must be {text} (got {json.dumps(value)})")
     if wrong:  # every one at once, as the validator reports every bad line
         raise UserError("; ".join(wrong))
