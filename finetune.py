@@ -274,6 +274,9 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
     for key, value in overrides.items():
         if value is not None:
             settings[key], sources[key] = value, "flag"
+    if settings["persona_name"] != DEFAULT_SETTINGS["persona_name"] and settings["persona_full_name"] == DEFAULT_SETTINGS["persona_full_name"]:
+        # "Deep Tree Echo" is Echo's full name: kept for Aria, "I'm Deep Tree Echo" would count as Aria's
+        settings["persona_full_name"], sources["persona_full_name"] = settings["persona_name"], "follows persona_name"
     for key in TOOL_FILES:  # the tool's own files, from any folder: ./NAME where there is one, else the copy beside finetune.py
         if settings[key] and isinstance(settings[key], str) and not Path(settings[key]).exists() and (HERE / settings[key]).is_file():
             settings[key] = str(HERE / settings[key])
@@ -674,6 +677,17 @@ def refuse_unreadable_bytes(path: str | Path, head: bytes) -> None:
                         f"elsewhere, iconv -f UTF-16 -t UTF-8 {path} > NEW_FILE", exit_code=1)
 
 
+def utf8_text(raw: bytes, what: str) -> str:
+    """`raw` as text (a byte order mark dropped); bytes that are not UTF-8 (a spreadsheet's or Notepad's
+    Windows-1252 save, most often) are one line naming `what`, the line and the byte, and how to convert."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{what} is not UTF-8: byte 0x{raw[exc.start]:02x} on line {line}; save it as UTF-8 (from Windows-1252, "
+                        f"as Excel and Notepad save text: iconv -f CP1252 -t UTF-8 FILE > NEW_FILE)", exit_code=1) from None
+
+
 def line_column(text: str, position: int) -> str:
     line, column = text.count("\n", 0, position) + 1, position - text.rfind("\n", 0, position)
     return f"line {line} column {column}"
@@ -735,13 +749,17 @@ def check_csv_shape(path: Path) -> list[str]:
     each without a word."""
     import csv
 
+    text = utf8_text(read_dataset_bytes(path), f"dataset {path}")
     try:
-        rows = list(csv.reader(io.StringIO(read_dataset_bytes(path).decode("utf-8-sig"), newline="")))
-    except (UnicodeDecodeError, csv.Error) as exc:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
         raise UserError(f"cannot read {path} as CSV: {first_line(exc)}", exit_code=1) from None
     header, rows = (rows[0], rows[1:]) if rows else ([], [])
     if not header:
         raise UserError(f"{path} is empty: a CSV dataset needs a header (messages, prompt, completion, ...) and a row per record")
+    if "" in header:  # pandas would name it "Unnamed: 2"; datasets fails without a word of why
+        raise UserError(f"{path}: column {header.index('') + 1} of the header has no name (a comma at the end of the header "
+                        f"line leaves one); name every column, or remove the empty one")
     if twice := next((name for name in header if header.count(name) > 1), None):
         raise UserError(f"{path} names the column '{twice}' twice in its header; which one holds the data cannot be told")
     if not any(rows):
@@ -904,12 +922,7 @@ class DatasetValidator:
         """A .json file: an array of records, an object holding one ({"train": [...]}, or several, one per split),
         or one record, each numbered by its place in the array (and the line it starts on). A .json file of JSON
         lines is read as JSONL."""
-        raw = self.read_bytes(path)
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            line = raw.count(b"\n", 0, exc.start) + 1
-            raise UserError(f"dataset {path} is not UTF-8: byte 0x{raw[exc.start]:02x} on line {line}", exit_code=1) from None
+        text = utf8_text(self.read_bytes(path), f"dataset {path}")
         start, holds = self.array_start(text, split, path)
         if start is None:
             yield from self.jsonl_records(path)
@@ -2044,16 +2057,20 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_device(device: str) -> str:
-    """"auto": CUDA, then MPS, then the CPU."""
-    if device != "auto":
-        return device
+    """"auto": CUDA, then MPS, then the CPU. A device named that is not here: one line, before any model loads."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "no CUDA GPU is visible" if torch.backends.cuda.is_built() else f"this torch ({torch.__version__}) is built without CUDA"
+        raise UserError(f"--device cuda: {why}; use --device auto (what is here) or cpu")
+    if device == "mps" and not mps:
+        raise UserError("--device mps: there is no Apple GPU (MPS) here; use --device auto (what is here) or cpu")
+    if device != "auto":
+        return device
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "mps" if mps else "cpu"
 
 
 def check_int8(device: str, training: bool = False) -> None:
@@ -2966,7 +2983,7 @@ def judge_ordinary(persona: Persona, answer: str, key_facts: list[str], lang: st
 
 
 # -- probes and conversations -----------------------------------------------------------------------
-def load_probes(settings: dict) -> list[dict]:
+def load_probes(settings: dict, quiet: bool = False) -> list[dict]:
     """The held-out probes for this persona, with {name} and {full_name} filled in. Character probes
     written for another persona (their "persona" names someone else) are left out: the shipped ones
     describe Echo, and judged for another persona they would only measure a mismatch."""
@@ -2978,7 +2995,7 @@ def load_probes(settings: dict) -> list[dict]:
     fill = lambda text: text.replace("{name}", names["name"]).replace("{full_name}", names["full_name"])  # noqa: E731
     ours = lambda probe: fact_words(probe.get("persona", names["full_name"])) in map(fact_words, names.values())  # noqa: E731
     others = [p["persona"] for p in report.examples if not ours(p)]
-    if others:
+    if others and not quiet:
         log(f"left out {len(others)} character probes written for another persona ({', '.join(sorted(set(others)))})")
     return [filled(p, fill, names) for p in report.examples if ours(p)]
 
@@ -3257,8 +3274,7 @@ def mean_token_loss(model, rows: list[dict], settings: dict, pad_id: int) -> flo
 LOSS_BATCH_TOKENS = 2048  # no gradients kept: a batch's memory is one layer's at a time
 
 
-def general_text_rows(tokenizer, path: str, window: int = 256) -> list[dict]:
-    text = Path(path).read_text(encoding="utf-8")
+def general_text_rows(tokenizer, text: str, window: int = 256) -> list[dict]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return [{"input_ids": ids[i : i + window], "labels": ids[i : i + window]} for i in range(0, len(ids) - 1, window)]
 
@@ -3406,7 +3422,7 @@ def score_model(model, tokenizer, probes: list[dict], settings: dict, base_templ
     references = [render(tokenizer, [{"role": "user", "content": p["probe"]}, {"role": "assistant", "content": p["reference"]}])
                   for p in probes if p["reference"]]
     result["persona_loss"] = mean_token_loss(model, references, settings, tokenizer.pad_token_id) if references else None
-    nll = mean_token_loss(model, general_text_rows(tokenizer, settings["general_text"]), settings, tokenizer.pad_token_id)
+    nll = mean_token_loss(model, general_text_rows(tokenizer, setting_text(settings, "general_text")), settings, tokenizer.pad_token_id)
     result["general_perplexity"] = math.exp(nll)
     return result
 
@@ -3484,7 +3500,7 @@ def cached_base_score(base, score, tokenizer, probes: list[dict], settings: dict
 
     digest = weights_digest(base)
     inputs = {key: settings[key] for key in ("device", "precision", "eval_max_new_tokens", "eval_batch_size", "persona_name", "persona_full_name")}
-    digest.update(json.dumps([inputs, probes, Path(settings["general_text"]).read_text(encoding="utf-8"), tokenizer.chat_template,
+    digest.update(json.dumps([inputs, probes, setting_text(settings, "general_text"), tokenizer.chat_template,
                               base_template, base.generation_config.to_json_string(), torch.__version__, transformers.__version__],
                              sort_keys=True, default=str).encode())
     digest.update(Path(__file__).read_bytes())
@@ -3708,6 +3724,7 @@ class HuggingFaceFineTuner:
         self.base_id = HUB_IDS.get(self.base_name, self.base_name)  # what the adapter names, for plain peft
         self.base_path = None
         self.base_template = None
+        self.evaluation_failed = False
 
     # -- model and data ------------------------------------------------------------------------
     def load_tokenizer(self):
@@ -3819,10 +3836,7 @@ class HuggingFaceFineTuner:
         path = self.settings["replay_questions"]
         if not path:
             return []
-        try:
-            questions = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError as exc:
-            raise UserError(f"cannot read --replay-questions {path}: {exc.strerror}") from None
+        questions = [line.strip() for line in setting_text(self.settings, "replay_questions").splitlines() if line.strip()]
         cache = cache_root() / "replay" / f"{replay_key(model, tokenizer, questions, self.settings)}.json"
         if state.is_main_process and not cache.is_file():
             started = time.time()
@@ -4033,7 +4047,7 @@ class HuggingFaceFineTuner:
             print("sample answers (no system prompt, plain greedy):\n" + sample_answers(result))
         elif s["evaluate_after_training"]:
             log(f"evaluate it with: python {Path(sys.argv[0]).name} --evaluate --model {folder.path}")
-            return 130
+            return 1 if self.evaluation_failed else 130
         return 0
 
     def save(self, trainer, tokenizer, staging: Path) -> None:
@@ -4057,14 +4071,20 @@ class HuggingFaceFineTuner:
             log(f"merged model written in {time.time() - started:.1f} s")
 
     def evaluate_unless_stopped(self, model, tokenizer, staging: Path, folder: Path, processes: int) -> dict | None:
-        """The evaluation; Ctrl-C (or SIGTERM) during it stops it and keeps the model it was judging, which is
-        trained and whole: None. Only a second Ctrl-C, while the model moves into place, loses it."""
+        """The evaluation; Ctrl-C (or SIGTERM) during it stops it, and a failure of its own ends it, each keeping
+        the model it was judging, which is trained and whole: None (`evaluation_failed` tells the two apart).
+        Only a second Ctrl-C, while the model moves into place, loses it."""
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return self.evaluate(model, tokenizer, staging, processes)
         except KeyboardInterrupt:  # EvaluationStopped too
             (staging / "evaluation.json").unlink(missing_ok=True)
             log(f"evaluation stopped: the trained model is kept without it, in {folder}")
+            return None
+        except Exception as exc:  # noqa: BLE001  (an input, the memory, a bug: the training it judges is sound)
+            (staging / "evaluation.json").unlink(missing_ok=True)
+            log(f"error: {first_line(exc)}; the trained model is kept without its evaluation, in {folder}")
+            self.evaluation_failed = True
             return None
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -4449,8 +4469,7 @@ def evaluate_in_fresh_process(folder: Path, settings: dict, base_template: str |
     if child.exitcode in (130, -signal.SIGINT, -signal.SIGTERM):
         raise EvaluationStopped()
     if child.exitcode != 0:
-        raise UserError(f"the evaluation of the new model failed (exit code {child.exitcode}; see above); nothing was replaced",
-                        exit_code=1)
+        raise UserError(f"the evaluation of the new model failed (exit code {child.exitcode}; see above)", exit_code=1)
     return json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
 
 
@@ -5082,11 +5101,32 @@ def check_paths(settings: dict, base_model: bool = False) -> None:
                 DatasetValidator.array_start(read_dataset_bytes(source).decode("utf-8-sig"), settings["dataset_split"], source)
     if base_model and settings["model"] != "auto":
         check_model_source(settings["model"])
-    if base_model and settings["replay_questions"] and not Path(settings["replay_questions"]).is_file():
-        raise UserError(f"cannot read --replay-questions {settings['replay_questions']}: no such file ('' for none)")
-    for key in ("eval_dataset", "general_text") if base_model and settings["evaluate_after_training"] else ():
-        if not Path(settings[key]).is_file():  # found after training, it cost the run: the evaluation is part of it
-            raise UserError(f"cannot read {setting_name(key)} {settings[key]}: no such file (or skip the evaluation: --no-eval)")
+    if base_model and settings["replay_questions"]:
+        setting_text(settings, "replay_questions", "'' for none")
+    if base_model and settings["evaluate_after_training"]:  # found after training, they cost the run: the evaluation is part of it
+        check_evaluation_inputs(settings, "or skip the evaluation: --no-eval")
+
+
+def setting_text(settings: dict, key: str, hint: str = "") -> str:
+    """The text of a file a setting names (the replay questions, the general text); what keeps it from being read,
+    as one line that names the setting."""
+    path, hint = Path(settings[key]), f" ({hint})" if hint else ""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        why = {FileNotFoundError: "no such file", IsADirectoryError: "a folder, not a file"}.get(type(exc), exc.strerror)
+        raise UserError(f"cannot read {setting_name(key)} {path}: {why}{hint}") from None
+    return utf8_text(raw, f"{setting_name(key)} {path}")
+
+
+def check_evaluation_inputs(settings: dict, hint: str = "") -> None:
+    """The probes and the general text, read and checked before any model loads: a wrong one found after training
+    would cost the run, and found by --evaluate, the minute of loading."""
+    setting_text(settings, "eval_dataset", hint)
+    load_probes(settings, quiet=True)
+    if not setting_text(settings, "general_text", hint).strip():
+        raise UserError(f"{setting_name('general_text')} {settings['general_text']} holds no text; the general-text perplexity "
+                        f"is measured on it")
 
 
 def inputs_inside(folder: Path, settings: dict) -> None:
@@ -5144,6 +5184,7 @@ def local_tokenizer(name: str):
 
 def evaluate_command(settings: dict) -> int:
     name = model_to_load(settings, None if settings["model"] == "auto" else settings["model"])
+    check_evaluation_inputs(settings)
     resolved = resolve_hardware(settings, training=False)
     model, tokenizer, base_name = load_for_inference(name)
     model = answering(model, resolved)

@@ -41,6 +41,17 @@ def test_precedence_flags_over_config_over_defaults(tmp_path):
     assert lines["lora_alpha"].endswith(f"= {finetune.DEFAULT_SETTINGS['lora_alpha']}  (default)")
 
 
+def test_a_persona_name_given_alone_is_its_full_name_too():
+    """Echo's full name kept for Aria would count "I'm Deep Tree Echo" as Aria adopted, and bring Echo's character probes."""
+    aria, sources = finetune.load_settings(None, {"persona_name": "Aria"})
+    assert aria["persona_full_name"] == "Aria" and sources["persona_full_name"] == "follows persona_name"
+    assert finetune.Persona(aria["persona_name"], aria["persona_full_name"]).judge("I'm Deep Tree Echo.")["adopted"] is False
+    assert not [p for p in finetune.load_probes(aria) if p["kind"] == "character"]  # Echo's are left out
+    given, _ = finetune.load_settings(None, {"persona_name": "Aria", "persona_full_name": "Aria of Northwind"})
+    echo, _ = finetune.load_settings(None, {})
+    assert given["persona_full_name"] == "Aria of Northwind" and echo["persona_full_name"] == "Deep Tree Echo"
+
+
 def test_the_readmes_settings_listing_is_what_show_config_prints():
     shown = cli("--show-config", "--lora-r", "8").stdout  # the README's command, with the shipped config.json
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -1494,6 +1505,64 @@ def test_ctrl_c_during_the_evaluation_keeps_the_trained_model(tmp_path, small_pr
     assert summary["steps"] == 2 and "evaluation" not in summary and not (out / "evaluation.json").exists()
     assert (out / "adapter_model.safetensors").is_file() and not list(tmp_path.glob(".*partial*"))
     assert "identity adoption" not in process.stdout.read()
+
+
+def test_an_evaluation_that_fails_after_training_keeps_the_trained_model(tmp_path, small_probe_config):
+    """The evaluation judges a model that is trained and whole: its failure (here its general text, gone while
+    it ran) is said in one line, and the model stays, as it does after Ctrl-C there."""
+    general = tmp_path / "general.txt"
+    general.write_text("The tide comes in twice a day, and the harbour fills with small boats.\n")
+    config = json.loads(small_probe_config.read_text())
+    config["evaluation"]["general_text"] = str(general)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    process = subprocess.Popen([PY, str(ROOT / "finetune.py"), "--output-dir", str(out), "--config", str(tmp_path / "config.json"), *TINY],
+                               cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("evaluating on"):  # read before training, and again once the answers are in
+            general.unlink()
+    process.wait(timeout=300)
+    stderr = "".join(lines)
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr
+    assert f"the trained model is kept without its evaluation, in {out}" in stderr and "no such file" in stderr, stderr
+    assert stderr.splitlines()[-1] == f"evaluate it with: python finetune.py --evaluate --model {out}"
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 2 and "evaluation" not in summary and not (out / "evaluation.json").exists()
+    assert (out / "adapter_model.safetensors").is_file() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_evaluation_inputs_that_cannot_be_read_are_refused_before_training(tmp_path):
+    """Probes that break the schema, or a general text or replay questions that are not UTF-8 (Windows-1252, as a
+    spreadsheet saves them), are found before anything loads: found by the evaluation, they cost the training."""
+    data, out = write_lines(tmp_path / "d.jsonl", good_examples(12)), tmp_path / "out"
+    write_lines(tmp_path / "probes.jsonl", [{"kind": "identity", "lang": "en"}])
+    (tmp_path / "latin1.txt").write_bytes("¿Qué hora es?\n".encode("cp1252"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    config = lambda key, path: write_lines(tmp_path / f"{path.stem}.json", [{"evaluation": {key: str(path)}}])  # noqa: E731
+    for args, code, error in ((["--eval-dataset", tmp_path / "probes.jsonl"], 1, "probes.jsonl has problems; fix them"),
+                              (["--config", config("general_text", tmp_path / "latin1.txt")], 1,
+                               f"general_text (a config file setting) {tmp_path / 'latin1.txt'} is not UTF-8: byte 0xbf on line 1"),
+                              (["--config", config("general_text", tmp_path / "empty.txt")], 2, "empty.txt holds no text"),
+                              (["--replay-questions", tmp_path / "latin1.txt"], 1, "--replay-questions")):
+        status, stderr, torch = without_torch("--dataset", data, "--output-dir", out, *args)
+        assert status == code and error in stderr.splitlines()[-1], (args, stderr)
+        assert ("iconv -f CP1252" in stderr) == ("latin1" in str(args[-1])), stderr  # how to convert it, where it is not UTF-8
+        assert not torch and not out.exists() and "Traceback" not in stderr, (args, stderr)
+    status, stderr, torch = without_torch("--evaluate", "--model", "smollm2-135m", "--eval-dataset", tmp_path / "probes.jsonl")
+    assert status == 1 and "has problems" in stderr and not torch, stderr  # --evaluate: before the minute of loading
+
+
+def test_a_device_that_is_not_here_is_one_line_before_any_model_loads(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: --device cuda is a right answer")
+    for args in (["--output-dir", tmp_path / "out", "--device", "cuda"], ["--evaluate", "--model", "smollm2-135m", "--device", "mps"]):
+        done = cli(*args)
+        assert done.returncode == 2 and done.stderr.startswith(f"error: --device {args[-1]}: ") and "use --device auto" in done.stderr
+        assert done.stderr.count("\n") == 1 and not (tmp_path / "out").exists(), done.stderr
 
 
 def test_max_length_too_short_for_any_answer_is_explained(tmp_path):
