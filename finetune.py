@@ -23,6 +23,7 @@ import argparse
 import collections
 import contextlib
 import errno
+import fnmatch
 import functools
 import glob
 import io
@@ -3622,6 +3623,13 @@ def sample_answers(result: dict, n: int = 3) -> str:
 # --------------------------------------------------------------------------------------------
 FINISHED_MARKER = "training_summary.json"
 KEPT_ON_OVERWRITE = (OPENAI_JOB_RECORD, "openai_train.jsonl", "openai_validation.jsonl")  # a paid job's only record
+# What this tool, transformers' and peft's save_pretrained, the chat's merge and the GGUF export write in a model folder.
+# A new model replaces these; anything else there (a user's notes, the git repository of a hub upload) moves into it.
+WRITTEN_IN_A_MODEL = (TOOL_MARKER, FINISHED_MARKER, "evaluation.json", "loss.png", "checkpoints", "merged", ".merged.lock", "gguf",
+                      "README.md", "training_args.bin", "config.json", "generation_config.json", "chat_template.*", "tokenizer*",
+                      "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "adapter_*",
+                      "model*.safetensors*", "pytorch_model*.bin*", "configuration_*.py", "modeling_*.py", "tokenization_*.py",
+                      *KEPT_ON_OVERWRITE)
 
 
 class OutputFolder:
@@ -3696,12 +3704,27 @@ class OutputFolder:
         shutil.rmtree(self.staging, ignore_errors=True)  # left by a run that was killed
 
     def replace_with(self, staging: Path) -> None:
-        """The finished model in `staging` takes the folder's place; the OpenAI record comes along."""
+        """The finished model in `staging` takes the folder's place. The OpenAI record comes along, and so does
+        whatever the folder holds that no model run writes (see WRITTEN_IN_A_MODEL), moved as it is; where the
+        swap fails, it moves back."""
         for name in KEPT_ON_OVERWRITE:
             if (self.path / name).is_file() and not (staging / name).exists():
                 shutil.copy2(self.path / name, staging / name)
         ordinary_permissions(staging)
-        swap_folders(staging, self.path)
+        theirs = [path.name for path in (self.path.iterdir() if self.path.is_dir() else ())
+                  if not any(fnmatch.fnmatch(path.name, pattern) for pattern in WRITTEN_IN_A_MODEL) and not (staging / path.name).exists()]
+        moved = []
+        try:
+            for name in theirs:
+                os.replace(self.path / name, staging / name)
+                moved.append(name)
+            swap_folders(staging, self.path)
+        except BaseException:
+            for name in moved:
+                os.replace(staging / name, self.path / name)
+            raise
+        if theirs:
+            log(f"kept in {self.path} what this tool does not write there: {', '.join(sorted(theirs))}")
 
 
 def resume_command(overwrite: bool = False) -> str:

@@ -1365,21 +1365,47 @@ def test_an_overwrite_run_replaces_the_model_only_at_the_end_and_keeps_the_opena
     shutil.copytree(tiny_model[0], out)
     record = {"job_id": "ftjob-kept", "fine_tuned_model": "ft:gpt-4o-mini:org:echo:abc"}
     (out / finetune.OPENAI_JOB_RECORD).write_text(json.dumps(record))
+    theirs = {"notes.txt": "seed 42 looked best", "my-chats/monday.txt": "you> hi", ".git/HEAD": "ref: refs/heads/main"}
+    for name, text in theirs.items():  # a user's own files, and the git repository of a hub upload
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(text)
+    (out / "gguf").mkdir(exist_ok=True)
+    (out / "gguf" / "model-F16.gguf").write_text("the old model's export")  # the tool's: it goes with the old model
     old = (out / "adapter_model.safetensors").read_bytes()
     args = [PY, str(ROOT / "finetune.py"), "--output-dir", str(out), "--overwrite", "--no-eval", *TINY_STEPS,
             "--max-steps", "3", "--save-steps", "10", "--eval-steps", "2", "--lora-r", "8", *FEW_QUESTIONS]
     process = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen_old_during_training = False
+    seen_old_during_training, lines = False, []
     for line in process.stderr:
+        lines.append(line)
         if line.startswith("step 1/3  loss"):
             seen_old_during_training = (out / "adapter_model.safetensors").read_bytes() == old
     assert process.wait(timeout=300) == 0
+    assert {name: (out / name).read_text() for name in theirs} == theirs and not (out / "gguf").exists()
+    assert f"kept in {out} what this tool does not write there: .git, my-chats, notes.txt\n" in lines, lines
     assert seen_old_during_training  # the old model was still there while the new one trained
     assert (out / "adapter_model.safetensors").read_bytes() != old
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
     assert [step for step, _ in json.loads((out / "training_summary.json").read_text())["eval_curve"]] == [2, 3]  # --eval-steps 2, and the end
     assert json.loads((out / finetune.OPENAI_JOB_RECORD).read_text()) == record
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .partial or .old folder left
+
+
+def test_a_replacement_that_fails_leaves_a_users_files_where_they_were(tmp_path, monkeypatch):
+    out, staging = tmp_path / "model", tmp_path / ".model.partial"
+    for folder, text in ((out, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_text(text)
+    (out / "notes.txt").write_text("mine")
+
+    def full_disk(new, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(finetune, "swap_folders", full_disk)
+    with pytest.raises(OSError):
+        finetune.OutputFolder(out).replace_with(staging)
+    assert (out / "notes.txt").read_text() == "mine" and not (staging / "notes.txt").exists()
+    assert (out / "adapter_model.safetensors").read_text() == "old"
 
 
 def test_the_providers_write_to_different_default_folders():
