@@ -530,10 +530,14 @@ def describe_path(path: tuple) -> str:
     return out.strip() or "the top level"
 
 
+PROSE_PUNCTUATION = frozenset(".,;:!?'\"¿¡«»“”‘’„()[]…–—。、，！？：；「」『』")
+
+
 def normalise_text(text: str) -> str:
-    """Case, spacing and punctuation removed: how duplicates are compared."""
+    """Case, spacing and the punctuation of prose removed: how duplicates are compared. Other signs are words
+    here: "What is 2+2?" and "What is 2*2?" are two questions, as are "x < y" and "x > y"."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(re.findall(r"\w+", text))
+    return " ".join(token for token in re.findall(r"\w+|[^\w\s]", text) if token not in PROSE_PUNCTUATION)
 
 
 def near_copy(a: str, b: str) -> bool:

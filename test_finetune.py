@@ -260,6 +260,14 @@ def test_bytes_that_are_not_utf8_and_duplicates(tmp_path):
     assert report.n_valid == 1
 
 
+def test_questions_that_differ_by_a_sign_are_not_duplicates(tmp_path):
+    """Punctuation is left out of the comparison; +, *, <, > and - are not punctuation there."""
+    pairs = [("What is 2+2?", "4"), ("What is 2*2?", "4"), ("Is x < y here?", "Yes."), ("Is x > y here?", "Yes."),
+             ("What is a - b?", "c"), ("What is a + b?", "c"), ("what is 2 * 2", "4.")]
+    report = finetune.DatasetValidator().validate_file(write_lines(tmp_path / "d.jsonl", [{"prompt": q, "completion": a} for q, a in pairs]))
+    assert report.problems["duplicate"] == [(7, "same example as line 2")] and report.n_valid == 6
+
+
 def test_both_formats_mixed_with_bom_crlf_blank_lines_and_metadata(tmp_path):
     path = tmp_path / "d.jsonl"
     lines = [
