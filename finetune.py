@@ -160,7 +160,17 @@ FLAG = ("true or false", lambda v: type(v) is bool)
 # wrong value is one line naming where it came from. (A learning rate of -1 reached torch's optimizer as a
 # ValueError; an lora_alpha of 0 trained an adapter that changes nothing; a validation split of 1.5 trained
 # on one example.) Settings not listed take text.
+JSON_KINDS = {str: "a string", int: "a number", float: "a number", list: "an array"}  # null, true and false: as JSON writes them
+PATH = ("a path (not empty)", lambda v: isinstance(v, str) and v.strip() != "")
 RULES = {
+    "dataset": PATH,  # "" read the folder the command ran in as a dataset
+    "output": PATH,
+    "output_dir": PATH,
+    "model": PATH,
+    "eval_dataset": PATH,
+    "general_text": PATH,
+    "persona_name": ("a name (not empty)", lambda v: isinstance(v, str) and v.strip() != ""),
+    "persona_full_name": ("a name (not empty)", lambda v: isinstance(v, str) and v.strip() != ""),
     "validation_split": number(least=0, below=1),
     "max_length": whole(1),
     "method": one_of("method"),
@@ -209,6 +219,7 @@ HERE = Path(__file__).resolve().parent
 # Files that come with the tool rather than from its user: a run started in another folder (python
 # ~/echo-finetune/finetune.py --dataset mine.jsonl) finds them beside finetune.py.
 TOOL_FILES = ("replay_questions", "eval_dataset", "general_text")
+PATH_SETTINGS = ("dataset", "output", "output_dir", "model", *TOOL_FILES)
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
@@ -242,7 +253,10 @@ def broken_rule(key: str, value) -> str | None:
 def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]:
     """Defaults, then the config file, then flags. Returns (settings, source of each key)."""
     settings, sources = dict(DEFAULT_SETTINGS), dict.fromkeys(DEFAULT_SETTINGS, "default")
+    if config_path is not None and not config_path.strip():
+        raise UserError("--config needs a file name (it was given as ''); leave it out to read ./config.json")
     path = Path(config_path or "config.json")
+    unasked = "" if config_path else " (./config.json is read when --config names no other file: name yours with --config)"
     if config_path and not path.is_file():
         raise UserError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     if path.is_file():
@@ -262,7 +276,7 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
             if section in DEFAULT_SETTINGS:  # setting names are unique, so a flat {"epochs": 7} is fine too
                 values, section = {section: values}, SECTION_OF[section]
             elif section not in DEFAULTS:
-                raise UserError(f"unknown setting or section '{section}' in {path}{did_you_mean(section)}")
+                raise UserError(f"unknown setting or section '{section}' in {path}{did_you_mean(section)}{unasked}")
             elif not isinstance(values, dict):
                 raise UserError(f"section '{section}' in {path} must be an object of settings, as in config.json (got {json.dumps(values)})")
             for key, value in values.items():
@@ -275,9 +289,13 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
     for key, value in overrides.items():
         if value is not None:
             settings[key], sources[key] = value, "flag"
-    if settings["persona_name"] != DEFAULT_SETTINGS["persona_name"] and settings["persona_full_name"] == DEFAULT_SETTINGS["persona_full_name"]:
+    if (settings["persona_name"] != DEFAULT_SETTINGS["persona_name"] and not broken_rule("persona_name", settings["persona_name"])
+            and settings["persona_full_name"] == DEFAULT_SETTINGS["persona_full_name"]):
         # "Deep Tree Echo" is Echo's full name: kept for Aria, "I'm Deep Tree Echo" would count as Aria's
         settings["persona_full_name"], sources["persona_full_name"] = settings["persona_name"], "follows persona_name"
+    for key in PATH_SETTINGS:  # ~ as a shell reads it: in a config file, or in --output-dir=~/model, where bash leaves it
+        if isinstance(settings[key], str) and settings[key].startswith("~"):
+            settings[key] = os.path.expanduser(settings[key])
     for key in TOOL_FILES:  # the tool's own files, from any folder: ./NAME where there is one, else the copy beside finetune.py
         if settings[key] and isinstance(settings[key], str) and not Path(settings[key]).exists() and (HERE / settings[key]).is_file():
             settings[key] = str(HERE / settings[key])
@@ -1068,7 +1086,7 @@ class DatasetValidator:
             return None, problems + scanned
         problems = problems + scanned
         if not isinstance(value, dict):
-            return None, problems + [("not an object", f"the {what} holds a JSON {type(value).__name__}")]
+            return None, problems + [("not an object", f"the {what} holds {JSON_KINDS.get(type(value)) or json.dumps(value)}, not an object")]
         return value, problems
 
     def table_records(self, rows: list[dict], report: ValidationReport):
@@ -1466,8 +1484,12 @@ def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, li
 def prepared_paths(output: str, split: bool) -> list[Path]:
     """--output names the file; with a validation split, two files named from it sit beside it."""
     path = Path(output)
-    if path.name in ("", ".", ".."):
-        raise UserError(f"--output {output!r} names a folder, not a file; give a file name such as {DEFAULT_SETTINGS['output']}")
+    if path.name in ("", ".", "..") or output.endswith(("/", os.sep)) or path.is_dir():
+        raise UserError(f"--output {output!r} names a folder, not a file; give a file name such as "
+                        f"{(path / DEFAULT_SETTINGS['output']) if path.name else DEFAULT_SETTINGS['output']}")
+    if compression(path):  # written plain under a .gz name, it could not be read back
+        raise UserError(f"--output {output} would be plain JSON lines under a {path.suffix} name; name it {path.stem} "
+                        f"(and compress it afterwards, if you like)")
     if not split:
         return [path]
     return [path.with_name(f"{path.stem}_train{path.suffix}"), path.with_name(f"{path.stem}_validation{path.suffix}")]

@@ -52,6 +52,16 @@ def test_a_persona_name_given_alone_is_its_full_name_too():
     assert given["persona_full_name"] == "Aria of Northwind" and echo["persona_full_name"] == "Deep Tree Echo"
 
 
+def test_a_home_folder_in_a_config_file_is_the_home_folder_and_an_unasked_config_says_so(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"data": {"output": "~/prepared.jsonl"}, "training": {"output_dir": "~/echo-model"}}))
+    shown = cli("--show-config", "--config", config, env={"HOME": str(tmp_path / "home")}).stdout
+    assert f'output = "{tmp_path / "home" / "prepared.jsonl"}"' in shown and f'output_dir = "{tmp_path / "home" / "echo-model"}"' in shown
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))  # a model's, not ours
+    code, stderr, _ = without_torch("--show-config", cwd=tmp_path)
+    assert code == 2 and "./config.json is read when --config names no other file" in stderr, stderr
+
+
 def test_the_readmes_settings_listing_is_what_show_config_prints():
     shown = cli("--show-config", "--lora-r", "8").stdout  # the README's command, with the shipped config.json
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -800,7 +810,7 @@ def test_a_json_file_numbers_its_records_and_says_on_which_line_each_starts(tmp_
     assert report.unit == "record" and report.line_numbers == [1]
     assert report.problems["missing key"] == [(2, "'output' is required with the Alpaca format")]
     text = report.format()
-    for expected in ("record 2 (line 3): 'output' is required", "record 3 (line 4): the record holds a JSON list",
+    for expected in ("record 2 (line 3): 'output' is required", "record 3 (line 4): the record holds an array, not an object",
                      "record 4 (line 5): 'prompt' appears 2 times"):
         assert expected in text, text
     held = tmp_path / "held.json"  # an object holding one list of records
@@ -1737,7 +1747,12 @@ def test_odd_outputs_and_a_damaged_adapter_are_one_line_before_anything_loads(tm
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "adapter_config.json").write_text("{bad")  # a copy cut short
     for args, said in ((["--prepare-only", "--output", "."], "--output '.' names a folder, not a file"),  # were Python's own words:
-                       (["--prepare-only", "--output", ""], "--output '' names a folder, not a file"),  # ValueError, StopIteration,
+                       (["--prepare-only", "--output", ""], '--output must be a path (not empty) (got "")'),  # ValueError, StopIteration,
+                       (["--prepare-only", "--output", f"{tmp_path}/"], f"--output '{tmp_path}/' names a folder, not a file; give a file "
+                                                                         f"name such as {tmp_path / 'prepared.jsonl'}"),
+                       (["--prepare-only", "--output", "prepared.jsonl.gz"], "plain JSON lines under a .gz name; name it prepared.jsonl"),
+                       (["--dataset", "", "--prepare-only"], '--dataset must be a path (not empty) (got "")'),  # was the folder it ran in
+                       (["--config", "", "--prepare-only"], "--config needs a file name (it was given as '')"),  # was ./config.json
                        (["--output-dir", "/", "--overwrite"], "/ is not empty and was not written by this tool"),  # JSONDecodeError
                        (["--evaluate", "--model", tmp_path / "damaged"], "adapter_config.json or training_summary.json cannot be read")):
         code, stderr, torch = without_torch(*args)
