@@ -20,9 +20,11 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import functools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -108,19 +110,30 @@ class LocalChat:
 
     def fit(self, messages: list[dict]) -> list[int]:
         """Drops the oldest exchanges (never the system prompt or the new question) until it fits; a question
-        that does not fit alone is an error (cut, it lost its start and the chat template's header)."""
+        that does not fit alone is an error (cut, it lost its start and the chat template's header), and the
+        conversation is left as it was."""
         answer = self.answer_tokens()
         budget = room_for_prompt(self.max_context, answer)
+        kept, first = list(messages), 1 if messages[0]["role"] == "system" else 0
+
+        def too_long(tokens: str) -> UserError:
+            return UserError(f"the question is {tokens} tokens (with the chat template{' and the system prompt' if first else ''}); "
+                             f"at most {budget:,} fit beside an answer of up to {answer:,} tokens in a context of "
+                             f"{self.max_context:,} (--max-context, --max-new-tokens)")
+
+        question = kept[-1]["content"]
+        if isinstance(question, str) and len(question) > (budget + 2) * 8:  # tokenized whole, 40 MB took 33 s and 5.7 GB
+            count, exact = prompt_tokens(self.tokenizer, question, budget)
+            if count > budget:
+                raise too_long(f"{'' if exact else 'at least '}{count:,}")
         while True:
-            ids = finetune.render(self.tokenizer, messages, add_generation_prompt=True)["input_ids"]
-            first = 1 if messages[0]["role"] == "system" else 0
+            ids = finetune.render(self.tokenizer, kept, add_generation_prompt=True)["input_ids"]
             if len(ids) <= budget:
+                messages[:] = kept
                 return ids
-            if len(messages) - first <= 1:
-                raise UserError(f"the question is {len(ids):,} tokens (with the chat template{' and the system prompt' if first else ''}); "
-                                f"at most {budget:,} fit beside an answer of up to {answer:,} tokens in a context of "
-                                f"{self.max_context:,} (--max-context, --max-new-tokens)")
-            del messages[first : first + 2]
+            if len(kept) - first <= 1:
+                raise too_long(f"{len(ids):,}")
+            del kept[first : first + 2]
 
     def reply(self, messages: list[dict], write) -> str:
         """Streams the answer through `write` as it is generated. Generation runs in this thread: in a
@@ -290,19 +303,23 @@ class ServerChat:
         if ascii_chars:
             self.tokens_per_char = min(1.0, max(0.1, (prompt_tokens - 8 * len(chat) - other) / ascii_chars))
 
-    def fit(self, messages: list[dict]) -> None:
-        """Drops the oldest exchanges (never the system prompt or the new question) until it fits."""
+    def fit(self, messages: list[dict]) -> list[dict]:
+        """The conversation less its oldest exchanges (never the system prompt or the new question), until it fits."""
         budget = room_for_prompt(self.max_context, self.decoding.get("max_new_tokens", 256))
-        first = 1 if messages[0]["role"] == "system" else 0
-        while self.estimate(messages) > budget and len(messages) - first > 1:
-            del messages[first : first + 2]
+        kept = list(messages)
+        first = 1 if kept[0]["role"] == "system" else 0
+        while self.estimate(kept) > budget and len(kept) - first > 1:
+            del kept[first : first + 2]
+        return kept
 
     def reply(self, messages: list[dict], write) -> str:
-        self.fit(messages)
+        """The answer; the conversation loses the exchanges that did not fit only once the server has answered (a
+        question it refuses leaves the conversation as it was)."""
+        kept = self.fit(messages)
         extra = {"generation_config": json.dumps(self.decoding)}
         if self.seed is not None:
             extra["seed"] = self.seed
-        chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+        chat = [{"role": m["role"], "content": m["content"]} for m in kept]
         stream = self.call(lambda: self.client.chat.completions.create(model=self.model, messages=chat, stream=True,
                                                                        extra_body=extra))
         pieces, self.stopped = [], False
@@ -314,6 +331,7 @@ class ServerChat:
             write(" [stopped]")
         if self.usage and self.usage.prompt_tokens:
             self.calibrate(chat, self.usage.prompt_tokens)
+        messages[:] = kept
         return "".join(pieces).strip()
 
     def _read(self, stream, pieces: list[str], write) -> None:
@@ -473,7 +491,7 @@ def request_problem(body: dict) -> str | None:
     whole = lambda least, most=None: finetune.whole(least, most)[1]  # noqa: E731
     stops = lambda v: [v] if isinstance(v, str) else v if isinstance(v, list) else None  # noqa: E731
     checks = {"model": (lambda v: isinstance(v, str), "a string"), "stream": (lambda v: isinstance(v, bool), "true or false"),
-              "temperature": (number(least=0), "a number >= 0"), "top_p": (number(above=0, most=1), "a number in (0, 1]"),
+              "temperature": (number(least=0, most=2), "a number from 0 to 2"), "top_p": (number(above=0, most=1), "a number in (0, 1]"),
               "max_tokens": (whole(1), "an integer >= 1"), "max_completion_tokens": (whole(1), "an integer >= 1"),
               "frequency_penalty": (number(above=-1, most=2),
                                     "a number above -1 and at most 2 (it becomes a repetition penalty of 1 + frequency_penalty)"),
@@ -487,9 +505,12 @@ def request_problem(body: dict) -> str | None:
               "top_logprobs": (whole(0, 0), "0: this server does not return log probabilities"),
               "response_format": (lambda v: isinstance(v, dict) and v.get("type") == "text",
                                   '{"type": "text"}: this server does not hold answers to a JSON format'),
-              "logit_bias": (lambda v: isinstance(v, dict) and all(key.isdigit() and number(least=-100, most=100)(bias)
+              "logit_bias": (lambda v: isinstance(v, dict) and all(re.fullmatch(r"[0-9]{1,9}", key) and number(least=-100, most=100)(bias)
                                                                    for key, bias in v.items()),
-                             "an object of token ids (as strings) to numbers from -100 to 100")}
+                             "an object of token ids (as strings) to numbers from -100 to 100"),
+              "chat_template_kwargs": (lambda v: isinstance(v, dict) and not set(v) & tokenizer_options(),
+                                       "an object of the chat template's own variables; the tokenizer's options "
+                                       "(padding, max_length, return_tensors...) are this server's to set")}
     for key, (ok, what) in checks.items():
         if body.get(key) is not None and not ok(body[key]):
             return f"`{key}` must be {what}"
@@ -501,11 +522,38 @@ def request_problem(body: dict) -> str | None:
             GenerationConfig(**options).validate()
         except Exception as exc:  # not a string, not JSON, not an object, options generate() refuses
             return f"`generation_config` must be a JSON object of generation options: {finetune.first_line(exc)}"
+        if other := sorted(set(options) - GENERATION_OPTIONS):  # a static cache of any length, beams, every step's logits kept...
+            return (f"`generation_config` may set how tokens are chosen ({', '.join(sorted(GENERATION_OPTIONS))}); "
+                    f"{', '.join(other)} this server sets itself")
         if options.get("max_new_tokens") is not None and not whole(1)(options["max_new_tokens"]):
             return "`generation_config`'s max_new_tokens must be an integer >= 1"
         if options.get("stop_strings") is not None and not checks["stop"][0](options["stop_strings"]):
             return f"`generation_config`'s stop_strings must be {checks['stop'][1]}"
     return None
+
+
+# What a request's `generation_config` may set: how tokens are chosen and how many. The rest (the cache, beams, returned
+# sequences, scores kept at every step, the end tokens) decides what a request holds in memory or what the server returns:
+# a static cache of 40,000 tokens took 1.8 GB for a 4-token answer.
+GENERATION_OPTIONS = frozenset({"do_sample", "temperature", "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff",
+                                "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias",
+                                "suppress_tokens", "begin_suppress_tokens", "renormalize_logits", "max_new_tokens", "min_new_tokens",
+                                "stop_strings"})
+GREEDY_BELOW = 1e-2  # a temperature this low is the most likely token (and near 0, logits / t overflow): decoded greedily
+
+
+@functools.cache
+def tokenizer_options() -> frozenset:
+    """The names apply_chat_template and the tokenizer take as their own options: given in chat_template_kwargs, they
+    changed the tokens the server counted (padding to 16,500 tokens passed a 15-token check and killed continuous
+    batching for every later request). What is left is the template's own variables."""
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    names = {parameter.name for method in (PreTrainedTokenizerBase.apply_chat_template, PreTrainedTokenizerBase.__call__)
+             for parameter in inspect.signature(method).parameters.values() if parameter.kind is parameter.POSITIONAL_OR_KEYWORD}
+    return frozenset(names - {"self"})
 
 
 def openai_meaning(build):
@@ -514,12 +562,17 @@ def openai_meaning(build):
       left its greedy decoding on, so an OpenAI client could never sample. A `do_sample` in the request's
       `generation_config` wins.
     - `logit_bias` takes integers (OpenAI's type): transformers serve passed them on as they are, and generate()
-      failed on anything but floats (a 500)."""
+      failed on anything but floats (a 500).
+    - `temperature` 0 (or below GREEDY_BELOW) is greedy, whatever `top_p` says, as OpenAI reads it: generate() refused
+      a temperature of 0 with sampling on (a 422), and 1e-300 overflowed (a 500)."""
     def built(body: dict, shipped, use_cb: bool = False):
-        config = build(body, shipped, use_cb=use_cb)
+        greedy = body.get("temperature") is not None and body["temperature"] < GREEDY_BELOW
+        config = build(dict(body, temperature=None) if greedy else body, shipped, use_cb=use_cb)
         asked = (body.get("temperature") or 0) > 0 or (body.get("top_p") is not None and body["top_p"] < 1)
         given = body.get("generation_config") is not None and "do_sample" in json.loads(body["generation_config"])
-        if asked and not given:
+        if greedy and not given:
+            config.do_sample = False
+        elif asked and not given:
             config.do_sample = True
         if body.get("logit_bias"):
             config.sequence_bias = {(int(token),): float(bias) for token, bias in body["logit_bias"].items()}
@@ -702,13 +755,14 @@ def error_message(body: bytes) -> str:
 
 
 def openai_errors(send):
-    """`send` with every JSON error answer (a status of 400 or more) rewritten in OpenAI's shape, whichever
-    part of the server wrote it, so that a client sees one shape: clients read error.message."""
+    """`send` with every JSON or plain-text error answer (a status of 400 or more) rewritten in OpenAI's shape,
+    whichever part of the server wrote it (Starlette answers an exception with a plain "Internal Server Error"),
+    so that a client sees one shape: clients read error.message."""
     held: dict = {}
 
     async def sending(message):
         if message["type"] == "http.response.start" and message["status"] >= 400 and \
-                dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"application/json"):
+                dict(message.get("headers", [])).get(b"content-type", b"").startswith((b"application/json", b"text/plain")):
             held.update(start=message, body=[])
             return
         if not held or message["type"] != "http.response.body":
@@ -718,8 +772,8 @@ def openai_errors(send):
             return
         start = held.pop("start")
         body = json.dumps(openai_error(start["status"], error_message(b"".join(held.pop("body"))))).encode()
-        headers = [(key, value) for key, value in start.get("headers", []) if key != b"content-length"]
-        await send(dict(start, headers=[*headers, (b"content-length", str(len(body)).encode())]))
+        headers = [(key, value) for key, value in start.get("headers", []) if key not in (b"content-length", b"content-type")]
+        await send(dict(start, headers=[*headers, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]))
         await send({"type": "http.response.body", "body": body})
 
     return sending
@@ -1207,6 +1261,9 @@ def chat_command(args) -> int:
         return serve_command(args, settings)
     system = readable(args.system) if args.system else None
     prompt = None
+    if sys.stdin is None and (args.interactive or args.prompt == "-"):  # started with stdin closed (<&-, some service managers)
+        raise UserError(f"{'--interactive' if args.interactive else '--prompt -'} reads standard input, and it is closed here; "
+                        f"give the question as --prompt TEXT, or pipe it in")
     if not args.interactive:  # read before the model loads: an empty prompt is an error at once
         prompt = readable(sys.stdin.read() if args.prompt == "-" else args.prompt).strip()
         if not prompt:

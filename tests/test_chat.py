@@ -85,9 +85,15 @@ def test_chat_history_is_trimmed_from_the_oldest_exchange(tiny_model):
     with pytest.raises(finetune.UserError, match="--max-context 16 leaves no room for the conversation beside an answer of up to 16"):
         chat.fit(history)
     chat.max_context = 40  # a question that does not fit alone: said (cut, it lost its start and the template's header)
-    with pytest.raises(finetune.UserError, match=r"the question is \d+ tokens \(with the chat template and the system prompt\); "
+    with pytest.raises(finetune.UserError, match=r"the question is (at least )?\d+ tokens \(with the chat template and the system prompt\); "
                                                  "at most 24 fit beside an answer of up to 16 tokens in a context of 40"):
         chat.fit([history[0], {"role": "user", "content": "tides " * 40}])
+    earlier = [history[0], *history[1:3], {"role": "user", "content": "tides " * 40}]
+    with pytest.raises(finetune.UserError, match="the question is"):  # the conversation before it is kept, not trimmed away
+        chat.fit(earlier)
+    assert earlier[:3] == [history[0], *history[1:3]] and len(earlier) == 4
+    with pytest.raises(finetune.UserError, match=r"the question is at least \d+ tokens"):  # 3 MB: its start says so, not all of it
+        chat.fit([{"role": "user", "content": "tides " * 500_000}])
     with pytest.raises(finetune.UserError, match="--max-context 9,000 is past the model's context of 8,192 tokens"):
         example_usage.LocalChat(settings, str(out), max_context=9000)
 
@@ -180,6 +186,10 @@ def test_chat_errors_are_one_line(tmp_path):
         code, stderr, torch = without_torch(*args, script="example_usage.py")
         assert code in (1, 2) and stderr.count("\n") == 1 and error in stderr and "hunter2" not in stderr, stderr
         assert not torch, args
+    for flag in ("--prompt -", "--interactive"):  # started with stdin closed: was an AttributeError, or a RuntimeError after loading
+        closed = subprocess.run(f"{PY} {ROOT / 'example_usage.py'} {flag} <&-", shell=True, executable="/bin/bash", cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert closed.returncode == 2 and closed.stderr.startswith(f"error: {flag} reads standard input, and it is closed"), closed.stderr
 
 
 def test_text_that_is_not_utf8_is_read_and_a_closed_stdout_is_quiet(tiny_model, small_probe_config):

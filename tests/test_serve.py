@@ -182,6 +182,19 @@ def test_sixteen_concurrent_streaming_chats_all_complete(served):
     (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), 422, "`role` of system"),
     ('{"messages": [{"role": "user", "content": "\\ud800"}]}', 422, "not valid Unicode"),
     ('{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 422, "temperature"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}), 422, "from 0 to 2"),
+    # Each below killed continuous batching for every later request (padding past the cache, counted as 15 tokens),
+    # held 1.8 GB for a 4-token answer (a static cache), or was a plain-text 500.
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"padding": "max_length", "max_length": 16500}}),
+     422, "the tokenizer's options"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"return_tensors": "np"}}), 422, "tokenizer"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "generation_config": json.dumps({"cache_implementation": "static",
+                                                                                                   "max_cache_len": 40000})}),
+     422, "cache_implementation, max_cache_len this server sets itself"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "generation_config": json.dumps({"num_return_sequences": 3, "do_sample": True})}), 422, "itself"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "generation_config": json.dumps({"eos_token_id": 1.5})}), 422, ""),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"²": 1}}), 422, "token ids"),  # a digit to isdigit()
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7" * 5000: 1}}), 422, "token ids"),
 ])
 def test_malformed_requests_get_a_4xx_at_once_and_the_server_goes_on(served, body, status, says):
     _, server = served
@@ -241,6 +254,9 @@ def test_openai_parameters_mean_what_they_mean_at_openai(served):
     token = AutoTokenizer.from_pretrained(served[0] / "merged").encode(first, add_special_tokens=False)[0]
     code, biased = ask(temperature=0, logit_bias={str(token): -100})  # the greedy answer's first token, barred
     assert code == 200 and biased["choices"][0]["message"]["content"] != first, biased
+    for extra in ({"temperature": 0, "top_p": 0.5}, {"temperature": 1e-300}):  # greedy, as OpenAI reads them (were a 422, a 500)
+        code, answer = ask(**extra)
+        assert code == 200 and answer["choices"][0]["message"]["content"] == first, (extra, answer)
 
 
 @slow
@@ -436,6 +452,27 @@ def test_sigterm_mid_stream_ends_it_and_exits_within_two_seconds(bounded, capsys
     for reader in bounded.readers:
         reader.join(5)
     assert bounded.stderr.rstrip().endswith("server stopped") and "Traceback" not in bounded.stderr, bounded.stderr
+
+
+def test_a_plain_text_error_is_answered_in_openais_shape():
+    """Starlette answers an exception it catches with a plain-text "Internal Server Error": clients read error.message."""
+    import asyncio
+
+    async def run() -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        sending = example_usage.openai_errors(send)
+        await sending({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                                                                (b"content-length", b"21")]})
+        await sending({"type": "http.response.body", "body": b"Internal Server Error"})
+        return sent
+
+    start, body = asyncio.run(run())
+    assert dict(start["headers"])[b"content-type"] == b"application/json"
+    assert json.loads(body["body"]) == {"error": {"message": "Internal Server Error", "type": "server_error", "param": None, "code": None}}
 
 
 def test_a_request_the_app_fails_on_is_a_500_in_json_and_one_line_in_the_log(capsys):
