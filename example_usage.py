@@ -779,6 +779,98 @@ def openai_errors(send):
     return sending
 
 
+class StopCut:
+    """OpenAI's `stop`: an answer ends before the first stop string, which is left out; transformers keeps it in the
+    answer. Text is fed as it comes; what could still be the start of a stop string is held back until it is not."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.cut = stops, "", False
+
+    def feed(self, text: str) -> str:
+        if self.cut:
+            return ""
+        self.held += text
+        found = [at for stop in self.stops if (at := self.held.find(stop)) >= 0]
+        if found:
+            self.cut, out, self.held = True, self.held[: min(found)], ""
+            return out
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.held.endswith(stop[:n])), default=0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out
+
+    def end(self) -> str:
+        """What was held back, once the answer has ended without a stop string."""
+        out, self.held = "" if self.cut else self.held, ""
+        return out
+
+
+def request_stops(body: bytes) -> list[str]:
+    """The `stop` strings of a request's body (not yet checked: anything else is none)."""
+    try:
+        stop = json.loads(body).get("stop")
+    except (ValueError, AttributeError):
+        return []
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return [item for item in stops if isinstance(item, str) and item]
+
+
+def stops_left_out(send, stops: list[str]):
+    """`send` with the stop strings left out of a successful answer, plain (held until whole) or streamed (each
+    event's text through one StopCut; the event that ends the answer carries what was held back)."""
+    if not stops:
+        return send
+    state: dict = {"start": None, "body": [], "stream": False, "rest": b""}
+    cut = StopCut(stops)
+
+    def event(raw: bytes) -> bytes:
+        if not raw.startswith(b"data: "):
+            return raw
+        try:
+            chunk = json.loads(raw[6:])
+            for choice in chunk["choices"]:
+                delta = choice.setdefault("delta", {})
+                if isinstance(delta.get("content"), str):
+                    delta["content"] = cut.feed(delta["content"])
+                if choice.get("finish_reason") and (held := cut.end()):
+                    delta["content"] = delta.get("content", "") + held
+        except (ValueError, KeyError, TypeError, AttributeError):  # an error event, or not a chunk: as it is
+            return raw
+        return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode()
+
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            kind = dict(message.get("headers", [])).get(b"content-type", b"")
+            if message["status"] == 200 and kind.startswith(b"application/json"):
+                state["start"] = message  # its content-length changes: sent with the body
+                return
+            state["stream"] = message["status"] == 200 and kind.startswith(b"text/event-stream")
+            return await send(message)
+        if message["type"] != "http.response.body":
+            return await send(message)
+        if state["start"] is not None:
+            state["body"].append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(state["body"])
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                answer = json.loads(body)
+                for choice in answer["choices"]:
+                    one = StopCut(stops)
+                    choice["message"]["content"] = one.feed(choice["message"]["content"] or "") + one.end()
+                body = json.dumps(answer, ensure_ascii=False).encode()
+            start, state["start"] = state["start"], None
+            headers = [(key, value) for key, value in start.get("headers", []) if key != b"content-length"]
+            await send(dict(start, headers=[*headers, (b"content-length", str(len(body)).encode())]))
+            return await send({"type": "http.response.body", "body": body})
+        if state["stream"]:
+            *events, state["rest"] = (state["rest"] + message.get("body", b"")).split(b"\n\n")
+            body = b"".join(event(raw) + b"\n\n" for raw in events) + (b"" if message.get("more_body") else state["rest"])
+            return await send(dict(message, body=body))
+        return await send(message)
+
+    return sending
+
+
 async def reply(send, status: int, message: str = "", body: dict | None = None) -> None:
     """An error in OpenAI's words ({"error": {"message": ...}}), or `body`; the connection closes after it."""
     body = json.dumps(body or openai_error(status, message)).encode()
@@ -862,6 +954,7 @@ class Guard:
         time runs out or the server stops."""
         gone = asyncio.Event()  # what the app hears as its client leaving: a stream ends itself on it
         pending = [body]
+        send = stops_left_out(send, request_stops(body))
 
         async def replay():
             if pending:

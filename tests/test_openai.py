@@ -7,7 +7,6 @@ response whole; and a scripted HTTP server for what Prism cannot do (a job that 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import http.server
 import io

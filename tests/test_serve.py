@@ -257,6 +257,12 @@ def test_openai_parameters_mean_what_they_mean_at_openai(served):
     for extra in ({"temperature": 0, "top_p": 0.5}, {"temperature": 1e-300}):  # greedy, as OpenAI reads them (were a 422, a 500)
         code, answer = ask(**extra)
         assert code == 200 and answer["choices"][0]["message"]["content"] == first, (extra, answer)
+    stop = first.split()[1]  # left out of the answer, as at OpenAI (transformers keeps it), streamed or not
+    code, answer = ask(temperature=0, stop=[stop])
+    assert code == 200 and answer["choices"][0]["message"]["content"] == first[: first.index(stop)], (stop, answer)
+    stream = client(server.url).chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Write a poem about the sea."}],
+                                                        max_tokens=12, temperature=0, stop=stop, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == first[: first.index(stop)]
 
 
 @slow
@@ -452,6 +458,46 @@ def test_sigterm_mid_stream_ends_it_and_exits_within_two_seconds(bounded, capsys
     for reader in bounded.readers:
         reader.join(5)
     assert bounded.stderr.rstrip().endswith("server stopped") and "Traceback" not in bounded.stderr, bounded.stderr
+
+
+def test_stop_strings_are_left_out_of_an_answer_as_at_openai():
+    """transformers keeps a stop string in the answer; OpenAI leaves it out. A stream holds back only what could
+    still begin one, and gives it back when it did not."""
+    import asyncio
+
+    def streamed(pieces: list[str], stops: list[str]) -> list[str]:
+        cut = example_usage.StopCut(stops)
+        return [cut.feed(piece) for piece in pieces] + [cut.end()]
+
+    assert streamed(["Hello", ",", " I", "'m", " Echo", ","], ["Echo,"]) == ["Hello", ",", " I", "'m", " ", "", ""]
+    assert streamed(["Hello", " Ec", "ho"], ["Echo,"]) == ["Hello", " ", "", "Echo"]  # no stop string: what was held, at the end
+    assert streamed(["a+b", "=c"], ["=", "+b="]) == ["a", "", ""]  # the first stop string in the text wins
+
+    async def run(start: dict, bodies: list[bytes], stops: list[str]) -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        sending = example_usage.stops_left_out(send, stops)
+        await sending(start)
+        for i, body in enumerate(bodies):
+            await sending({"type": "http.response.body", "body": body, "more_body": i + 1 < len(bodies)})
+        return sent
+
+    plain = json.dumps({"choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": "Hi there. END"}}]}).encode()
+    start, body = asyncio.run(run({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"),
+                                                                                            (b"content-length", b"1")]}, [plain], ["END"]))
+    assert json.loads(body["body"])["choices"][0]["message"]["content"] == "Hi there. "
+    assert dict(start["headers"])[b"content-length"] == str(len(body["body"])).encode()
+    chunk = lambda delta, finish=None: ("data: " + json.dumps({"choices": [{"delta": delta, "finish_reason": finish}]}) + "\n\n").encode()  # noqa: E731
+    events = [chunk({"content": "Hi"}), chunk({"content": " EN"}) + chunk({"content": "D!"}), chunk({}, "stop")]
+    sent = asyncio.run(run({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]},
+                           [events[0], events[1][:20], events[1][20:], events[2]], ["END"]))
+    text = b"".join(message.get("body", b"") for message in sent[1:]).decode()
+    contents = [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in text.split("\n\n") if line]
+    assert "".join(c or "" for c in contents) == "Hi " and len(contents) == 4  # an event split across two sends is read whole
+    assert example_usage.request_stops(b'{"stop": "END"}') == ["END"] and example_usage.request_stops(b"{oops") == []
 
 
 def test_a_plain_text_error_is_answered_in_openais_shape():
