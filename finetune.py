@@ -270,6 +270,8 @@ def load_settings(config_path: str | None, overrides: dict) -> tuple[dict, dict]
             data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=once)  # -sig: Notepad's byte order mark
         except (ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {path} is not valid JSON: {exc}") from None
+        except OSError as exc:  # another user's file, a folder it may not read
+            raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a JSON object")
         for section, values in data.items():
@@ -5381,6 +5383,10 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         settings, sources = load_settings(args.config, {key: getattr(args, key, None) for key in DEFAULT_SETTINGS})
         settings = output_dir_for(settings, args.provider)
+        if args.export and (args.show_config or args.prepare_only or args.evaluate):
+            other = "--show-config" if args.show_config else "--prepare-only" if args.prepare_only else "--evaluate"
+            raise UserError(f"--export gguf exports a model (--model DIR) or the one a run trains; {other} does neither: "
+                            f"run them one after the other")
         if args.show_config:
             print(format_settings(settings, sources))
             return 0

@@ -62,6 +62,18 @@ def test_a_home_folder_in_a_config_file_is_the_home_folder_and_an_unasked_config
     assert code == 2 and "./config.json is read when --config names no other file" in stderr, stderr
 
 
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    config = tmp_path / "c.json"
+    config.write_text("{}")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)  # another user's file (root, who runs this suite, reads them all)
+    with pytest.raises(finetune.UserError, match=f"cannot read config file {config}: Permission denied"):
+        finetune.load_settings(str(config), {})
+
+
 def test_the_readmes_settings_listing_is_what_show_config_prints():
     shown = cli("--show-config", "--lora-r", "8").stdout  # the README's command, with the shipped config.json
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -1753,6 +1765,7 @@ def test_odd_outputs_and_a_damaged_adapter_are_one_line_before_anything_loads(tm
                        (["--prepare-only", "--output", "prepared.jsonl.gz"], "plain JSON lines under a .gz name; name it prepared.jsonl"),
                        (["--dataset", "", "--prepare-only"], '--dataset must be a path (not empty) (got "")'),  # was the folder it ran in
                        (["--config", "", "--prepare-only"], "--config needs a file name (it was given as '')"),  # was ./config.json
+                       (["--export", "gguf", "--evaluate"], "--evaluate does neither: run them one after the other"),  # was ignored
                        (["--output-dir", "/", "--overwrite"], "/ is not empty and was not written by this tool"),  # JSONDecodeError
                        (["--evaluate", "--model", tmp_path / "damaged"], "adapter_config.json or training_summary.json cannot be read")):
         code, stderr, torch = without_torch(*args)
