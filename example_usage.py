@@ -814,11 +814,11 @@ def request_stops(body: bytes) -> list[str]:
     return [item for item in stops if isinstance(item, str) and item]
 
 
-def stops_left_out(send, stops: list[str]):
-    """`send` with the stop strings left out of a successful answer, plain (held until whole) or streamed (each
-    event's text through one StopCut; the event that ends the answer carries what was held back)."""
-    if not stops:
-        return send
+def answered_as_openai(send, stops: list[str]):
+    """`send` with a successful answer as OpenAI gives it: the stop strings left out, plain (held until whole) or
+    streamed (each event's text through one StopCut; the event that ends the answer carries what was held back),
+    and a stream's error event in OpenAI's shape (transformers serve sends {"error": "..."}, of which the openai
+    client reads only "An error occurred during streaming")."""
     state: dict = {"start": None, "body": [], "stream": False, "rest": b""}
     cut = StopCut(stops)
 
@@ -827,6 +827,10 @@ def stops_left_out(send, stops: list[str]):
             return raw
         try:
             chunk = json.loads(raw[6:])
+            if isinstance(chunk.get("error"), str):
+                return b"data: " + json.dumps(openai_error(500, chunk["error"])).encode()
+            if not stops:
+                return raw
             for choice in chunk["choices"]:
                 delta = choice.setdefault("delta", {})
                 if isinstance(delta.get("content"), str):
@@ -840,7 +844,7 @@ def stops_left_out(send, stops: list[str]):
     async def sending(message):
         if message["type"] == "http.response.start":
             kind = dict(message.get("headers", [])).get(b"content-type", b"")
-            if message["status"] == 200 and kind.startswith(b"application/json"):
+            if message["status"] == 200 and kind.startswith(b"application/json") and stops:
                 state["start"] = message  # its content-length changes: sent with the body
                 return
             state["stream"] = message["status"] == 200 and kind.startswith(b"text/event-stream")
@@ -954,7 +958,7 @@ class Guard:
         time runs out or the server stops."""
         gone = asyncio.Event()  # what the app hears as its client leaving: a stream ends itself on it
         pending = [body]
-        send = stops_left_out(send, request_stops(body))
+        send = answered_as_openai(send, request_stops(body))
 
         async def replay():
             if pending:

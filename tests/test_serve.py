@@ -479,7 +479,7 @@ def test_stop_strings_are_left_out_of_an_answer_as_at_openai():
         async def send(message):
             sent.append(message)
 
-        sending = example_usage.stops_left_out(send, stops)
+        sending = example_usage.answered_as_openai(send, stops)
         await sending(start)
         for i, body in enumerate(bodies):
             await sending({"type": "http.response.body", "body": body, "more_body": i + 1 < len(bodies)})
@@ -498,6 +498,10 @@ def test_stop_strings_are_left_out_of_an_answer_as_at_openai():
     contents = [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in text.split("\n\n") if line]
     assert "".join(c or "" for c in contents) == "Hi " and len(contents) == 4  # an event split across two sends is read whole
     assert example_usage.request_stops(b'{"stop": "END"}') == ["END"] and example_usage.request_stops(b"{oops") == []
+    failed = asyncio.run(run({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]},
+                             [chunk({"content": "Hi"}), b'data: {"error": "num_beams is not supported"}\n\n'], []))
+    assert json.loads(failed[-1]["body"][6:]) == {"error": {"message": "num_beams is not supported", "type": "server_error", "param": None,
+                                                            "code": None}}  # transformers serve's string: the openai client reads message
 
 
 def test_a_plain_text_error_is_answered_in_openais_shape():
