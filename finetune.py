@@ -692,6 +692,12 @@ def refuse_unreadable_bytes(path: str | Path, head: bytes) -> None:
     would read as 'not UTF-8' on every line, and a compressed one whose name does not say so as noise; the
     command says what each is and what to do instead. (The validator itself reads any bytes, and reports
     each line.)"""
+    if head.startswith(b"PK\x03\x04"):  # a zip archive, or an Excel workbook (also a zip)
+        raise UserError(f"dataset {path} is a zip archive (or an .xlsx workbook, which is one); give the file inside it "
+                        f"(unzip {path}), or save the sheet as CSV", exit_code=1)
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        raise UserError(f"dataset {path} is compressed with zstd, which is not read; decompress it (zstd -d {path}), or "
+                        f"compress it with gzip instead", exit_code=1)
     ending = next((ending for ending, start in COMPRESSED_STARTS.items() if re.match(start, head)), None)
     if ending:
         raise UserError(f"dataset {path} is compressed ({ending[1:]}); a name that ends in {ending} ({Path(path).name}{ending}) "

@@ -17,6 +17,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -474,8 +475,14 @@ def test_a_compressed_dataset_is_read_as_its_inner_name_says_and_a_misnamed_or_b
     misnamed.write_bytes(gzip.compress(texts[".jsonl"].encode()))
     broken = tmp_path / "broken.jsonl.gz"
     broken.write_bytes(gzip.compress(texts[".jsonl"].encode())[:30])
+    zipped, zstd = tmp_path / "d.zip", tmp_path / "d.jsonl.zst"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("d.jsonl", texts[".jsonl"])
+    zstd.write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 16)  # zstd's first bytes: each line was 'not UTF-8', or 'invalid JSON'
     for path, said, at_once in ((misnamed, f"error: dataset {misnamed} is compressed (gz); a name that ends in .gz (plain.jsonl.gz) "
                                            "is read as it is", True),  # its first bytes tell; a cut-off end is found when read
+                                (zipped, f"error: dataset {zipped} is a zip archive (or an .xlsx workbook, which is one)", True),
+                                (zstd, f"error: dataset {zstd} is compressed with zstd, which is not read", True),
                                 (broken, f"error: cannot decompress dataset {broken}: Compressed file ended before the end-of-stream marker", False)):
         code, stderr, torch = without_torch("--prepare-only", "--dataset", path, "--output", tmp_path / "o.jsonl")
         assert code == 1 and stderr.startswith(said) and stderr.count("\n") == 1 and torch != at_once, stderr
