@@ -765,6 +765,8 @@ def read_folder(path: Path, split: str) -> list[dict]:
             data = load_from_disk(str(path))
             if isinstance(data, DatasetDict) and split not in data:
                 raise UserError(f"dataset {path} has the splits {', '.join(data)}; name one with --dataset-split (it is '{split}')")
+            if not isinstance(data, DatasetDict) and split != DEFAULT_SETTINGS["dataset_split"]:
+                raise UserError(f"dataset {path} is one dataset, without splits; --dataset-split {split} names none (leave it out)")
             return (data[split] if isinstance(data, DatasetDict) else data).to_list()
         with tempfile.TemporaryDirectory() as cache:  # as for a local file: no copy left in the datasets cache
             return load_dataset(str(path), split=split, cache_dir=cache).to_list()
@@ -989,6 +991,9 @@ class DatasetValidator:
                             f"--dataset-split (it is '{shown(split)}')")
         if not lists:
             return None, ""
+        if len(lists) == 1 and split not in (lists[0], DEFAULT_SETTINGS["dataset_split"]):  # asked for by name, and not there
+            raise UserError(f"dataset {path} holds one list of records, '{shown(lists[0])}'; --dataset-split {shown(split)} names "
+                            f"none (leave it out to read '{shown(lists[0])}')")
         key, decoder, position, found = split if len(lists) > 1 else lists[0], json.JSONDecoder(), start + 1, None
         while not text.startswith("}", position := JSON_WHITESPACE.match(text, position).end()):  # the object's members
             name, position = decoder.raw_decode(text, position)

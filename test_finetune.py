@@ -418,11 +418,14 @@ def test_a_folder_is_read_as_a_clone_of_a_hub_dataset_or_what_save_to_disk_wrote
     Dataset.from_list(rows[:1]).to_parquet(clone / "data" / "test-00000-of-00001.parquet")
     saved = tmp_path / "saved"
     DatasetDict({"train": Dataset.from_list(rows[:3]), "validation": Dataset.from_list(rows[3:])}).save_to_disk(saved)
+    alone = tmp_path / "alone"
+    Dataset.from_list(rows).save_to_disk(alone)  # one dataset, no splits
     for folder, split, n in ((clone, "train", 4), (clone, "test", 1), (saved, "train", 3), (saved, "validation", 1)):
         report = finetune.DatasetValidator().validate_file(folder, split)
         assert report.n_valid == n and report.unit == "row" and not report.problems, (folder, split)
     (tmp_path / "empty.csv").mkdir()
     for folder, split, said in ((saved, "test", f"error: dataset {saved} has the splits train, validation; name one with --dataset-split (it is 'test')"),
+                                (alone, "test", f"error: dataset {alone} is one dataset, without splits; --dataset-split test names none"),
                                 (clone, "dev", f"error: cannot read the folder {clone} as a dataset (split dev): Unknown split \"dev\""),
                                 (tmp_path / "empty.csv", "train", f"error: cannot read the folder {tmp_path / 'empty.csv'} as a dataset")):
         result = cli("--prepare-only", "--dataset", folder, "--dataset-split", split, "--output", tmp_path / "o.jsonl",
@@ -835,6 +838,8 @@ def test_a_json_file_numbers_its_records_and_says_on_which_line_each_starts(tmp_
     held = tmp_path / "held.json"  # an object holding one list of records
     held.write_text(json.dumps({"train": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]}))
     assert finetune.DatasetValidator().validate_file(held).n_valid == 2
+    with pytest.raises(finetune.UserError, match="holds one list of records, 'train'; --dataset-split test names none"):
+        finetune.DatasetValidator().validate_file(held, "test")  # a split asked for by name that is not there: not the other
     broken = tmp_path / "broken.json"  # past a break in the array itself, nothing can be located
     broken.write_text('[{"prompt": "a", "completion": "b"}\n {"prompt": "c", "completion": "d"}]')
     report = finetune.DatasetValidator().validate_file(broken)
