@@ -894,12 +894,16 @@ class Guard:
         self.by_config: dict[int, Call] = {}  # generation config id -> its Call, for generate() in its own thread
         self.closing = False
         self.cancel_batched = lambda request_id: None  # continuous batching's cancel_request, once it runs
+        self.batching_error = lambda: None  # what stopped continuous batching's worker, once it runs (None: it runs)
+        self.batching_said = False
 
     async def __call__(self, scope, receive, send):
         send = openai_errors(send) if scope["type"] == "http" else send
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/health":
-            return await reply(send, 200, body={"status": "stopping" if self.closing else "ok", "requests": len(self.calls),
-                                                "max_requests": self.max_requests})
+            health = {"status": "stopping" if self.closing else "ok", "requests": len(self.calls), "max_requests": self.max_requests}
+            if (error := self.batching_error()) is not None:  # it still answers, one request at a time
+                health["degraded"] = f"continuous batching stopped ({finetune.first_line(error)}); requests are generated one at a time"
+            return await reply(send, 200, body=health)
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if scope["path"] not in SERVED_POSTS:
@@ -1106,8 +1110,13 @@ def hook_generation(serve, guard: Guard, limits: Limits, model) -> None:
         limits.check(body, CURRENT.get())
 
     def routed(model, modality) -> bool:
-        call = CURRENT.get()
-        call.batched = call.batchable and use_batching(model, modality)
+        """Continuous batching where the request decodes as the batch does and its worker runs; where the worker has
+        died (transformers serve then answers every request 503), generate(), one request at a time."""
+        call, error = CURRENT.get(), guard.batching_error()
+        if error is not None and not guard.batching_said:
+            guard.batching_said = True
+            log(f"warning: continuous batching stopped ({finetune.first_line(error)}); requests are generated one at a time")
+        call.batched = call.batchable and error is None and use_batching(model, modality)
         return call.batched
 
     def built(body: dict, shipped, use_cb: bool = False):
@@ -1145,6 +1154,8 @@ def start_batching(serve, model_id: str, model, limits: Limits, guard: Guard) ->
     manager = serve._generation_state.get_manager(model_id, use_cb=True)
     manager.init_cb(model, limits.batched_config)
     guard.cancel_batched = manager._cb.cancel_request
+    status = getattr(manager._cb, "background_thread_status", None)  # transformers 5.24's record of a dead worker
+    guard.batching_error = lambda: getattr(status, "fatal_error", None)
 
 
 def batching_blocks(context: int) -> int:

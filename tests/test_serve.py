@@ -504,6 +504,40 @@ def test_stop_strings_are_left_out_of_an_answer_as_at_openai():
                                                             "code": None}}  # transformers serve's string: the openai client reads message
 
 
+def test_a_dead_batching_worker_leaves_requests_to_generate_and_health_says_so(capsys):
+    """transformers serve answers every request 503 once continuous batching's worker has died: the guard routes
+    them to generate() instead, says so once in the log, and /health says the server is degraded."""
+    import asyncio
+    import types
+
+    handler = types.SimpleNamespace(_validate_request=lambda body: None, _build_generation_config=lambda *a, **k: None)
+    state = types.SimpleNamespace(use_continuous_batching=lambda model, modality: True)
+    serve = types.SimpleNamespace(_chat_handler=handler, _generation_state=state)
+    guard = example_usage.Guard(None, timeout=30, max_requests=2)
+    example_usage.hook_generation(serve, guard, types.SimpleNamespace(build=None), types.SimpleNamespace(generate=None))
+    call = example_usage.Call(30)
+    call.batchable = True
+    token = example_usage.CURRENT.set(call)
+    try:
+        assert state.use_continuous_batching(None, None) is True and call.batched
+        guard.batching_error = lambda: RuntimeError("No requests can be scheduled\nmore")
+        assert [state.use_continuous_batching(None, None) for _ in range(2)] == [False, False] and not call.batched
+    finally:
+        example_usage.CURRENT.reset(token)
+    assert capsys.readouterr().err.count("continuous batching stopped (No requests can be scheduled)") == 1
+
+    async def health() -> dict:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await guard({"type": "http", "method": "GET", "path": "/health", "headers": []}, None, send)
+        return json.loads(sent[1]["body"])
+
+    assert asyncio.run(health())["degraded"].startswith("continuous batching stopped (No requests can be scheduled); requests are")
+
+
 def test_a_plain_text_error_is_answered_in_openais_shape():
     """Starlette answers an exception it catches with a plain-text "Internal Server Error": clients read error.message."""
     import asyncio
