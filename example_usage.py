@@ -527,18 +527,22 @@ def request_problem(body: dict) -> str | None:
                     f"{', '.join(other)} this server sets itself")
         if options.get("max_new_tokens") is not None and not whole(1)(options["max_new_tokens"]):
             return "`generation_config`'s max_new_tokens must be an integer >= 1"
+        ends = options.get("eos_token_id")
+        if ends is not None and not all(type(end) is int and -1 <= end < 2**31 for end in (ends if isinstance(ends, list) else [ends])):
+            return "`generation_config`'s eos_token_id must be a token id, a list of them, or -1 (none)"
         if options.get("stop_strings") is not None and not checks["stop"][0](options["stop_strings"]):
             return f"`generation_config`'s stop_strings must be {checks['stop'][1]}"
     return None
 
 
-# What a request's `generation_config` may set: how tokens are chosen and how many. The rest (the cache, beams, returned
-# sequences, scores kept at every step, the end tokens) decides what a request holds in memory or what the server returns:
-# a static cache of 40,000 tokens took 1.8 GB for a 4-token answer.
+# What a request's `generation_config` may set: how tokens are chosen and how many (the end tokens too: -1, none, answers
+# at exactly the length asked, as bench/serve_latency.py asks). The rest (the cache, beams, returned sequences, scores
+# kept at every step) decides what a request holds in memory or what the server returns: a static cache of 40,000
+# tokens took 1.8 GB for a 4-token answer.
 GENERATION_OPTIONS = frozenset({"do_sample", "temperature", "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff",
                                 "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias",
                                 "suppress_tokens", "begin_suppress_tokens", "renormalize_logits", "max_new_tokens", "min_new_tokens",
-                                "stop_strings"})
+                                "stop_strings", "eos_token_id"})
 GREEDY_BELOW = 1e-2  # a temperature this low is the most likely token (and near 0, logits / t overflow): decoded greedily
 
 

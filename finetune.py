@@ -1497,9 +1497,11 @@ def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, li
 def prepared_paths(output: str, split: bool) -> list[Path]:
     """--output names the file; with a validation split, two files named from it sit beside it."""
     path = Path(output)
-    if path.name in ("", ".", "..") or output.endswith(("/", os.sep)) or path.is_dir():
+    if path.name in ("", ".", "..") or output.endswith(("/", os.sep)):
         raise UserError(f"--output {output!r} names a folder, not a file; give a file name such as "
                         f"{(path / DEFAULT_SETTINGS['output']) if path.name else DEFAULT_SETTINGS['output']}")
+    if path.is_dir():  # with a validation split, a folder "model" wrote model_train and model_validation beside it
+        raise UserError(f"{path} is a folder; --output names the file to write (default {DEFAULT_SETTINGS['output']})")
     if compression(path):  # written plain under a .gz name, it could not be read back
         raise UserError(f"--output {output} would be plain JSON lines under a {path.suffix} name; name it {path.stem} "
                         f"(and compress it afterwards, if you like)")

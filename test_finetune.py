@@ -572,6 +572,9 @@ def test_nothing_is_overwritten_without_overwrite(tmp_path):
     assert folder.returncode == 2 and folder.stderr.strip().endswith(f"error: {tmp_path / 'model'} is a folder; --output names the "
                                                                      "file to write (default prepared.jsonl)"), folder.stderr
     assert not list(tmp_path.glob(".model*")) and not list((tmp_path / "model").iterdir())
+    split = cli("--prepare-only", "--dataset", path, "--output", tmp_path / "model", "--validation-split", "0.25", "--overwrite")
+    assert split.returncode == 2 and f"{tmp_path / 'model'} is a folder" in split.stderr  # was model_train, model_validation beside it
+    assert not list(tmp_path.glob("model_*"))
 
 
 def test_prepare_never_replaces_the_dataset_itself_whatever_the_spelling(tmp_path):

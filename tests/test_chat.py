@@ -289,7 +289,9 @@ def test_int8_weights_are_for_answering_on_a_cpu_with_native_bf16(tiny_model, sm
     # Refused on a device without its kernel before the model is loaded (or merged): one line, at once.
     elsewhere = cli("--model", out, "--prompt", "hi", "--precision", "int8", "--device", "mps", script="example_usage.py")
     assert elsewhere.returncode == 2 and elsewhere.stderr.count("\n") == 1, elsewhere.stderr
-    assert "needs a CPU that computes bf16 natively" in elsewhere.stderr
+    assert "there is no Apple GPU (MPS) here" in elsewhere.stderr  # no such device here: said first
+    with pytest.raises(finetune.UserError, match="needs a CPU that computes bf16 natively"):
+        finetune.check_int8("mps")  # where there is one, int8 is refused there
     answer = cli("--model", out, "--prompt", "Who are you?", "--precision", "int8", "--config", small_probe_config,
                  script="example_usage.py")
     if not finetune.cpu_has_native_bf16():

@@ -192,7 +192,7 @@ def test_sixteen_concurrent_streaming_chats_all_complete(served):
                                                                                                    "max_cache_len": 40000})}),
      422, "cache_implementation, max_cache_len this server sets itself"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "generation_config": json.dumps({"num_return_sequences": 3, "do_sample": True})}), 422, "itself"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "generation_config": json.dumps({"eos_token_id": 1.5})}), 422, ""),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "generation_config": json.dumps({"eos_token_id": 1.5})}), 422, "eos_token_id must be a token id"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"²": 1}}), 422, "token ids"),  # a digit to isdigit()
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7" * 5000: 1}}), 422, "token ids"),
 ])
