@@ -1608,6 +1608,9 @@ def base_template_if_different(tokenizer) -> str | None:
     return base if base != tokenizer.chat_template else None
 
 
+SPAN_MARK = "\u2063\u2064\u2063"  # invisible separators no message holds: where a template puts a message's text
+
+
 def content_spans(tokenizer, chat: list[dict], text: str, template: str | None, add_generation_prompt: bool) -> list[tuple[int, int]]:
     """Where each message's text sits in the rendered `text`, as (start, end) character offsets.
 
@@ -1621,6 +1624,11 @@ def content_spans(tokenizer, chat: list[dict], text: str, template: str | None, 
                                                    add_generation_prompt=message["role"] == "assistant")
             if text.startswith(before):
                 cursor = max(cursor, len(before))
+        else:  # what the template writes before the first message (its header, a default system message): searched
+            # from 0, an assistant's "a" was found in <|im_start|>, and its tokens did not line up
+            marked = tokenizer.apply_chat_template([dict(message, content=SPAN_MARK)], chat_template=template, tokenize=False)
+            if (at := marked.find(SPAN_MARK)) > 0 and text.startswith(marked[:at]):
+                cursor = at
         for content in (message["content"], message["content"].strip()):
             at = text.find(content, cursor)
             if at >= 0:

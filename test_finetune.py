@@ -1175,6 +1175,17 @@ def test_labels_with_three_real_chat_templates_even_when_answers_end_in_whitespa
     assert all(s.endswith(end) for s in spans)
 
 
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_labels_of_an_answer_that_opens_the_conversation_are_its_own(template_tokenizers, name):
+    """Searched for from the start of the text, an assistant's "a" was found in the template's header ("<|im_start|>",
+    a default system message) and the validation stopped: its tokens did not line up."""
+    tok, end = template_tokenizers[name], TEMPLATES[name][2]
+    for first in ("a", "s", "I"):
+        spans = labelled_spans(tok, finetune.render(tok, [{"role": "assistant", "content": first}, {"role": "user", "content": "u"},
+                                                         {"role": "assistant", "content": "t"}]))
+        assert [span.removesuffix(end).strip() for span in spans] == [first, "t"], (first, spans)
+
+
 def test_labels_fail_loudly_when_the_template_changes_the_answer(tokenizer):
     import copy
 
