@@ -841,6 +841,7 @@ class ValidationReport:
         self.ignored_columns: collections.Counter = collections.Counter()  # a table's cells no format of their row reads
         self.filled = 0  # examples whose {{name}} or {{author}} was filled in
         self.stats: dict = {}
+        self.unread: str | None = None  # where a .json file's own syntax broke: nothing after it was read
 
     def where(self, number: int) -> str:
         """'line 3', 'row 3', or 'record 3 (line 12)'."""
@@ -978,8 +979,15 @@ class DatasetValidator:
             return start, "array"
         try:
             whole = json.loads(text) if text.startswith("{", start) else None
-        except (ValueError, RecursionError):
+        except RecursionError:
             return None, ""
+        except ValueError as exc:  # JSON lines, or one document broken somewhere: its first line alone tells
+            first = text[start:].split("\n", 1)[0]
+            with contextlib.suppress(ValueError, RecursionError):
+                json.loads(first)
+                return None, ""  # a whole object on its first line: JSON lines (a line's problem is that line's)
+            raise UserError(f"dataset {path} is not valid JSON: {exc.msg} at {line_column(text, exc.pos)}; the records in it "
+                            f"cannot be told apart until that is fixed", exit_code=1) from None
         if not isinstance(whole, dict):
             return None, ""
         if record_format(whole):
@@ -1017,6 +1025,7 @@ class DatasetValidator:
             report.first_lines[number] = line
             value, end, problems = self.decode(text, position)
             if end is None:
+                report.unread = f"at {report.where(number)}"
                 yield number, None, [(kind, f"{detail}; the records after it cannot be read") for kind, detail in problems]
                 return
             yield (number, *self.check_value(value, problems, "record"))
@@ -1031,6 +1040,7 @@ class DatasetValidator:
                            "what follows cannot be read")
             else:
                 return
+            report.unread = f"after {report.where(number)}"
             yield number + 1, None, [("invalid JSON", problem)]
             return
 
@@ -1535,6 +1545,9 @@ def validate_dataset(settings: dict, strict: bool, tokenizer=None, no_tokenizer:
     validator = DatasetValidator(settings["max_length"], tokenizer, placeholders, no_tokenizer)
     report = validator.validate_file(settings["dataset"], settings["dataset_split"])
     report.print()
+    if report.unread:  # how many records it holds, and which, cannot be told: training on the first few would go unnoticed
+        raise UserError(f"{settings['dataset']} is not valid JSON {report.unread} (the problem above), so the records "
+                        f"after it cannot be read; fix it there and run again", exit_code=1)
     if report.n_valid == 0:
         raise UserError(f"{settings['dataset']} has no valid examples", exit_code=1)
     if strict and report.n_invalid:

@@ -848,6 +848,14 @@ def test_a_json_file_numbers_its_records_and_says_on_which_line_each_starts(tmp_
     report = finetune.DatasetValidator().validate_file(broken)
     assert report.n_valid == 1 and report.problems["invalid JSON"] == [
         (2, "expected ',' or ']' after record 1, at line 2 column 2; what follows cannot be read")]
+    records = [json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}."}) for i in range(50)]
+    records[10] = records[10][:-1] + ", }"  # a comma too many in record 11 of 50
+    for name, text, said in (("array.json", "[\n" + ",\n".join(records) + "\n]\n", "is not valid JSON at record 11 (line 12)"),
+                             ("held.json", '{"train": [\n' + ",\n".join(records) + "\n]}\n",
+                              "is not valid JSON: Expecting property name enclosed in double quotes at line 12 column")):
+        (tmp_path / name).write_text(text)  # the first ten were trained on, exit 0 (and held.json was read as 51 bad lines)
+        code, stderr, _ = without_torch("--prepare-only", "--dataset", tmp_path / name, "--output", tmp_path / "o.jsonl")
+        assert code == 1 and said in stderr.strip().splitlines()[-1] and not (tmp_path / "o.jsonl").exists(), stderr
     lines = tmp_path / "lines.json"  # JSON lines named .json, as many hub datasets are
     write_lines(lines, good_examples(3))
     report = finetune.DatasetValidator().validate_file(lines)
