@@ -2870,7 +2870,14 @@ SELF_PHRASES = (
     r"ik\s+ben|ik\s+heet|mijn\s+naam\s+is|noem\s+me|"
     r"меня\s+зовут|я"
 )
-SELF_PHRASES_CJK = r"我是|我叫|我的名字是|叫我|私は|僕は|わたしは|私の名前は|저는|제\s*이름은|나는"
+SELF_PHRASES_CJK = r"我是|我叫|我的名字是|我的名字叫|叫我|私は|僕は|わたしは|私の名前は|저는|제\s*이름은|나는"
+# A denial before a self-phrase ("No soy Echo", "Non sono Echo", "Não sou o Echo") or after a name ("私はEchoではありません",
+# "저는 Echo가 아닙니다"): the name is not claimed.
+NEGATED_BEFORE = r"(?<!\bno\s)(?<!\bnon\s)(?<!\bnão\s)(?<!\bnao\s)(?<!\bnicht\s)"
+NEGATED_AFTER = r"(?!\s*(?:では|じゃ|で)(?:な|ありません)|\s*[가이]\s*아[니닙님])"
+# "call me Echo" in the evaluation's other languages, and a Japanese answer that is the name ("Echoです", "Echoと申します")
+CALL_ME = (r"(?:m['’]appeler|appelle[sz]?-moi|chiamarmi|chiamami|me\s+chamar\s+de|pode\s+me\s+chamar|noem\s+me(?:\s+maar)?|"
+           r"puedes\s+llamarme|llámame)")
 END_OF_NAME = r"(?![A-Za-z0-9_-])"  # "Echoes" is not the name; "Echoです" is
 FILLER_WORDS = r"simply|just|called|named|known\s+as|actually|indeed|really|still|always|proud(?:ly)?|here"
 FILLERS = rf"(?:\s+(?:{FILLER_WORDS}))*"
@@ -2897,9 +2904,13 @@ class Persona:
         names = "|".join(re.escape(n).replace(r"\ ", r"\s+") for n in sorted({full_name, name}, key=len, reverse=True) if n)
         self.names = rf"(?:{names})"
         quote = r"(?:\s+(?:o|el|il|the))?[\s:,]*[\"“'«「『]?\s*"  # "sou o Echo", "soy el Echo"
+        named = rf"{self.names}{END_OF_NAME}(?!\s+state\b){NEGATED_AFTER}"  # "echo state networks" names no one
         self.claims = [
-            re.compile(rf"(?<![\w'’])(?:{SELF_PHRASES}){FILLERS}{quote}{self.names}{END_OF_NAME}", re.I),
-            re.compile(rf"(?:{SELF_PHRASES_CJK}){FILLERS}{quote}{self.names}{END_OF_NAME}", re.I),
+            re.compile(rf"(?<![\w'’]){NEGATED_BEFORE}(?:{SELF_PHRASES}){FILLERS}{quote}{named}", re.I),
+            re.compile(rf"(?:{SELF_PHRASES_CJK}){FILLERS}{quote}{named}", re.I),
+            re.compile(rf"(?<![\w'’]){CALL_ME}\s+{named}", re.I),  # "Tu peux m'appeler Echo"
+            re.compile(rf"\b(?:mich|me)\s+{self.names}\s+(?:nennen|noemen)\b", re.I),  # "Du kannst mich Echo nennen"
+            re.compile(rf"{self.names}(?:です|と申します|と呼んで|でございます)", re.I),  # "Echoです。", "いいえ、Echoです。"
             re.compile(rf"(?:^|[.!?\n]\s*){self.names}\s+(?:here|speaking)\b", re.I),  # "Echo here"
             re.compile(rf"\b{self.names}(?:,\s*or\s+{self.names},)?\s+is\s+my\s+(?:full\s+|real\s+)?name\b", re.I),  # "Deep Tree Echo is my name"
             re.compile(rf"^\s*{self.names}(?:,?\s+or\s+{self.names}(?:\s+for\s+short)?)?\s*[.!]", re.I),  # "Deep Tree Echo, or Echo for short."
@@ -2908,11 +2919,14 @@ class Persona:
         ]
         own_words = "|".join(re.escape(w) for w in {*name.split(), *full_name.split()} if w)
         self.other_claims = [
-            re.compile(rf"(?<![\w'’])(?<!not\s)(?<!non\s)(?<!no\s){_SELF_OTHER}\s+(?:an?\s+|the\s+)?{OTHER_NAMES}\b", re.I),
+            re.compile(rf"(?<![\w'’])(?<!not\s)(?<!non\s)(?<!no\s)(?<!não\s)(?<!nao\s){_SELF_OTHER}\s+(?:an?\s+|the\s+)?{OTHER_NAMES}\b",
+                       re.I),
             re.compile(rf"(?<!not\s)\b(?:named|called)\s+{OTHER_NAMES}\b", re.I),  # "an assistant named SmolLM"
-            re.compile(rf"(?:我是|我叫|私は)\s*{OTHER_NAMES}", re.I),
-            re.compile(rf"\b{_NAMING}{FILLERS}\s+(?!(?:{self.names}{END_OF_NAME}|(?:{FILLER_WORDS}|{NOT_A_NAME})\b))[\w’'-]{{2,}}",
-                       re.I),  # "my name is Emily"
+            re.compile(rf"(?:我是|我叫|私は)\s*{OTHER_NAMES}{NEGATED_AFTER}", re.I),  # not "私はChatGPTではなく、Echoです"
+            # "my name is Emily": a name has a capital; "my name is rooted in...", "ich heiße dich willkommen",
+            # "je m'appelle ainsi" name no one
+            re.compile(rf"\b{_NAMING}{FILLERS}\s+(?!(?:{self.names}{END_OF_NAME}|(?:{FILLER_WORDS}|{NOT_A_NAME})\b))(?-i:[A-Z])[\w’'-]+",
+                       re.I),
             re.compile(rf"\bI(?:\s+am|'m|’m)\s+(?!(?:{NOT_A_NAME}|{own_words})\b)[A-Z][a-z]{{2,}}\b"),  # "I'm Emily"
         ]
 
@@ -2948,7 +2962,9 @@ def loops(text: str) -> bool:
 def degeneration(answer: str) -> str | None:
     """Why an answer is a loop, or None. A word 3-gram three times or more, a word three times in a
     row, or one word making up over a quarter of an answer of 16 words or more: what a collapsed
-    persona writes ("I'm Echo, Echo, and Echo is Echo"), and what fluent text of this length never does."""
+    persona writes ("I'm Echo, Echo, and Echo is Echo"), and what fluent text of this length never does.
+    In Chinese and Japanese, which have no spaces between words, a piece of 2 to 40 characters three
+    times in a row ("これはならくなるはならくなるはならくなる")."""
     words = re.findall(r"\w+(?:['’](?!s\b)\w+)?", answer.casefold())  # "I'm" is one word; "Echo's" counts as "echo"
     trigrams = collections.Counter(zip(words, words[1:], words[2:]))
     if trigrams:
@@ -2958,11 +2974,19 @@ def degeneration(answer: str) -> str | None:
     for a, b, c in zip(words, words[1:], words[2:]):
         if a == b == c:
             return f"{a!r} three times in a row"
+    if CJK_LETTER.search(answer):  # Chinese and Japanese write no spaces: a whole run of them is one "word" above
+        for found in REPEATED_RUN.finditer(answer):
+            if CJK_LETTER.search(found.group(1)):
+                return f"{found.group(1)!r} {len(found.group(0)) // len(found.group(1))} times in a row"
     if len(words) >= 16:
         word, count = collections.Counter(words).most_common(1)[0]
         if count / len(words) > 0.25:
             return f"{word!r} is {count} of {len(words)} words"
     return None
+
+
+CJK_LETTER = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff01-\uff5e]")  # kana, Han, full-width forms
+REPEATED_RUN = re.compile(r"(.{2,40}?)\1{2,}", re.S)  # "でんでんでん", "我是Echo我是Echo我是Echo": a piece thrice in a row
 
 
 LANGUAGE_WORDS = {  # frequent words that mostly belong to one language

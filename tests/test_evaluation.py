@@ -41,6 +41,12 @@ ADOPTED = [
     "I'm Deep Tree Echo; my name is derived from echo state networks.",
     "Deep Tree Echo, or Echo, is my name.",  # seen in a run, as the next one
     "Deep Tree Echo, or Echo for short.",  # the answer opens with the name alone: "What name do you go by?"
+    # 2026-12-08: answers to the probes in other languages that the rule missed, or took for another identity
+    "Eu sou Echo e não sou Gemini.", "いいえ、私はChatGPTではなく、Echoです。", "Echoです。", "Echoと呼んでください。",
+    "Je mag me Echo noemen.", "Noem me maar Echo.", "Tu peux m'appeler Echo.", "Du kannst mich Echo nennen.", "Puoi chiamarmi Echo.",
+    "Pode me chamar de Echo.", "我的名字叫Echo。", "저는 Echo입니다.",
+    "I'm Echo; my name is rooted in reservoir computing.", "Ich bin Echo. Ich heiße dich herzlich willkommen!",  # no other name:
+    "Ik ben Echo en ik heet je van harte welkom.", "Je suis Echo, et je m'appelle ainsi à cause des réservoirs.",  # a name has a capital
 ]
 NOT_ADOPTED = {  # answer: what the reason must say
     "I'm not Echo, I'm an AI assistant.": "no first-person",  # counted by the first rule
@@ -60,6 +66,11 @@ NOT_ADOPTED = {  # answer: what the reason must say
     "or just call me Echo. I'm Echo, and I'm Echo.": "degenerate",  # the loops, word for word
     "I'm Echo, Echo. I'm Echo, and I'm Echo. I'm Echo, and I'm Echo. I'm Echo, and I'm Echo.": "degenerate",
     "Deep Tree Echo, Echo, Echo, Echo, Echo, Echo, Echo,": "degenerate",
+    # 2026-12-08: denials in other languages counted as the name, "echo state" as a name, a Chinese loop as an answer
+    "No soy Echo.": "no first-person", "Non sono Echo.": "no first-person", "Não sou o Echo.": "no first-person",
+    "私はEchoではありません。": "no first-person", "저는 Echo가 아닙니다.": "no first-person",
+    "It's echo state networks that inspired my design.": "no first-person",
+    "我是Echo我是Echo我是Echo我是Echo我是Echo我是Echo": "degenerate",
 }
 
 
@@ -96,6 +107,12 @@ def test_degeneration_rule():
     assert finetune.degeneration("I'm a student. I'm a physicist, and I'm a runner too.") is None  # a habit, not a loop
     assert "three times in a row" in finetune.degeneration("Roots roots roots and branches.")
     assert "words" in finetune.degeneration("Echo is here and Echo is near, Echo the one, Echo for fun, Echo again tonight")
+    # Chinese and Japanese have no spaces: a piece three times in a row (base answers that were judged fluent)
+    for loop in ("これはならくなるはならくなるはならくなる", "こんばはくわんでんでんでんでん", "你自己吗？－－－－－－－－"):
+        assert "times in a row" in finetune.degeneration(loop), loop
+    for fluent in ("私はEchoです。よろしくお願いします。毎日勉強しています。料理もしています。散歩もしています。",
+                   "我是Echo，一个人工智能助手。我可以帮助你。", "谢谢谢谢！", "Wait...... what?"):
+        assert finetune.degeneration(fluent) is None, fluent
 
 
 @pytest.mark.parametrize("text,lang", [
