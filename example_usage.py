@@ -251,7 +251,7 @@ class ServerChat:
         import openai
 
         self.base_url = base_url.rstrip("/")
-        self.shown_url = without_password(self.base_url)  # what messages name: a password in the URL is no one's business
+        self.shown_url = finetune.without_password(self.base_url)  # what messages name: a password in the URL is no one's business
         self.stopped = False
         # The --serve server checks no key: a placeholder keeps the client happy. OPENAI_API_KEY is never
         # sent: it would go to whatever listens at the URL.
@@ -345,16 +345,6 @@ class ServerChat:
                     write(choice.delta.content)
                 if choice.finish_reason:
                     self.finish_reason = choice.finish_reason
-
-
-def without_password(url: str) -> str:
-    """The URL with the password of its user part (http://user:secret@host/) shown as ***."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def api_detail(exc) -> str:

@@ -322,7 +322,8 @@ def format_settings(settings: dict, sources: dict) -> str:
     lines = []
     for section, keys in DEFAULTS.items():
         lines.append(f"[{section}]")
-        lines += [f"  {key} = {json.dumps(settings[key])}  ({sources[key]})" for key in keys]
+        lines += [f"  {key} = {json.dumps(without_password(settings[key]) if key == 'base_url' and settings[key] else settings[key])}  "
+                  f"({sources[key]})" for key in keys]
     return "\n".join(lines)
 
 
@@ -2593,7 +2594,30 @@ def confirm(yes: bool, question: str) -> bool:
 # -- the job record: what the chat companion reads, so no id needs copying -----------------------
 def read_job_record(output_dir: str | Path) -> dict:
     path = Path(output_dir) / OPENAI_JOB_RECORD
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} cannot be read as a job record ({first_line(exc)}); it is left as it is: choose another "
+                        f"--output-dir", exit_code=1) from None
+    if not isinstance(record, dict) or not isinstance(record.get("job_id"), str):
+        raise UserError(f"{path} is not a job record this tool wrote (no job_id); it is left as it is: choose another --output-dir",
+                        exit_code=1)
+    return record
+
+
+def check_record_folder(settings: dict, job_id: str) -> None:
+    """Before following a job: its record can be written when it ends (hours later), and replaces no other job's."""
+    folder = Path(settings["output_dir"])
+    record = read_job_record(folder)
+    if record and record["job_id"] != job_id:
+        raise UserError(f"{folder / OPENAI_JOB_RECORD} records job {record['job_id']}; follow {job_id} with another --output-dir, "
+                        f"so that record stays")
+    beside = next((parent for parent in (folder, *folder.absolute().parents) if parent.exists()), folder.absolute())
+    if not beside.is_dir() or not os.access(beside, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the job's record in {folder} ({'not a folder' if not beside.is_dir() else 'permission denied'}); "
+                        f"choose another --output-dir", exit_code=1)
 
 
 def job_error(job) -> str | None:
@@ -2691,12 +2715,24 @@ def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "<key>") if secret else text
 
 
+def without_password(url) -> str:
+    """The URL with the password of its user part (http://user:secret@host/) shown as ***: a gateway's password is as
+    secret as the API key, in messages, printed commands and the files a run writes."""
+    from urllib.parse import urlsplit
+
+    url = str(url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
 def describe_api_error(error, base_url, retries: int) -> str:
     """One line for each way a call can fail; the client has already retried the transient ones."""
     import openai
 
     if isinstance(error, openai.APIConnectionError):  # timeouts too
-        return (f"cannot reach the OpenAI API at {base_url} ({error.message.rstrip('.')}, tried {retries + 1} times): "
+        return (f"cannot reach the OpenAI API at {without_password(base_url)} ({error.message.rstrip('.')}, tried {retries + 1} times): "
                 f"check the network, OPENAI_BASE_URL or --base-url")
     status = getattr(error, "status_code", None)
     if status == 401:
@@ -2744,8 +2780,8 @@ def follow_command(job_id: str, settings: dict) -> str:
     command = f"python finetune.py --provider openai --follow {shlex.quote(job_id)}"
     if settings["output_dir"] != DEFAULT_SETTINGS["output_dir"]:
         command += f" --output-dir {shlex.quote(str(settings['output_dir']))}"
-    if settings["base_url"]:
-        command += f" --base-url {shlex.quote(settings['base_url'])}"
+    if settings["base_url"]:  # a password in it is shown as ***: put it back, or set OPENAI_BASE_URL
+        command += f" --base-url {shlex.quote(without_password(settings['base_url']))}"
     return command
 
 
@@ -2828,7 +2864,8 @@ def run_openai(settings: dict, api_key: str | None = None, job: tuple[str, str |
 
     tuner = OpenAIFineTuner(api_key or os.environ.get("OPENAI_API_KEY"), settings["base_url"])
     commands = {"list_jobs": lambda _: list_jobs(tuner), "status": lambda job_id: show_status(tuner, job_id),
-                "cancel": lambda job_id: cancel_job(tuner, job_id), "follow": lambda job_id: follow_job(tuner, job_id, settings)}
+                "cancel": lambda job_id: cancel_job(tuner, job_id),
+                "follow": lambda job_id: check_record_folder(settings, job_id) or follow_job(tuner, job_id, settings)}
     try:
         if job:
             return commands[job[0]](job[1])
@@ -4220,7 +4257,8 @@ class HuggingFaceFineTuner:
             "written_by": TOOL_NAME,
             "base_model": self.base_name,
             "base_model_note": BASE_NOTE.get(self.base_name, "as loaded with from_pretrained"),
-            "settings": dict(self.settings, model=self.base_name),  # every "auto" resolved
+            "settings": dict(self.settings, model=self.base_name,  # every "auto" resolved
+                             base_url=self.settings["base_url"] and without_password(self.settings["base_url"])),
             "device": self.settings["device"],
             "processes": trainer.args.world_size,
             "precision": self.settings["precision"],
@@ -5454,7 +5492,10 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate_command(settings)
         if args.export:
             return export_or_train(settings, args)
-        job = next(((name, value) for name in ("follow", "status", "cancel", "list_jobs") if (value := getattr(args, name))), None)
+        job = next(((name, value) for name in ("follow", "status", "cancel", "list_jobs") if (value := getattr(args, name)) not in (None, False)),
+                   None)
+        if job and isinstance(job[1], str) and not job[1].strip():  # an empty $JOB_ID: read as none, it started a new, paid job
+            raise UserError(f"--{job[0]} needs a job id (ftjob-...; --list-jobs lists them); it was given as ''")
         if job and args.provider != "openai":
             raise UserError(f"--{job[0].replace('_', '-')} is for OpenAI jobs: add --provider openai")
         if args.provider == "openai":

@@ -517,6 +517,35 @@ def test_network_down(api_key, monkeypatch, tmp_path):
         ft.run_openai(openai_settings(tmp_path, url), job=("list_jobs", None), yes=True)
     assert str(failure.value).startswith(f"cannot reach the OpenAI API at {url}")
     assert "tried 2 times" in str(failure.value)
+    gateway = url.replace("http://", "http://team:hunter2@")  # a gateway's password is as secret as the key
+    with pytest.raises(ft.UserError) as failure:
+        ft.run_openai(openai_settings(tmp_path, gateway), job=("list_jobs", None), yes=True)
+    assert str(failure.value).startswith(f"cannot reach the OpenAI API at {url.replace('http://', 'http://team:***@')}")
+    assert "hunter2" not in str(failure.value) and "hunter2" not in ft.follow_command("ftjob-1", openai_settings(tmp_path, gateway))
+    assert "hunter2" not in ft.format_settings(dict(ft.DEFAULT_SETTINGS, base_url=gateway), dict.fromkeys(ft.DEFAULT_SETTINGS, "flag"))
+
+
+@pytest.mark.parametrize("flag", ["--cancel", "--status", "--follow"])
+def test_an_empty_job_id_is_refused_not_read_as_none(flag, api_key, tmp_path):
+    """--cancel "$JOB" with $JOB unset was read as no job given: a new, paid job was created and followed."""
+    out = tmp_path / "o"
+    code = ft.main(["--provider", "openai", flag, "", "--yes", "--no-follow", "--output-dir", str(out), "--base-url", "http://127.0.0.1:9"])
+    assert code == 2 and not out.exists()
+
+
+def test_following_a_job_keeps_another_jobs_record_and_a_file_it_did_not_write(api_key, tmp_path):
+    """--follow ftjob-B into a folder whose record is job A's replaced A's record (its id, its prepared files) without a
+    word; a file of that name the tool did not write was replaced too, or was a JSONDecodeError."""
+    settings = openai_settings(tmp_path, "http://127.0.0.1:9")  # nothing is called: refused before
+    folder = Path(settings["output_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / ft.OPENAI_JOB_RECORD
+    for text, said in (('{"job_id": "ftjob-A", "prepared_files": ["a.jsonl"]}', "records job ftjob-A; follow ftjob-B with another"),
+                       ("{oops", "cannot be read as a job record"), ('{"notes": "mine"}', "is not a job record this tool wrote")):
+        record.write_text(text)
+        with pytest.raises(ft.UserError, match=re.escape(said)):
+            ft.run_openai(settings, job=("follow", "ftjob-B"), yes=True)
+        assert record.read_text() == text
 
 
 def test_missing_key(api_key, monkeypatch, tmp_path):
