@@ -2873,6 +2873,12 @@ def run_openai(settings: dict, api_key: str | None = None, job: tuple[str, str |
     except openai.APIError as error:
         message = describe_api_error(error, tuner.client.base_url, tuner.client.max_retries)
         raise UserError(redact(message, tuner.client.api_key), exit_code=1) from None
+    except (AttributeError, TypeError, KeyError, ValueError) as error:  # an answer of the wrong shape: HTML, {}, null fields
+        if VERBOSE[0]:
+            raise
+        raise UserError(redact(f"the server at {without_password(tuner.client.base_url)} did not answer as the OpenAI API does "
+                               f"({type(error).__name__}: {first_line(error)}); check --base-url or OPENAI_BASE_URL (--verbose "
+                               f"shows where)", tuner.client.api_key), exit_code=1) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -548,6 +548,14 @@ def test_following_a_job_keeps_another_jobs_record_and_a_file_it_did_not_write(a
         assert record.read_text() == text
 
 
+def test_a_server_that_does_not_answer_as_openai_does_is_one_line(scripted, api_key, tmp_path):
+    """HTML with a 200, an empty object, events with null fields: were AttributeError, TypeError, JSONDecodeError."""
+    api = scripted({("GET", "/fine_tuning/jobs"): [{}], ("GET", JOB): [{"id": JOB_ID}], ("GET", f"{JOB}/events"): [{}]})
+    for job in (("list_jobs", None), ("status", JOB_ID)):
+        with pytest.raises(ft.UserError, match=f"the server at {re.escape(api.url)}/? did not answer as the OpenAI API does"):
+            ft.run_openai(openai_settings(tmp_path, api.url), job=job, yes=True)
+
+
 def test_missing_key(api_key, monkeypatch, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(ft.UserError, match="no OpenAI API key: set OPENAI_API_KEY"):
