@@ -3856,6 +3856,36 @@ class OutputFolder:
             log(f"kept in {self.path} what this tool does not write there: {', '.join(sorted(theirs))}")
 
 
+RUN_SETTINGS = "run_settings.json"  # in the checkpoints folder: what --resume must not change
+RESUMED_SETTINGS = ("model", "method", "dataset", "dataset_split", "max_length", "validation_split", "max_steps", "epochs",
+                    "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "batch_size", "gradient_accumulation",
+                    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "base_template_share", "persona_repeats",
+                    "language_repeats", "other_share", "replay_questions", "seed", "persona_name", "persona_full_name")
+
+
+def run_settings(settings: dict) -> dict:
+    """The settings a run's checkpoints hold it to (its data, model, optimizer and schedule), paths made absolute:
+    the device, precision, batch pieces, logging and evaluation may change on resume."""
+    where = lambda value: str(Path(value).resolve()) if isinstance(value, str) and value and Path(value).exists() else value  # noqa: E731
+    return {key: where(settings[key]) if key in ("dataset", "replay_questions") else settings[key] for key in RESUMED_SETTINGS}
+
+
+def check_resumed_settings(folder: OutputFolder, settings: dict) -> None:
+    """--resume with other settings: the checkpoint's optimizer and schedule win over a new learning rate (and the summary
+    would have recorded the new one), and another LoRA rank failed to load with a RuntimeError. Said at once, by name."""
+    path = folder.checkpoints / RUN_SETTINGS
+    try:
+        started = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # a run of an earlier version: nothing to compare
+    now = run_settings(settings)
+    changed = [f"{key} {json.dumps(started[key])} (the run) / {json.dumps(now[key])} (now)" for key in RESUMED_SETTINGS
+               if key in started and started[key] != now[key]]
+    if changed:
+        raise UserError(f"--resume continues the run in {folder.path} as it started, and {'; '.join(changed)}; resume with "
+                        f"the run's settings, or start over with --overwrite")
+
+
 def resume_command(overwrite: bool = False) -> str:
     """The command that resumes this run, ready to paste: quoted ('my model', an empty ''), with finetune.py as it
     was named (a path, when it was started from another folder)."""
@@ -4148,6 +4178,9 @@ class HuggingFaceFineTuner:
             f"{len(val) if val else 0}; {s['max_steps'] or s['epochs']} {'steps' if s['max_steps'] else 'epochs'}")
         if state.is_main_process:
             folder.start(fresh=resume_from is None)
+            if resume_from is None:
+                folder.checkpoints.mkdir(exist_ok=True)
+                write_atomic(folder.checkpoints / RUN_SETTINGS, json.dumps(run_settings(s), indent=2) + "\n", overwrite=True)
         state.wait_for_everyone()
         callbacks = trainer_callbacks()
         progress, stopper = callbacks.ProgressLog(), callbacks.InterruptToCheckpoint()
@@ -5362,6 +5395,8 @@ def train_huggingface(settings: dict, strict: bool = False, overwrite: bool = Fa
     check_paths(settings, base_model=True)
     inputs_inside(folder.path, settings)
     settings = resolve_hardware(settings)  # 2. the settings, every "auto" resolved
+    if resume_from:
+        check_resumed_settings(folder, settings)
     report = validate_dataset(settings, strict, *base_tokenizer(settings))  # 3. validate
     train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])  # 4. split once
     return HuggingFaceFineTuner(settings).train(train, val, report, folder, resume_from)  # 5. train, 6. replace

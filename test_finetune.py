@@ -1472,6 +1472,20 @@ def test_a_replacement_that_fails_leaves_a_users_files_where_they_were(tmp_path,
     assert (out / "adapter_model.safetensors").read_text() == "old"
 
 
+def test_resuming_with_other_settings_names_them_before_anything_loads(tmp_path):
+    """The checkpoint's optimizer and schedule won over a new --learning-rate (which the summary then recorded), and
+    another --lora-r failed to load as a RuntimeError."""
+    out = tmp_path / "model"
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (out / finetune.TOOL_MARKER).write_text("{}")
+    (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (out / "checkpoints" / finetune.RUN_SETTINGS).write_text(json.dumps({"lora_r": 16, "learning_rate": 0.002, "seed": 42}))
+    result = cli("--output-dir", out, "--resume", "--lora-r", "8", "--learning-rate", "0.05", "--precision", "fp32")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "learning_rate 0.002 (the run) / 0.05 (now); lora_r 16 (the run) / 8 (now)" in last, result.stderr
+    assert "validating" not in result.stderr and (out / "checkpoints" / "checkpoint-2").is_dir()  # before the data, kept
+
+
 def test_the_providers_write_to_different_default_folders():
     assert finetune.output_dir_for(dict(finetune.DEFAULT_SETTINGS), "huggingface")["output_dir"] == "echo-model"
     assert finetune.output_dir_for(dict(finetune.DEFAULT_SETTINGS), "openai")["output_dir"] == "echo-openai"
