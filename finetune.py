@@ -4861,7 +4861,32 @@ def export_gguf(folder: Path, overwrite: bool = False) -> list[Path]:
         if text:
             write_atomic(staging / "Modelfile", text)
         mark(staging)
-    return sorted(p for p in target.iterdir() if p.name != TOOL_MARKER)
+        ours = lambda entry: entry in ("Modelfile", TOOL_MARKER) or any(entry.endswith(f"-{kind}.gguf") for kind in GGUF_KINDS)  # noqa: E731
+        theirs = linked_beside(target, staging, ours)  # a user's own quantization (NAME-Q4_K_M.gguf), notes
+    if theirs:
+        log(f"kept in {target} what the export does not write (made from the model before, if it is a quantization of it): "
+            f"{', '.join(theirs)}")
+    return sorted(p for p in target.iterdir() if p.name != TOOL_MARKER and p.name not in theirs)
+
+
+def linked_beside(old: Path, new: Path, ours) -> list[str]:
+    """What `old` holds that `ours(name)` says this tool does not write, linked into `new` (hard links: no copy of a
+    gigabyte, and the originals stay in `old` should `new` never take its place); copied where links cannot be made."""
+    theirs = sorted(entry.name for entry in (old.iterdir() if old.is_dir() else ()) if not ours(entry.name) and not (new / entry.name).exists())
+    for entry in theirs:
+        source, link = old / entry, new / entry
+        if source.is_dir() and not source.is_symlink():
+            try:
+                shutil.copytree(source, link, symlinks=True, copy_function=os.link)
+            except (OSError, shutil.Error):  # another file system, or one without hard links
+                shutil.rmtree(link, ignore_errors=True)
+                shutil.copytree(source, link, symlinks=True)
+        else:
+            try:
+                os.link(source, link, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(source, link, follow_symlinks=False)
+    return theirs
 
 
 def check_export(folder: Path, target: Path, overwrite: bool) -> None:

@@ -9,6 +9,7 @@ llama-cpp-python is installed (make test-export).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -272,6 +273,33 @@ def test_foreign_gguf_folder_is_left_alone_even_with_overwrite(adapter_folder, t
     result = cli("--export", "gguf", "--model", folder, "--overwrite")
     assert result.returncode == 2 and "was not written by this tool" in result.stderr
     assert (folder / "gguf" / "mine.gguf").read_bytes() == b"GGUF"
+
+
+def test_a_users_own_files_in_gguf_stay_when_the_export_is_replaced(tmp_path, monkeypatch):
+    """--export gguf --overwrite replaced gguf/ whole: a quantization the user made there with llama.cpp
+    (NAME-Q4_K_M.gguf) and their notes went with it. They are linked into the new folder (no copy of a gigabyte)."""
+    old, new = tmp_path / "gguf", tmp_path / "staging"
+    for folder in (old, new):
+        folder.mkdir()
+        (folder / "echo-F16.gguf").write_bytes(b"GGUF " + folder.name.encode())
+    (old / "Modelfile").write_text("FROM ./echo-F16.gguf\n")
+    (old / "echo-Q4_K_M.gguf").write_bytes(b"GGUF mine")
+    (old / "notes").mkdir()
+    (old / "notes" / "ollama.txt").write_text("ollama create echo -f Modelfile")
+    ours = lambda name: name == "Modelfile" or name.endswith("-F16.gguf")  # noqa: E731
+    assert finetune.linked_beside(old, new, ours) == ["echo-Q4_K_M.gguf", "notes"]
+    assert (new / "echo-Q4_K_M.gguf").stat().st_ino == (old / "echo-Q4_K_M.gguf").stat().st_ino  # a link, not a copy
+    assert (new / "notes" / "ollama.txt").read_text() == "ollama create echo -f Modelfile" and not (new / "Modelfile").exists()
+    assert (new / "echo-F16.gguf").read_bytes() == b"GGUF staging"  # the new export's own file is never replaced
+    shutil.rmtree(new)
+    new.mkdir()
+
+    def no_links(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)  # another file system: copied
+    assert finetune.linked_beside(old, new, ours) == ["echo-Q4_K_M.gguf", "notes"]
+    assert (new / "echo-Q4_K_M.gguf").read_bytes() == b"GGUF mine" and (new / "notes" / "ollama.txt").is_file()
 
 
 def test_unsupported_architecture_is_one_clear_line(tmp_path):
