@@ -2661,10 +2661,26 @@ class OpenAIFineTuner:
         return self.client.files.create(file=path, purpose="fine-tune").id
 
     def create_job(self, model: str, training_file: str, validation_file: str | None, method: dict, suffix: str, seed: int):
+        """The new job. The client retries a POST blindly, and OpenAI takes no idempotency key here: a job created whose
+        answer was lost (a 5xx, a dropped connection) was created again, and billed twice. After such a failure the
+        recent jobs are searched for one on this training file before another try; a 429 created nothing."""
+        import openai
+
         optional = {"validation_file": validation_file} if validation_file else {}
-        return self.client.fine_tuning.jobs.create(
-            model=model, training_file=training_file, method=method, suffix=suffix, seed=seed, **optional
-        )
+        once = self.client.with_options(max_retries=0)
+        for attempt in range(self.client.max_retries + 1):
+            try:
+                return once.fine_tuning.jobs.create(model=model, training_file=training_file, method=method, suffix=suffix,
+                                                    seed=seed, **optional)
+            except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as error:
+                if attempt == self.client.max_retries:
+                    raise
+                if not isinstance(error, openai.RateLimitError):
+                    made = next((job for job in self.list_jobs() if job.training_file == training_file), None)
+                    if made is not None:
+                        log(f"the API failed while creating the job ({first_line(error)}), but had created it: {made.id}")
+                        return made
+                time.sleep(min(8.0, 0.5 * 2**attempt))
 
     def retrieve(self, job_id: str):
         return self.client.fine_tuning.jobs.retrieve(job_id)

@@ -447,6 +447,23 @@ def test_follow_running_then_succeeded(scripted, api_key, tmp_path, capsys):
     assert_key_absent(out, err, folder=tmp_path)
 
 
+def test_a_job_whose_creation_failed_after_it_was_made_is_found_not_made_twice(scripted, api_key, tmp_path, capsys, monkeypatch):
+    """The client retried the POST blindly (six times against a server that answered 500): a job created whose answer
+    was lost would have been created, and billed, again. The recent jobs are searched first."""
+    monkeypatch.setattr(ft.time, "sleep", lambda seconds: None)
+    api = scripted({
+        ("POST", "/files"): [file_json("file-train"), file_json("file-val")],
+        ("POST", "/fine_tuning/jobs"): [(500, {"error": {"message": "upstream timed out"}}, {})],
+        ("GET", "/fine_tuning/jobs"): [{"object": "list", "data": [], "has_more": False},  # not made the first time
+                                       {"object": "list", "data": [job_json("validating_files")], "has_more": False}],
+    })
+    settings = openai_settings(tmp_path, api.url, validation_split=0.2)
+    assert ft.run_openai(settings, yes=True, no_follow=True) == 0
+    assert len(api.calls("POST", "/fine_tuning/jobs")) == 2 and len(api.calls("GET", "/fine_tuning/jobs")) == 2
+    assert f"but had created it: {JOB_ID}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "openai_job.json").read_text())["job_id"] == JOB_ID
+
+
 def test_follow_running_then_failed(scripted, api_key, tmp_path, capsys):
     error = {"code": "invalid_training_file", "message": "3 examples exceed the token limit", "param": "training_file"}
     api = scripted({
