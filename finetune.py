@@ -2404,6 +2404,7 @@ OPENAI_MIN_EXAMPLES = 10  # OpenAI refuses a training file with fewer
 NOT_COUNTED_FOR_OPENAI = "a local model's tokens are not what OpenAI bills: its own count follows, in the estimate"
 OPENAI_END_STATES = ("succeeded", "failed", "cancelled")
 OPENAI_MAX_RETRIES = 5  # the client's own retries with backoff (429, 5xx, network)
+OPENAI_TIMEOUT = 60.0  # seconds a call may wait for each read or write (the client's default, 600, times six tries: an hour)
 OPENAI_JOB_RECORD = "openai_job.json"  # in --output-dir; the chat companion reads it
 OPENAI_HYPERPARAMETERS = {  # setting: (API name, type, smallest, largest) as the API accepts them
     "openai_epochs": ("n_epochs", int, 1, 50),
@@ -2654,7 +2655,8 @@ class OpenAIFineTuner:
         if not api_key:
             raise UserError("no OpenAI API key: set OPENAI_API_KEY (--api-key works too, but shows in ps and shell history)")
         retries = OPENAI_MAX_RETRIES if max_retries is None else max_retries
-        self.client = OpenAI(api_key=api_key, base_url=base_url, max_retries=retries)  # base_url None: OPENAI_BASE_URL
+        self.client = OpenAI(api_key=api_key, base_url=base_url, max_retries=retries,  # base_url None: OPENAI_BASE_URL
+                             timeout=OPENAI_TIMEOUT)
 
     def upload(self, path: Path) -> str:
         """The file's id. Its `status` is deprecated, so nothing waits for it to say "processed"."""

@@ -573,6 +573,20 @@ def test_a_server_that_does_not_answer_as_openai_does_is_one_line(scripted, api_
             ft.run_openai(openai_settings(tmp_path, api.url), job=job, yes=True)
 
 
+def test_a_server_that_never_answers_is_given_up_on(api_key, monkeypatch, tmp_path):
+    """It accepted the connection and said nothing: the client waited 600 s a try, six tries, without a word."""
+    monkeypatch.setattr(ft, "OPENAI_MAX_RETRIES", 1)
+    monkeypatch.setattr(ft, "OPENAI_TIMEOUT", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(ft.UserError, match=f"cannot reach the OpenAI API at {re.escape(url)}.*timed out"):
+            ft.run_openai(openai_settings(tmp_path, url), job=("list_jobs", None), yes=True)
+        assert time.monotonic() - start < 10
+
+
 def test_missing_key(api_key, monkeypatch, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(ft.UserError, match="no OpenAI API key: set OPENAI_API_KEY"):
