@@ -404,7 +404,9 @@ def write_atomic(path: str | Path, text: str, overwrite: bool = False) -> Path:
     except CannotWrite:  # a full disk: said already
         raise
     except OSError as exc:  # a read-only disk, a folder this user may not write in: said of `path`, not of a temporary name
-        raise CannotWrite(f"cannot write {path}: {exc.strerror or exc}", exit_code=1) from None
+        blocking = next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or exc  # mkdir's own words: "File exists"
+        raise CannotWrite(f"cannot write {path}: {why}", exit_code=1) from None
     return path
 
 

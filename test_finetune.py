@@ -1818,6 +1818,9 @@ def test_odd_outputs_and_a_damaged_adapter_are_one_line_before_anything_loads(tm
                        (["--evaluate", "--model", tmp_path / "damaged"], "adapter_config.json or training_summary.json cannot be read")):
         code, stderr, torch = without_torch(*args)
         assert code == 2 and stderr.count("\n") == 1 and said in stderr and not torch, stderr
+    under_a_file = cli("--prepare-only", "--output", tmp_path / "damaged" / "adapter_config.json" / "x.jsonl", "--validation-split", "0")
+    assert under_a_file.returncode == 1 and under_a_file.stderr.strip().splitlines()[-1].endswith(
+        f"{tmp_path / 'damaged' / 'adapter_config.json'} is a file, not a folder")  # was mkdir's own words: "File exists"
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
