@@ -1642,7 +1642,10 @@ def content_spans(tokenizer, chat: list[dict], text: str, template: str | None, 
                 cursor = max(cursor, len(before))
         else:  # what the template writes before the first message (its header, a default system message): searched
             # from 0, an assistant's "a" was found in <|im_start|>, and its tokens did not line up
-            marked = tokenizer.apply_chat_template([dict(message, content=SPAN_MARK)], chat_template=template, tokenize=False)
+            try:
+                marked = tokenizer.apply_chat_template([dict(message, content=SPAN_MARK)], chat_template=template, tokenize=False)
+            except Exception:  # noqa: BLE001  (a template that will not render one message alone: searched from 0, as before)
+                marked = ""
             if (at := marked.find(SPAN_MARK)) > 0 and text.startswith(marked[:at]):
                 cursor = at
         for content in (message["content"], message["content"].strip()):

@@ -1743,7 +1743,7 @@ def test_a_disk_that_fills_during_a_checkpoint_keeps_the_complete_ones_and_gives
     *_, resume, error = result.stderr.splitlines()
     assert error.startswith(f"error: the disk is full while writing {out / 'checkpoints'} (No space left")
     assert resume.startswith("checkpoint-1 is complete: once there is space, resume with: python ") and resume.endswith(" --resume")
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", finetune.RUN_SETTINGS]  # what resume holds to
     assert json.loads((out / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
     assert not (out / "training_summary.json").exists()
 
