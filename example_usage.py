@@ -479,7 +479,6 @@ def request_problem(body: dict) -> str | None:
             return f"messages[{i}].content must be a string or a list of content parts"
     number = lambda **bounds: finetune.number(**bounds)[1]  # noqa: E731  config.json's rules, this server's words
     whole = lambda least, most=None: finetune.whole(least, most)[1]  # noqa: E731
-    stops = lambda v: [v] if isinstance(v, str) else v if isinstance(v, list) else None  # noqa: E731
     checks = {"model": (lambda v: isinstance(v, str), "a string"), "stream": (lambda v: isinstance(v, bool), "true or false"),
               "temperature": (number(least=0, most=2), "a number from 0 to 2"), "top_p": (number(above=0, most=1), "a number in (0, 1]"),
               "max_tokens": (whole(1), "an integer >= 1"), "max_completion_tokens": (whole(1), "an integer >= 1"),
@@ -487,8 +486,8 @@ def request_problem(body: dict) -> str | None:
                                     "a number above -1 and at most 2 (it becomes a repetition penalty of 1 + frequency_penalty)"),
               "presence_penalty": (number(least=0, most=0), "0: this server does not apply it (frequency_penalty it does)"),
               "seed": (whole(-INT64, INT64 - 1), "a 64-bit integer"),
-              "stop": (lambda v: stops(v) is not None and len(stops(v)) <= MAX_STOPS
-                       and all(isinstance(x, str) and 0 < len(x) <= STOP_CHARS for x in stops(v)),
+              "stop": (lambda v: stop_list(v) is not None and len(stop_list(v)) <= MAX_STOPS
+                       and all(isinstance(x, str) and 0 < len(x) <= STOP_CHARS for x in stop_list(v)),
                        f"a string or a list of at most {MAX_STOPS} strings, each of 1 to {STOP_CHARS} characters"),
               "n": (whole(1, 1), "1: this server gives one choice per request"),
               "logprobs": (lambda v: v is False, "false: this server does not return log probabilities"),
@@ -748,6 +747,15 @@ def error_message(body: bytes) -> str:
     return said if isinstance(said, str) else json.dumps(said)
 
 
+async def send_rewritten(send, start: dict, body: bytes, json_body: bool = False) -> None:
+    """A response held back and rewritten: its start with the new body's length (and type), then the body."""
+    replaced = (b"content-length", b"content-type") if json_body else (b"content-length",)
+    headers = [(key, value) for key, value in start.get("headers", []) if key not in replaced]
+    headers += [(b"content-type", b"application/json")] if json_body else []
+    await send(dict(start, headers=[*headers, (b"content-length", str(len(body)).encode())]))
+    await send({"type": "http.response.body", "body": body})
+
+
 def openai_errors(send):
     """`send` with every JSON or plain-text error answer (a status of 400 or more) rewritten in OpenAI's shape,
     whichever part of the server wrote it (Starlette answers an exception with a plain "Internal Server Error"),
@@ -766,9 +774,7 @@ def openai_errors(send):
             return
         start = held.pop("start")
         body = json.dumps(openai_error(start["status"], error_message(b"".join(held.pop("body"))))).encode()
-        headers = [(key, value) for key, value in start.get("headers", []) if key not in (b"content-length", b"content-type")]
-        await send(dict(start, headers=[*headers, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]))
-        await send({"type": "http.response.body", "body": body})
+        await send_rewritten(send, start, body, json_body=True)
 
     return sending
 
@@ -798,13 +804,17 @@ class StopCut:
         return out
 
 
+def stop_list(stop) -> list | None:
+    """OpenAI's `stop` as a list: one string or a list of them (None for anything else)."""
+    return [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None
+
+
 def request_stops(body: bytes) -> list[str]:
     """The `stop` strings of a request's body (not yet checked: anything else is none)."""
     try:
-        stop = json.loads(body).get("stop")
+        stops = stop_list(json.loads(body).get("stop")) or []
     except (ValueError, AttributeError):
         return []
-    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
     return [item for item in stops if isinstance(item, str) and item]
 
 
@@ -857,9 +867,7 @@ def answered_as_openai(send, stops: list[str]):
                     choice["message"]["content"] = one.feed(choice["message"]["content"] or "") + one.end()
                 body = json.dumps(answer, ensure_ascii=False).encode()
             start, state["start"] = state["start"], None
-            headers = [(key, value) for key, value in start.get("headers", []) if key != b"content-length"]
-            await send(dict(start, headers=[*headers, (b"content-length", str(len(body)).encode())]))
-            return await send({"type": "http.response.body", "body": body})
+            return await send_rewritten(send, start, body)
         if state["stream"]:
             *events, state["rest"] = (state["rest"] + message.get("body", b"")).split(b"\n\n")
             body = b"".join(event(raw) + b"\n\n" for raw in events) + (b"" if message.get("more_body") else state["rest"])

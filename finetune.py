@@ -161,7 +161,8 @@ FLAG = ("true or false", lambda v: type(v) is bool)
 # ValueError; an lora_alpha of 0 trained an adapter that changes nothing; a validation split of 1.5 trained
 # on one example.) Settings not listed take text.
 JSON_KINDS = {str: "a string", int: "a number", float: "a number", list: "an array"}  # null, true and false: as JSON writes them
-PATH = ("a path (not empty)", lambda v: isinstance(v, str) and v.strip() != "")
+NOT_EMPTY = lambda v: isinstance(v, str) and v.strip() != ""  # noqa: E731
+PATH, NAME = ("a path (not empty)", NOT_EMPTY), ("a name (not empty)", NOT_EMPTY)
 RULES = {
     "dataset": PATH,  # "" read the folder the command ran in as a dataset
     "output": PATH,
@@ -169,8 +170,8 @@ RULES = {
     "model": PATH,
     "eval_dataset": PATH,
     "general_text": PATH,
-    "persona_name": ("a name (not empty)", lambda v: isinstance(v, str) and v.strip() != ""),
-    "persona_full_name": ("a name (not empty)", lambda v: isinstance(v, str) and v.strip() != ""),
+    "persona_name": NAME,
+    "persona_full_name": NAME,
     "validation_split": number(least=0, below=1),
     "max_length": whole(1),
     "method": one_of("method"),
@@ -372,6 +373,16 @@ def writing(path: str | Path):
         raise
 
 
+def cannot_write_in(path: Path) -> str | None:
+    """Why nothing can be written at `path` (a folder, or one to be made), or None: the nearest folder above it that
+    exists, where things are made beside it, and the folder itself where it is one."""
+    beside = next((folder for folder in path.absolute().parents if folder.exists()), path.absolute())
+    for folder in (beside, path) if path.is_dir() else (beside,):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"cannot write in {folder} ({os.strerror(errno.EROFS) if is_read_only(folder) else 'permission denied'})"
+    return None
+
+
 def is_read_only(path: Path) -> bool:
     return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
@@ -454,6 +465,26 @@ def swap_folders(new: Path, target: Path) -> None:
         os.replace(new, target)
         new = old
     shutil.rmtree(new)
+
+
+def linked_beside(old: Path, new: Path, ours) -> list[str]:
+    """What `old` holds that `ours(name)` says this tool does not write, linked into `new` (hard links: no copy of a
+    gigabyte, and the originals stay in `old` should `new` never take its place); copied where links cannot be made."""
+    theirs = sorted(entry.name for entry in (old.iterdir() if old.is_dir() else ()) if not ours(entry.name) and not (new / entry.name).exists())
+    for entry in theirs:
+        source, link = old / entry, new / entry
+        if source.is_dir() and not source.is_symlink():
+            try:
+                shutil.copytree(source, link, symlinks=True, copy_function=os.link)
+            except (OSError, shutil.Error):  # another file system, or one without hard links
+                shutil.rmtree(link, ignore_errors=True)
+                shutil.copytree(source, link, symlinks=True)
+        else:
+            try:
+                os.link(source, link, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(source, link, follow_symlinks=False)
+    return theirs
 
 
 @contextlib.contextmanager
@@ -1507,14 +1538,18 @@ def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, li
     return [examples[i] for i in train], [examples[i] for i in val]
 
 
+def refuse_a_folder(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; --output names the file to write (default {DEFAULT_SETTINGS['output']})")
+
+
 def prepared_paths(output: str, split: bool) -> list[Path]:
     """--output names the file; with a validation split, two files named from it sit beside it."""
     path = Path(output)
     if path.name in ("", ".", "..") or output.endswith(("/", os.sep)):
         raise UserError(f"--output {output!r} names a folder, not a file; give a file name such as "
                         f"{(path / DEFAULT_SETTINGS['output']) if path.name else DEFAULT_SETTINGS['output']}")
-    if path.is_dir():  # with a validation split, a folder "model" wrote model_train and model_validation beside it
-        raise UserError(f"{path} is a folder; --output names the file to write (default {DEFAULT_SETTINGS['output']})")
+    refuse_a_folder(path)  # with a validation split, a folder "model" wrote model_train and model_validation beside it
     if compression(path):  # written plain under a .gz name, it could not be read back
         raise UserError(f"--output {output} would be plain JSON lines under a {path.suffix} name; name it {path.stem} "
                         f"(and compress it afterwards, if you like)")
@@ -1533,8 +1568,7 @@ def write_prepared(settings: dict, strict: bool, paths_for, overwrite: bool, tok
     train, val = split_examples(report.examples, settings["validation_split"], settings["seed"])
     files = list(zip(paths_for(bool(val)), (train, val) if val else (train,)))
     for path, _ in files:
-        if path.is_dir():
-            raise UserError(f"{path} is a folder; --output names the file to write (default {DEFAULT_SETTINGS['output']})")
+        refuse_a_folder(path)
         if path.exists() and not overwrite:
             raise UserError(f"{path} already exists; pass --overwrite to replace it")
     for path, rows in files:
@@ -2620,10 +2654,10 @@ def check_record_folder(settings: dict, job_id: str) -> None:
     if record and record["job_id"] != job_id:
         raise UserError(f"{folder / OPENAI_JOB_RECORD} records job {record['job_id']}; follow {job_id} with another --output-dir, "
                         f"so that record stays")
-    beside = next((parent for parent in (folder, *folder.absolute().parents) if parent.exists()), folder.absolute())
-    if not beside.is_dir() or not os.access(beside, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the job's record in {folder} ({'not a folder' if not beside.is_dir() else 'permission denied'}); "
-                        f"choose another --output-dir", exit_code=1)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; choose another --output-dir", exit_code=1)
+    if refusal := cannot_write_in(folder):
+        raise UserError(f"{refusal}; the job's record could not be written: choose another --output-dir", exit_code=1)
 
 
 def job_error(job) -> str | None:
@@ -3823,11 +3857,8 @@ class OutputFolder:
         out = self.path
         if out.exists() and not out.is_dir():
             raise UserError(f"{out} is a file, not a folder; choose another --output-dir")
-        beside = next((folder for folder in out.absolute().parents if folder.exists()), out.absolute())  # the new model is built there
-        for folder in (beside, out) if out.is_dir() else (beside,):
-            if not os.access(folder, os.W_OK | os.X_OK):  # a read-only disk, another user's folder: before anything loads
-                why = os.strerror(errno.EROFS) if is_read_only(folder) else "permission denied"
-                raise UserError(f"cannot write in {folder} ({why}); choose another --output-dir")
+        if refusal := cannot_write_in(out):  # a read-only disk, another user's folder: before anything loads
+            raise UserError(f"{refusal}; choose another --output-dir")
         if out.is_dir() and any(out.iterdir()) and not is_ours(out):
             raise UserError(f"{out} is not empty and was not written by this tool, so it is left alone (even with "
                             f"--overwrite); choose another --output-dir")
@@ -4892,26 +4923,6 @@ def export_gguf(folder: Path, overwrite: bool = False) -> list[Path]:
     return sorted(p for p in target.iterdir() if p.name != TOOL_MARKER and p.name not in theirs)
 
 
-def linked_beside(old: Path, new: Path, ours) -> list[str]:
-    """What `old` holds that `ours(name)` says this tool does not write, linked into `new` (hard links: no copy of a
-    gigabyte, and the originals stay in `old` should `new` never take its place); copied where links cannot be made."""
-    theirs = sorted(entry.name for entry in (old.iterdir() if old.is_dir() else ()) if not ours(entry.name) and not (new / entry.name).exists())
-    for entry in theirs:
-        source, link = old / entry, new / entry
-        if source.is_dir() and not source.is_symlink():
-            try:
-                shutil.copytree(source, link, symlinks=True, copy_function=os.link)
-            except (OSError, shutil.Error):  # another file system, or one without hard links
-                shutil.rmtree(link, ignore_errors=True)
-                shutil.copytree(source, link, symlinks=True)
-        else:
-            try:
-                os.link(source, link, follow_symlinks=False)
-            except OSError:
-                shutil.copy2(source, link, follow_symlinks=False)
-    return theirs
-
-
 def check_export(folder: Path, target: Path, overwrite: bool) -> None:
     """Refuses, before any weights load, what cannot be exported or would be replaced unasked."""
     if not folder.is_dir():
@@ -5315,8 +5326,13 @@ def prepare_only(settings: dict, provider: str, strict: bool, overwrite: bool) -
 def setting_name(key: str) -> str:
     """How a message names a setting: by its flag, or, for the few only config.json sets (general_text,
     the decoding ones), by its key there: a user told of a --general-text flag would find none."""
-    flags = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
-    return flags.get(key) or f"{key} (a config file setting)"
+    return parser_flags().get(key) or f"{key} (a config file setting)"
+
+
+@functools.cache
+def parser_flags() -> dict:
+    """Each setting's flag, as the parser spells it (built once: messages name several)."""
+    return {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
 
 
 def check_paths(settings: dict, base_model: bool = False) -> None:
